@@ -1,0 +1,136 @@
+"""Attention: each query is compared with every key (dot product), softmax turns the scores into
+weights that sum to 1, and the weights mix the values (Vaswani et al. 2017, section 3.2).
+
+Shapes: B batch, H heads, T queries, S keys, D d_model, Dh d_head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .masks import causal_mask, combine
+
+# Called with (module, weights (B, H, T, S)) by a MultiHeadAttention while recording.
+Recorder = Callable[["MultiHeadAttention", Tensor], None]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled dot-product attention: softmax(q k^T / sqrt(Dh)) v.
+
+    Args:
+        q: (B, H, T, Dh); k, v: (B, H, S, Dh).
+        mask: bool, True = may attend, broadcastable to (B, H, T, S).
+        is_causal: also hide later keys (top-left aligned, as in SDPA; right only when S == T).
+        dropout: dropout on the weights (pass 0.0 at eval time).
+        need_weights: run the explicit math and return the weights (B, H, T, S), before dropout.
+
+    Returns (out (B, H, T, Dh), weights or None). Without weights this is PyTorch's fused kernel;
+    both branches compute the same function (tests/test_attention.py checks that they agree).
+    """
+    if is_causal and mask is not None:  # SDPA takes one or the other, so merge them
+        mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
+        is_causal = False
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError("is_causal with T != S is ambiguous; pass an explicit causal_mask")
+    if not need_weights:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
+        )
+        return out, None
+
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if is_causal:
+        t, s = q.shape[-2], k.shape[-2]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()  # top-left, as SDPA
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in fp32 for bf16/fp16 inputs
+    mixed = F.dropout(weights, dropout) if dropout > 0 else weights
+    return mixed @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """H heads attend in parallel, each in its own Dh = D / H subspace; their outputs are
+    concatenated and projected back to D. Self-attention when `memory` is None, else
+    cross-attention from x (queries) to memory (keys and values)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # Observers, set only by qkv.inspect's context managers; None in training and serving.
+        self.recorder: Recorder | None = None
+        self.head_mask: Tensor | None = None  # (H,) 1 = keep head, 0 = silence it
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, S, Dh) of memory (B, S, D)."""
+        return self.split_heads(self.k_proj(memory)), self.split_heads(self.v_proj(memory))
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x (B, T, D) -> (B, T, D).
+
+        Self-attention appends the new keys/values to `cache` when one is given. Cross-attention
+        with a static cache projects memory once, on first use, and reuses it afterwards.
+        """
+        q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        if cache is not None and cache.static:  # cross-attention, keys/values kept
+            if not cache.length:
+                assert memory is not None, "an empty cross-attention cache needs memory"
+                cache.append(*self.project_kv(memory))
+            k, v = cache.k, cache.v
+        elif memory is not None:  # cross-attention
+            k, v = self.project_kv(memory)
+        else:  # self-attention
+            k, v = self.project_kv(x)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, H, S, Dh), S = cached + T
+
+        need_weights = self.recorder is not None
+        out, weights = attention(
+            q,
+            k,
+            v,
+            mask,
+            is_causal=is_causal,
+            dropout=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+        if self.recorder is not None and weights is not None:
+            self.recorder(self, weights)
+        if self.head_mask is not None:
+            out = out * self.head_mask.to(out.dtype)[None, :, None, None]
+        b, _, t, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, D)
+        return self.out_proj(out)

@@ -1,0 +1,55 @@
+"""The pieces every Transformer layer shares: the position-wise feed-forward network and the
+skip connection with layer norm around each sublayer (the paper, sections 3.1 and 3.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class FeedForward(nn.Module):
+    """Two linear maps with a nonlinearity between, applied to each position alone."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.activation = ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+
+class Residual(nn.Module):
+    """The skip connection plus layer norm around one sublayer, written once.
+
+    post-LN (the paper): norm(x + sublayer(x)).  pre-LN (norm_first): x + sublayer(norm(x)),
+    which keeps an unnormalised path from input to output and trains more stably without warmup.
+    Setting `skip = False` removes the skip connection (used by qkv.inspect's ablations).
+    """
+
+    def __init__(
+        self, d_model: int, dropout: float = 0.0, norm_first: bool = True, eps: float = 1e-5
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+        self.skip = True
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        skip = x if self.skip else 0.0
+        if self.norm_first:
+            return skip + self.dropout(sublayer(self.norm(x)))
+        return self.norm(skip + self.dropout(sublayer(x)))

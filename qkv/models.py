@@ -1,0 +1,205 @@
+"""The three Transformers built from an encoder and/or a decoder.
+
+- EncoderOnly: a sentence in, per-token embeddings and one pooled sentence embedding out
+  (classification, similarity; BERT-like).
+- DecoderOnly: a causal model over any vocabulary, words or item ids (next token / next item).
+- EncoderDecoder: sequence to sequence (translation), the paper's model.
+
+`start(...)` / `step(...)` on the decoder-bearing models are all that search needs: search never
+touches layers. Shapes: B batch, S source length, T target length, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .cache import DecoderCache
+from .config import ModelConfig
+from .decoder import Decoder, DecoderLayer
+from .embedding import Embeddings
+from .encoder import Encoder, EncoderLayer
+from .masks import padding_mask
+
+
+def _token_embedding(vocab: int, d_model: int, pad_id: int) -> nn.Embedding:
+    emb = nn.Embedding(vocab, d_model, padding_idx=pad_id)
+    # std D^-1/2, so that after the sqrt(D) scale the inputs have unit variance
+    nn.init.normal_(emb.weight, std=d_model**-0.5)
+    with torch.no_grad():
+        emb.weight[pad_id].zero_()
+    return emb
+
+
+def _embeddings(cfg: ModelConfig, token: nn.Embedding) -> Embeddings:
+    return Embeddings(token, cfg.max_len, cfg.positions, cfg.dropout, cfg.scale_embedding)
+
+
+def _final_norm(cfg: ModelConfig) -> nn.Module | None:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+
+
+def _encoder(cfg: ModelConfig, token: nn.Embedding) -> Encoder:
+    layers = [
+        EncoderLayer(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.d_ff,
+            cfg.dropout,
+            cfg.activation,
+            cfg.norm_first,
+            cfg.layer_norm_eps,
+        )
+        for _ in range(cfg.n_encoder_layers)
+    ]
+    return Encoder(_embeddings(cfg, token), layers, _final_norm(cfg))
+
+
+def _decoder(cfg: ModelConfig, token: nn.Embedding, cross_attention: bool) -> Decoder:
+    layers = [
+        DecoderLayer(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.d_ff,
+            cfg.dropout,
+            cfg.activation,
+            cfg.norm_first,
+            cfg.layer_norm_eps,
+            cross_attention,
+        )
+        for _ in range(cfg.n_decoder_layers)
+    ]
+    return Decoder(_embeddings(cfg, token), layers, _final_norm(cfg))
+
+
+def _output(cfg: ModelConfig, vocab: int, token: nn.Embedding) -> nn.Linear:
+    """The projection from D to vocabulary scores, optionally tied to the input embedding."""
+    head = nn.Linear(cfg.d_model, vocab, bias=cfg.output_bias)
+    if cfg.output_bias:
+        nn.init.zeros_(head.bias)
+    if cfg.tie_output:
+        head.weight = token.weight
+    return head
+
+
+def _init_linear(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.dim() == 2:
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder over the source, decoder over the target with cross-attention to the encoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        src_tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        tgt_tok = (
+            src_tok
+            if cfg.share_embeddings
+            else _token_embedding(cfg.target_vocab, cfg.d_model, cfg.pad_id)
+        )
+        self.encoder = _encoder(cfg, src_tok)
+        self.decoder = _decoder(cfg, tgt_tok, cross_attention=True)
+        self.lm_head = _output(cfg, cfg.target_vocab, tgt_tok)
+        # tied weights belong to the embedding and keep its init
+        _init_linear(nn.ModuleList([self.encoder.layers, self.decoder.layers]))
+        if not cfg.tie_output:
+            nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src ids (B, S) -> memory (B, S, D) and its padding mask (B, 1, 1, S)."""
+        mask = padding_mask(src, self.config.pad_id)
+        return self.encoder(src, mask), mask
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """src (B, S), tgt (B, T) (starting with bos) -> logits (B, T, V) for the next tokens."""
+        memory, mask = self.encode(src)
+        return self.lm_head(self.decoder(tgt, memory, mask))
+
+    def start(self, src: Tensor) -> DecoderCache:
+        """Encode the source once; return the cache that `step` grows."""
+        memory, mask = self.encode(src)
+        return self.decoder.start(memory, mask)
+
+    def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
+        """New target tokens (B, T) -> logits (B, T, V); `cache` grows by T positions."""
+        return self.lm_head(self.decoder(tokens, cache=cache))
+
+
+class DecoderOnly(nn.Module):
+    """A causal language model over tokens or items: each position predicts the next."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        self.decoder = _decoder(cfg, tok, cross_attention=False)
+        self.lm_head = _output(cfg, cfg.vocab_size, tok)
+        _init_linear(self.decoder.layers)
+        if not cfg.tie_output:
+            nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
+
+    def forward(self, ids: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """ids (B, T) -> logits (B, T, V). `pad_mask` (B, 1, 1, T) hides padding keys."""
+        return self.lm_head(self.decoder(ids, tgt_mask=pad_mask))
+
+    def start(self, batch_size: int = 1) -> DecoderCache:
+        del batch_size  # the caches take their batch size from the first step
+        return self.decoder.start()
+
+    def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
+        """New tokens (B, T) -> logits (B, T, V); `cache` grows by T positions."""
+        return self.lm_head(self.decoder(tokens, cache=cache))
+
+
+class EncoderOnly(nn.Module):
+    """Encoder with a pooled sentence embedding; forward gives class logits when the config has
+    `n_classes`, else per-token vocabulary logits (masked-token prediction, tied to the input)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        self.encoder = _encoder(cfg, tok)
+        _init_linear(self.encoder.layers)
+        self.lm_head = _output(cfg, cfg.vocab_size, tok)
+        self.classifier = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes else None
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> per-token embeddings (B, S, D) and the pooled sentence embedding (B, D):
+        the mean over real (non-padding) tokens."""
+        mask = padding_mask(src, self.config.pad_id)
+        x = self.encoder(src, mask)
+        keep = mask[:, 0, 0, :, None].to(x.dtype)  # (B, S, 1)
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return x, pooled
+
+    def forward(self, src: Tensor) -> Tensor:
+        x, pooled = self.encode(src)
+        if self.classifier is not None:
+            return self.classifier(pooled)  # (B, n_classes)
+        return self.lm_head(x)  # (B, S, V)
+
+
+Model = EncoderDecoder | DecoderOnly | EncoderOnly
+
+
+def from_config(cfg: ModelConfig) -> Model:
+    """Build the model a config describes."""
+    match cfg.arch:
+        case "encoder-decoder":
+            return EncoderDecoder(cfg)
+        case "decoder-only":
+            return DecoderOnly(cfg)
+        case "encoder-only":
+            return EncoderOnly(cfg)
+    raise AssertionError(cfg.arch)  # ModelConfig validated it
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters, counting tied matrices once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from qkv.models import DecoderOnly, EncoderDecoder, EncoderOnly, count_parameters
+
+ARCH_VARIANTS = [
+    dict(),
+    dict(norm_first=False),
+    dict(positions="learned"),
+    dict(activation="gelu", share_embeddings=True),
+    dict(tie_output=False, output_bias=True, tgt_vocab_size=31),
+]
+
+
+def batch(b=3, s=9, t=7, vocab=23, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, vocab, (b, s), generator=g)
+    tgt = torch.randint(3, vocab, (b, t), generator=g)
+    tgt[:, 0] = 1
+    return src, tgt
+
+
+@pytest.mark.parametrize("variant", ARCH_VARIANTS, ids=str)
+def test_future_tokens_do_not_change_earlier_outputs(tiny, variant):
+    model = tiny(**variant)
+    src, tgt = batch()
+    logits = model(src, tgt)
+    assert logits.shape == (3, 7, model.config.target_vocab)
+    changed = tgt.clone()
+    changed[:, 4:] = torch.randint(3, 20, (3, 3))
+    logits2 = model(src, changed)
+    torch.testing.assert_close(logits2[:, :4], logits[:, :4], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits2[:, 4:], logits[:, 4:])
+
+
+@pytest.mark.parametrize("variant", ARCH_VARIANTS[:2], ids=str)
+def test_source_padding_changes_nothing(tiny, variant):
+    model = tiny(**variant)
+    src, tgt = batch(b=1)
+    padded = torch.cat([src, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(padded, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)
+    # and in a batch with a longer sentence
+    other = torch.randint(3, 20, (1, 14))
+    both = torch.cat([padded, other])
+    torch.testing.assert_close(
+        model(both, tgt.repeat(2, 1))[:1], model(src, tgt), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("variant", ARCH_VARIANTS, ids=str)
+def test_incremental_decoding_equals_full_forward(tiny, variant):
+    model = tiny(**variant)
+    src, tgt = batch()
+    src[1, -3:] = 0  # padding in the source too
+    full = model(src, tgt)
+    # one token at a time
+    cache = model.start(src)
+    steps = [model.step(tgt[:, i : i + 1], cache) for i in range(tgt.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # several at once: 3, then 1, then 3
+    cache = model.start(src)
+    parts = [model.step(tgt[:, a:b], cache) for a, b in [(0, 3), (3, 4), (4, 7)]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 7
+
+
+def test_incremental_after_select_equals_full(tiny):
+    model = tiny()
+    src, tgt = batch()
+    cache = model.start(src)
+    model.step(tgt[:, :4], cache)
+    index = torch.tensor([2, 0, 0, 1])  # reorder, duplicate and drop rows, as beam search does
+    cache.select(index)
+    got = model.step(tgt[index, 4:], cache)
+    want = model(src[index], tgt[index])[:, 4:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the cache keeps growing past its first capacity after a select
+    more = torch.randint(3, 20, (4, 20))
+    got = model.step(more, cache)
+    want = model(src[index], torch.cat([tgt[index], more], 1))[:, 7:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_model_serves_two_decodes_at_once(tiny):
+    model = tiny()
+    src, tgt = batch()
+    a, b = model.start(src[:1]), model.start(src[1:])
+    outs_a, outs_b = [], []
+    for i in range(tgt.shape[1]):  # interleaved steps
+        outs_a.append(model.step(tgt[:1, i : i + 1], a))
+        outs_b.append(model.step(tgt[1:, i : i + 1], b))
+    torch.testing.assert_close(torch.cat(outs_a, 1), model(src[:1], tgt[:1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs_b, 1), model(src[1:], tgt[1:]), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_only_causal_cache_and_padding(tiny):
+    model = tiny(arch="decoder-only")
+    assert isinstance(model, DecoderOnly)
+    _, ids = batch(t=10)
+    full = model(ids)
+    cache = model.start()
+    steps = torch.cat(
+        [model.step(ids[:, :6], cache)]
+        + [model.step(ids[:, i : i + 1], cache) for i in range(6, 10)],
+        1,
+    )
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    changed = ids.clone()
+    changed[:, 5:] = 4
+    torch.testing.assert_close(model(changed)[:, :5], full[:, :5], atol=1e-5, rtol=1e-5)
+    # right padding with a padding mask leaves real positions unchanged
+    from qkv.masks import padding_mask
+
+    padded = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1)
+    got = model(padded, padding_mask(padded, 0))[:, :10]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_only_pooling_ignores_padding(tiny):
+    model = tiny(arch="encoder-only", n_classes=3)
+    assert isinstance(model, EncoderOnly)
+    src, _ = batch(b=1)
+    x, pooled = model.encode(src)
+    torch.testing.assert_close(pooled, x.mean(1))
+    padded = torch.cat([src, torch.zeros(1, 4, dtype=torch.long)], 1)
+    torch.testing.assert_close(model.encode(padded)[1], pooled, atol=1e-5, rtol=1e-5)
+    assert model(src).shape == (1, 3)
+    lm = tiny(arch="encoder-only")
+    assert lm(src).shape == (1, src.shape[1], 23)
+
+
+def test_tying_and_sharing(tiny):
+    model = tiny(share_embeddings=True)
+    assert isinstance(model, EncoderDecoder)
+    assert model.encoder.embed.token is model.decoder.embed.token
+    assert model.lm_head.weight is model.decoder.embed.token.weight
+    untied = tiny(tie_output=False)
+    assert untied.lm_head.weight is not untied.decoder.embed.token.weight
+    assert count_parameters(untied) == count_parameters(tiny()) + 23 * 32
+
+
+def test_max_len_is_enforced(tiny):
+    model = tiny(max_len=8)
+    src, tgt = batch(s=9)
+    with pytest.raises(ValueError, match="max_len"):
+        model(src, tgt)
