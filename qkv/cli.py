@@ -4,11 +4,16 @@ in one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
+from .checkpoint import CheckpointError
 from .config import ConfigError
+from .data import DataError
 
 
 class UsageError(Exception):
@@ -68,6 +73,264 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train ------------------------------------------------------------------------------------
+
+# Model fields that training derives from the data (the tokenizer decides them), so no flag.
+DERIVED = {
+    "arch",
+    "vocab_size",
+    "tgt_vocab_size",
+    "share_embeddings",
+    "pad_id",
+    "bos_id",
+    "eos_id",
+    "n_classes",
+}
+
+
+def _field_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str], prefix: str) -> None:
+    """One --flag per config field, so every field can be overridden from the command line."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": None, "metavar": "X"}
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs.update(choices=typing.get_args(tp), metavar=None)
+        elif tp is bool:
+            kwargs.update(type=_bool, metavar="true|false")
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        elif args and args[0] in (int, float, str):  # X | None
+            kwargs["type"] = args[0]
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(type=_floats, metavar="A,B")
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.9,0.98, got {text!r}") from None
+
+
+def _overrides(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    return {
+        k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import ModelConfig, TrainConfig, from_dict, to_dict
+    from .presets import PRESETS
+    from .train import train
+
+    out = Path(args.out)
+    if args.resume:
+        run_file = out / "train_config.json"
+        if not run_file.is_file():
+            raise UsageError(f"{out}: nothing to resume (no train_config.json)")
+        import json
+
+        data = json.loads(run_file.read_text())
+        model_cfg = from_dict(ModelConfig, data["model"], source=str(run_file))
+        train_cfg = from_dict(TrainConfig, data["train"], source=str(run_file))
+        # a resumed run may get a new time or step budget, nothing else
+        budget = {
+            k: v
+            for k, v in _overrides(args, "t_").items()
+            if k in ("max_minutes", "max_steps", "max_epochs", "threads")
+        }
+        train_cfg = train_cfg.replace(**budget)
+    else:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
+        model_cfg, train_cfg = PRESETS[args.preset]
+        if args.config:
+            import json
+
+            try:
+                data = json.loads(Path(args.config).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{args.config}: cannot read JSON config ({e})") from None
+            if not isinstance(data, dict) or set(data) - {"model", "train"}:
+                raise UsageError(f"{args.config}: expected an object with 'model' and/or 'train'")
+            model_cfg = from_dict(
+                ModelConfig, {**to_dict(model_cfg), **data.get("model", {})}, source=args.config
+            )
+            train_cfg = from_dict(
+                TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, source=args.config
+            )
+        data_flags = {
+            "src": "src_file",
+            "tgt": "tgt_file",
+            "tsv": "tsv_file",
+            "valid_src": "valid_src_file",
+            "valid_tgt": "valid_tgt_file",
+        }
+        files = {data_flags[k]: getattr(args, k) for k in data_flags if getattr(args, k)}
+        if files.get("src_file") or files.get("tsv_file"):
+            files["dataset"] = None
+        model_cfg = model_cfg.replace(**_overrides(args, "m_"))
+        train_cfg = train_cfg.replace(**{**_overrides(args, "t_"), **files})
+        if (out / "last").exists() and not args.overwrite:
+            raise UsageError(f"{out} already holds a training run; use --resume or --overwrite")
+    train(model_cfg, train_cfg, out, resume=args.resume)
+    return 0
+
+
+# --- translate and evaluate -------------------------------------------------------------------
+
+
+def _load_translator(path: str):
+    from .checkpoint import load
+    from .translate import Translator
+
+    model, tok, meta = load(path)
+    if tok is None:
+        raise UsageError(f"{path}: the model directory has no tokenizer.json")
+    if not hasattr(model, "step") or not hasattr(model, "encode"):
+        raise UsageError(f"{path}: not an encoder-decoder model")
+    return Translator(model, tok), meta
+
+
+def _decode_options(args: argparse.Namespace):
+    from .translate import DecodeOptions
+
+    if args.beam < 1 or args.batch_size < 1:
+        raise UsageError("--beam and --batch-size must be >= 1")
+    if not 1 <= args.nbest <= args.beam and not (args.greedy or args.sample):
+        raise UsageError(f"--nbest must be between 1 and --beam ({args.beam})")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature must be > 0 and --top-p in (0, 1]")
+    return DecodeOptions(
+        beam=args.beam,
+        alpha=args.alpha,
+        nbest=args.nbest,
+        greedy=args.greedy,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        min_len=args.min_len,
+        no_repeat_ngram=args.no_repeat_ngram,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+def _add_decode_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy)")
+    g.add_argument("--greedy", action="store_true", help="greedy search")
+    g.add_argument("--sample", action="store_true", help="sample instead of searching")
+    g.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (beam search)")
+    g.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-len-a", type=float, default=1.5, help="max length = a * src_len + b")
+    g.add_argument("--max-len-b", type=int, default=10)
+    g.add_argument("--min-len", type=int, default=0)
+    g.add_argument("--no-repeat-ngram", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0, help="for --sample")
+
+
+def _read_input(path: str | None) -> list[str]:
+    if path is None:
+        try:
+            return sys.stdin.read().splitlines()
+        except UnicodeDecodeError:
+            raise UsageError("stdin: invalid UTF-8") from None
+    from .data import read_lines
+
+    return read_lines(path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    import os
+
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    translator, _ = _load_translator(args.model)
+    opts = _decode_options(args)
+    lines = _read_input(args.input)
+    results = translator.translate(lines, opts)
+    if opts.nbest > 1:
+        out = "".join(
+            f"{i} ||| {t.text} ||| {t.score:.4f}\n"
+            for i, nbest in enumerate(results)
+            for t in nbest
+        )
+    else:
+        out = "".join(nbest[0].text + "\n" for nbest in results)
+    if args.output:
+        _write_atomic(args.output, out)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import multi30k, read_lines
+    from .evaluate import score
+
+    if args.hyp or args.ref:
+        if not (args.hyp and args.ref):
+            raise UsageError("give both --hyp and --ref")
+        hyps, refs = read_lines(args.hyp), read_lines(args.ref)
+        if len(hyps) != len(refs):
+            raise UsageError(f"{args.hyp} has {len(hyps)} lines but {args.ref} has {len(refs)}")
+        print(score(hyps, refs).summary())
+        return 0
+    if not args.model:
+        raise UsageError("give --model DIR (with --split) or --hyp FILE --ref FILE")
+    translator, meta = _load_translator(args.model)
+    src_lang = args.src_lang or meta.get("src_lang")
+    tgt_lang = args.tgt_lang or meta.get("tgt_lang")
+    if not (src_lang and tgt_lang):
+        raise UsageError("the model does not name its languages; give --src-lang and --tgt-lang")
+    pairs = multi30k(args.split, src_lang, tgt_lang, args.data_dir)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    opts = _decode_options(args)
+    import time
+
+    t0 = time.monotonic()
+    hyps = [n[0].text for n in translator.translate([s for s, _ in pairs], opts)]
+    seconds = time.monotonic() - t0
+    mode = "greedy" if opts.greedy or opts.beam == 1 else f"beam {opts.beam}"
+    print(
+        f"multi30k {args.split} {src_lang}->{tgt_lang}, {len(pairs)} sentences, {mode}, "
+        f"{len(pairs) / seconds:.1f} sentences/s"
+    )
+    print(score(hyps, [t for _, t in pairs]).summary())
+    for (src, ref), hyp in list(zip(pairs, hyps, strict=True))[: args.show]:
+        print(f"\n  src: {src}\n  ref: {ref}\n  hyp: {hyp}")
+    if args.output:
+        _write_atomic(args.output, "".join(h + "\n" for h in hyps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="qkv",
@@ -90,6 +353,75 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--show-heads", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    from .config import ModelConfig, TrainConfig
+    from .presets import PRESETS
+
+    t = sub.add_parser(
+        "train",
+        help="train a translation model",
+        description="Train an encoder-decoder on parallel text: a named data set (Multi30k) or "
+        "your own files. Shows loss, lr, tokens/s and ETA; keeps the best checkpoint in "
+        "OUT/best and a resumable one in OUT/last.",
+        epilog="examples:\n  qkv train --preset multi30k-de-en --out runs/de-en --max-minutes 60\n"
+        "  qkv train --preset multi30k-de-en --src my.de --tgt my.en --out runs/mine\n"
+        "  qkv train --out runs/de-en --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--preset", default="multi30k-de-en", help=f"one of: {', '.join(PRESETS)}")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--config", help='JSON file {"model": {...}, "train": {...}} over the preset')
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="start afresh even if --out has a run")
+    t.add_argument("--src", help="your source file, one sentence per line (plain or .gz)")
+    t.add_argument("--tgt", help="your target file, line-aligned with --src")
+    t.add_argument("--tsv", help="or one file of source<TAB>target lines")
+    t.add_argument("--valid-src", help="validation source file (default: held out from --src)")
+    t.add_argument("--valid-tgt", help="validation target file")
+    _field_flags(
+        t,
+        TrainConfig,
+        {"src_file", "tgt_file", "tsv_file", "valid_src_file", "valid_tgt_file"},
+        "t_",
+    )
+    _field_flags(t, ModelConfig, DERIVED, "m_")
+    t.set_defaults(func=cmd_train)
+
+    tr = sub.add_parser(
+        "translate",
+        help="translate text with a trained model",
+        description="Translate lines from stdin (or --input) to stdout (or --output).",
+        epilog="examples:\n  echo 'Ein Mann fährt Fahrrad.' | qkv translate --model runs/de-en\n"
+        "  qkv translate --model runs/de-en --input in.de --output out.en --beam 5 --nbest 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("--model", required=True, help="model directory (or a training --out)")
+    tr.add_argument("--input", help="file to translate (default: stdin)")
+    tr.add_argument("--output", help="file to write (default: stdout)")
+    _add_decode_flags(tr)
+    tr.set_defaults(func=cmd_translate)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a model on a data set split, or hypothesis/reference files",
+        description="Cased, detokenized sacreBLEU and chrF (with signatures), plus lowercased "
+        "13a-tokenized BLEU as older papers report it.",
+        epilog="examples:\n  qkv evaluate --model runs/de-en --split test_2016_flickr\n"
+        "  qkv evaluate --hyp out.en --ref ref.en",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("--model", help="model directory (or a training --out)")
+    ev.add_argument("--split", default="test_2016_flickr", help="train, val or test_2016_flickr")
+    ev.add_argument("--src-lang", help="default: the model's")
+    ev.add_argument("--tgt-lang", help="default: the model's")
+    ev.add_argument("--data-dir", help="where to look for data sets first")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N sentences")
+    ev.add_argument("--show", type=int, default=3, help="print N example translations")
+    ev.add_argument("--output", help="also write the translations here")
+    ev.add_argument("--hyp", help="hypothesis file (instead of --model)")
+    ev.add_argument("--ref", help="reference file")
+    _add_decode_flags(ev)
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 
@@ -102,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, DataError, CheckpointError) as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -151,3 +151,94 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return from_dict(cls, json.loads(text))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, batching, optimisation, evaluation and when to stop."""
+
+    # data: a named data set, or the user's own files
+    dataset: str | None = "multi30k"
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    src_file: str | None = None  # with tgt_file: one sentence per line, plain or .gz
+    tgt_file: str | None = None
+    tsv_file: str | None = None  # or source<TAB>target per line
+    valid_src_file: str | None = None
+    valid_tgt_file: str | None = None
+    data_dir: str | None = None  # where named data sets are looked up first
+    max_chars: int = 1000  # longer pairs are skipped (and counted)
+    max_tokens_per_sentence: int = 128
+    # subwords
+    vocab_size: int = 8000
+    # batching and optimisation
+    max_tokens: int = 4096  # padded tokens (source or target, the larger) per batch
+    accumulate: int = 1  # batches per optimizer step
+    lr: float = 1e-3  # peak, reached after warmup, then decays as 1/sqrt(step)
+    warmup: int = 800
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    # when to stop (whichever comes first; 0 = no limit)
+    max_steps: int = 0
+    max_epochs: int = 0
+    max_minutes: float = 0.0
+    # evaluation and checkpoints
+    eval_every: int = 500  # steps
+    eval_sentences: int = 500  # validation sentences decoded for BLEU (0 = all)
+    eval_beam: int = 1  # 1 = greedy during training (fast)
+    save_every: int = 250  # steps between resumable checkpoints
+    average_last: int = 0  # also write the average of the last N evaluated checkpoints
+    seed: int = 1
+    threads: int = 0  # torch threads, 0 = PyTorch's default
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):  # from JSON
+            object.__setattr__(self, "betas", tuple(self.betas))
+        for name in (
+            "vocab_size",
+            "max_tokens",
+            "accumulate",
+            "eval_every",
+            "save_every",
+            "log_every",
+            "max_tokens_per_sentence",
+            "max_chars",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in (
+            "max_steps",
+            "max_epochs",
+            "warmup",
+            "average_last",
+            "eval_sentences",
+            "threads",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"max_minutes must be >= 0, got {self.max_minutes}")
+        if self.eval_beam < 1:
+            raise ConfigError(f"eval_beam must be >= 1, got {self.eval_beam}")
+        if (self.src_file is None) != (self.tgt_file is None):
+            raise ConfigError("give both src_file and tgt_file, or neither")
+        if (self.valid_src_file is None) != (self.valid_tgt_file is None):
+            raise ConfigError("give both valid_src_file and valid_tgt_file, or neither")
+        if self.dataset is None and self.src_file is None and self.tsv_file is None:
+            raise ConfigError("no training data: set dataset, src_file/tgt_file or tsv_file")
+        if self.dataset not in (None, "multi30k"):
+            raise ConfigError(f"unknown dataset {self.dataset!r} (known: multi30k)")
+        if self.src_lang == self.tgt_lang and self.dataset is not None and self.src_file is None:
+            raise ConfigError("src_lang and tgt_lang must differ")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,8 +1,12 @@
+import random
+
 import pytest
 import torch
 
 from qkv.config import ModelConfig
 from qkv.models import from_config
+from qkv.presets import PRESETS
+from qkv.train import train
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -27,3 +31,52 @@ def tiny():
         return from_config(tiny_config(**overrides)).eval()
 
     return build
+
+
+WORDS = {
+    "eins": "one",
+    "zwei": "two",
+    "drei": "three",
+    "vier": "four",
+    "fünf": "five",
+    "rot": "red",
+    "blau": "blue",
+    "grün": "green",
+    "Hund": "dog",
+    "Katze": "cat",
+    "läuft": "runs",
+    "schläft": "sleeps",
+}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A toy language pair: word-for-word translation of 3-6 word sentences."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    src, tgt = [], []
+    for _ in range(300):
+        words = rng.choices(list(WORDS), k=rng.randint(3, 6))
+        src.append(" ".join(words))
+        tgt.append(" ".join(WORDS[w] for w in words))
+    (root / "train.de").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (root / "train.en").write_text("\n".join(tgt) + "\n", encoding="utf-8")
+    return root, src, tgt
+
+
+def tiny_run(corpus, out, **overrides):
+    root, _, _ = corpus
+    model_cfg, cfg = PRESETS["tiny"]
+    cfg = cfg.replace(
+        src_file=str(root / "train.de"), tgt_file=str(root / "train.en"), threads=1, **overrides
+    )
+    logs: list[str] = []
+    trainer = train(model_cfg, cfg, out, log=logs.append)
+    return trainer, logs
+
+
+@pytest.fixture(scope="session")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    trainer, logs = tiny_run(corpus, out, max_steps=300, eval_every=150)
+    return out, trainer, logs

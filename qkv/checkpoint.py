@@ -1,0 +1,159 @@
+"""Model directories: config.json + model.safetensors + tokenizer.json (+ trainer state).
+
+Nothing is ever unpickled. A directory is written under a temporary name and renamed into place,
+so a killed process leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .models import Model, from_config
+from .tokenizer import Subwords
+
+FORMAT = "qkv-1"
+
+
+class CheckpointError(Exception):
+    """A model directory that cannot be used; one line naming it."""
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """A model directory, also accepting a training output directory (its best/ checkpoint) and
+    recovering from a crash between the two renames of atomic_dir."""
+    path = Path(path)
+    for candidate in (path, path / "best", path.with_name(f".{path.name}.old")):
+        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"{path}: not a qkv model directory (no config.json + model.safetensors)")
+
+
+def save(
+    path: str | Path,
+    model: nn.Module,
+    tokenizer: Subwords | None,
+    meta: dict[str, Any] | None = None,
+    trainer: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory atomically. `trainer` = {"json": {...}, "tensors": {...}}."""
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    with atomic_dir(path) as tmp:
+        config = {"format": FORMAT, "model": to_dict(cfg), "meta": meta or {}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_model(model, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        if trainer is not None:
+            (tmp / "trainer.json").write_text(json.dumps(trainer["json"], indent=2))
+            save_file(trainer["tensors"], str(tmp / "trainer.safetensors"))
+    return Path(path)
+
+
+def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    path = resolve(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/config.json: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path}/config.json: not a {FORMAT} config")
+    try:
+        cfg = from_dict(ModelConfig, config["model"], source=f"{path}/config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return cfg, config.get("meta", {})
+
+
+def load(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Model, Subwords | None, dict]:
+    """(model in eval mode, tokenizer or None, meta) from a model directory."""
+    path = resolve(path)
+    cfg, meta = read_config(path)
+    model = from_config(cfg)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path}/model.safetensors: cannot load ({e})") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}/model.safetensors: does not match config.json "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    tok = Subwords.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    return model.to(device).eval(), tok, meta
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    if not (path / "trainer.json").is_file():
+        return None
+    return {
+        "json": json.loads((path / "trainer.json").read_text()),
+        "tensors": load_file(str(path / "trainer.safetensors")),
+    }
+
+
+# --- optimizer state without pickle -------------------------------------------------------------
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An optimizer's state_dict as (JSON-able dict, flat tensor dict) for safetensors."""
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.contiguous()
+            else:
+                plain[f"{idx}.{key}"] = value
+    return {"param_groups": sd["param_groups"], "plain": plain}, tensors
+
+
+def optimizer_from_flat(
+    opt: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["plain"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,227 @@
+"""Parallel text: reading it safely, finding named data sets, and batching by token count.
+
+Every problem with an input file is a DataError whose message names the file (and line), so the
+CLI can print one line and exit 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(Exception):
+    """Unusable input data; the message is one line naming the file."""
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file (plain or .gz), without line ends."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{i}: invalid UTF-8") from None
+    if not out:
+        raise DataError(f"{path}: empty file")
+    return out
+
+
+Pair = tuple[str, str]
+
+
+def read_parallel(src: str | Path, tgt: str | Path) -> list[Pair]:
+    """Line-aligned source and target files -> sentence pairs."""
+    a, b = read_lines(src), read_lines(tgt)
+    if len(a) != len(b):
+        raise DataError(f"{src} has {len(a)} lines but {tgt} has {len(b)}")
+    return list(zip(a, b, strict=True))
+
+
+def read_tsv(path: str | Path) -> list[Pair]:
+    """source<TAB>target per line (further columns, e.g. attribution, are ignored)."""
+    pairs = []
+    for i, line in enumerate(read_lines(path), 1):
+        cols = line.split("\t")
+        if len(cols) < 2:
+            raise DataError(f"{path}:{i}: expected source<TAB>target")
+        pairs.append((cols[0], cols[1]))
+    return pairs
+
+
+@dataclass
+class Filtered:
+    pairs: list[Pair]
+    blank: int = 0
+    too_long: int = 0
+
+
+def clean_pairs(pairs: Sequence[Pair], max_chars: int = 1000) -> Filtered:
+    """Drop pairs with a blank side or an over-long side, and count them."""
+    out = Filtered([])
+    for s, t in pairs:
+        s, t = s.strip(), t.strip()
+        if not s or not t:
+            out.blank += 1
+        elif len(s) > max_chars or len(t) > max_chars:
+            out.too_long += 1
+        else:
+            out.pairs.append((s, t))
+    return out
+
+
+# --- named data sets ---------------------------------------------------------------------------
+
+MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/"
+MULTI30K_LANGS = ("de", "en", "fr", "cs")
+MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
+# sha256 of the official files (data/task1/raw/ in github.com/multi30k/dataset)
+MULTI30K_SHA256 = {
+    "test_2016_flickr.cs.gz": "200a4a74cc9560f051924abb9803be008d1908d77f747e9141aeb86dfd2797f1",
+    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+    "test_2016_flickr.fr.gz": "6d326e188d259fb1d04ac19eae3af956559b3a0b93d7635e56c90987c40c8b90",
+    "train.cs.gz": "a65adb8b32e3bc664f21ecba7a6e7f6950fd1f405e135f7c312faabdb6255077",
+    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "train.fr.gz": "622e75069e9f4c577425c4f277116ce66e63a2401c0a2312d90073cb12379a3c",
+    "val.cs.gz": "b63226e05c4bd5dd6a42897d74b86a1b9d2c31498252c572b1ea7f7996927fcc",
+    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "val.fr.gz": "ca3106f1a72390591d25f6c45cb4cd39dec4cd3f123e099748a3ce5256c160e9",
+}
+
+
+def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Where named data sets are looked up, in order: the flag, $QKV_DATA, ../shared/data."""
+    dirs = [Path(data_dir)] if data_dir else []
+    if os.environ.get("QKV_DATA"):
+        dirs.append(Path(os.environ["QKV_DATA"]))
+    dirs += [
+        Path.cwd().parent / "shared" / "data",
+        Path(__file__).resolve().parents[2] / "shared" / "data",
+    ]
+    return dirs
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QKV_CACHE", Path.home() / ".cache" / "qkv"))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, expected_sha256: str, timeout: float = 60.0) -> Path:
+    """Fetch url to dest (atomically), checking its sha256; a mismatch leaves nothing behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out)
+        got = sha256(tmp)
+        if got != expected_sha256:
+            raise DataError(
+                f"{url}: checksum mismatch (got {got[:12]}…, want {expected_sha256[:12]}…)"
+            )
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise DataError(f"{url}: download failed ({e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def multi30k_file(
+    split: str, lang: str, data_dir: str | Path | None = None, base_url: str = MULTI30K_URL
+) -> Path:
+    """Path of one Multi30k file: found locally, else downloaded into the cache and verified."""
+    if split not in MULTI30K_SPLITS:
+        raise DataError(
+            f"multi30k has no split {split!r} (choose from {', '.join(MULTI30K_SPLITS)})"
+        )
+    if lang not in MULTI30K_LANGS:
+        raise DataError(
+            f"multi30k has no language {lang!r} (choose from {', '.join(MULTI30K_LANGS)})"
+        )
+    name = f"{split}.{lang}.gz"
+    for d in data_dirs(data_dir):
+        if (d / "multi30k" / name).is_file():
+            return d / "multi30k" / name
+    cached = cache_dir() / "multi30k" / name
+    if cached.is_file() and sha256(cached) == MULTI30K_SHA256[name]:
+        return cached
+    return download(base_url + name, cached, MULTI30K_SHA256[name])
+
+
+def multi30k(split: str, src: str, tgt: str, data_dir: str | Path | None = None) -> list[Pair]:
+    return read_parallel(multi30k_file(split, src, data_dir), multi30k_file(split, tgt, data_dir))
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    src: list[int]
+    tgt: list[int]  # without bos/eos
+
+
+def token_batches(
+    examples: Sequence[Example], max_tokens: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Indices of examples grouped into batches of about `max_tokens` (padded) tokens.
+
+    Sorting by length before cutting batches keeps padding small; shuffling the *batches* with
+    a seed derived from (seed, epoch) keeps training order random but reproducible, so a resumed
+    run can skip exactly the batches it has already seen.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    lengths = np.array([max(len(e.src), len(e.tgt)) + 2 for e in examples])
+    # random tie-break among equal lengths, then stable sort by length
+    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(int(i))
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    if shuffle:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
+
+
+def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

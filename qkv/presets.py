@@ -1,0 +1,60 @@
+"""Named starting points for `qkv train --preset NAME`: a model shape and a training recipe.
+Every field can still be overridden by a flag or a JSON config."""
+
+from __future__ import annotations
+
+from .config import ModelConfig, TrainConfig
+
+# The small translation model (d=256, 3+3 layers, 8k joint BPE), tuned for a 2-core CPU budget:
+# small batches give many updates per minute, which matters more than batch size here.
+_SMALL = ModelConfig(
+    d_model=256,
+    n_heads=8,
+    d_ff=1024,
+    n_encoder_layers=3,
+    n_decoder_layers=3,
+    dropout=0.1,
+    norm_first=True,
+    max_len=160,
+)
+_MULTI30K = TrainConfig(
+    dataset="multi30k",
+    vocab_size=8000,
+    max_tokens=2048,
+    lr=1e-3,
+    warmup=400,
+    eval_every=400,
+    save_every=200,
+    eval_sentences=500,
+    max_minutes=90.0,
+    average_last=3,
+)
+
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "multi30k-de-en": (_SMALL, _MULTI30K.replace(src_lang="de", tgt_lang="en")),
+    "multi30k-en-de": (_SMALL, _MULTI30K.replace(src_lang="en", tgt_lang="de")),
+    "multi30k-fr-en": (_SMALL, _MULTI30K.replace(src_lang="fr", tgt_lang="en")),
+    "multi30k-en-fr": (_SMALL, _MULTI30K.replace(src_lang="en", tgt_lang="fr")),
+    "tiny": (
+        ModelConfig(
+            d_model=64,
+            n_heads=4,
+            d_ff=128,
+            n_encoder_layers=2,
+            n_decoder_layers=2,
+            dropout=0.0,
+            max_len=64,
+        ),
+        TrainConfig(
+            vocab_size=300,
+            max_tokens=512,
+            lr=3e-3,
+            warmup=20,
+            eval_every=100,
+            save_every=50,
+            eval_sentences=50,
+            max_steps=200,
+            max_tokens_per_sentence=48,
+        ),
+    ),
+}

@@ -1,0 +1,291 @@
+"""Decoding: greedy, beam search and sampling.
+
+Search knows nothing about Transformers. It sees a `step(tokens, state) -> log_probs` function
+(tokens (N, 1) -> (N, V)) and a state with `select(index)` that keeps rows `index`, in that
+order. `model_step(model)` makes the pair from a qkv model; tests drive it with hand-written
+probability tables.
+
+Shapes: B sentences, K beam size, N = B * K rows, V vocabulary, L length so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class State(Protocol):
+    def select(self, index: Tensor) -> None: ...
+
+
+StepFn = Callable[[Tensor, Any], Tensor]
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated tokens, eos excluded
+    score: float  # log_prob / length penalty: what beam search ranks by
+    log_prob: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many tokens an output may have before its end-of-sentence: at most a * src_len + b
+    (and at most `cap`), at least `min_len`."""
+
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    min_len: int = 0
+    cap: int = 256
+
+    def max_lengths(self, src_lengths: Tensor) -> Tensor:
+        m = (self.max_len_a * src_lengths.float() + self.max_len_b).floor().long()
+        return m.clamp(min=max(self.min_len, 1), max=self.cap)
+
+
+def model_step(model: Any) -> StepFn:
+    """A step function over a qkv model's KV cache: last position's log-probabilities."""
+
+    def step(tokens: Tensor, cache: Any) -> Tensor:
+        return model.step(tokens, cache)[:, -1].float().log_softmax(-1)
+
+    return step
+
+
+# --- logit edits: small pure functions applied in order --------------------------------------
+
+
+def forbid(log_probs: Tensor, token: int, where: Tensor) -> Tensor:
+    """Set `token` to -inf on rows where `where` (N,) is True."""
+    log_probs[where, token] = float("-inf")
+    return log_probs
+
+
+def force(log_probs: Tensor, token: int, where: Tensor) -> Tensor:
+    """Allow only `token` on rows where `where` is True (max length reached: end now). It keeps
+    its own log-probability, so scores stay the model's scores of the output."""
+    if where.any():
+        keep = log_probs[where, token]
+        log_probs[where] = float("-inf")
+        log_probs[where, token] = keep.nan_to_num(neginf=0.0)  # never leave a row impossible
+    return log_probs
+
+
+def no_repeat_ngram(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
+    """Forbid any token that would complete an n-gram already present in that row's history."""
+    if n <= 0 or history.shape[1] < n:
+        return log_probs
+    hist = history.tolist()
+    for row, toks in enumerate(hist):
+        prefix = toks[len(toks) - (n - 1) :] if n > 1 else []
+        for i in range(len(toks) - n + 1):
+            if toks[i : i + n - 1] == prefix:
+                log_probs[row, toks[i + n - 1]] = float("-inf")
+    return log_probs
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of top tokens whose probability reaches p (nucleus sampling)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # drop a token when the tokens above it already reach p (the top one always stays)
+    drop = probs.cumsum(-1) - probs >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def gnmt_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
+    """GNMT length penalty ((5 + L) / 6)^alpha (Wu et al. 2016); alpha 0 = plain log-prob."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+# --- greedy and sampling ----------------------------------------------------------------------
+
+
+def greedy(
+    step: StepFn,
+    state: Any,
+    src_lengths: Tensor,
+    *,
+    bos: int,
+    eos: int,
+    limits: Limits = Limits(),
+    no_repeat: int = 0,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[Hypothesis]:
+    """Take the most likely token each step (or sample one); the readable baseline and the
+    oracle for beam size 1. Finished sentences leave the batch."""
+    b = src_lengths.shape[0]
+    max_len = limits.max_lengths(src_lengths)
+    out: list[list[int]] = [[] for _ in range(b)]
+    logp = [0.0] * b
+    rows = torch.arange(b)  # which sentence each live row is
+    last = torch.full((b, 1), bos, dtype=torch.long)
+    history = torch.empty(b, 0, dtype=torch.long)
+    for t in range(int(max_len.max()) + 1):
+        lp = step(last, state)  # (N, V)
+        lp = forbid(lp, eos, torch.full((len(rows),), t < limits.min_len))
+        lp = force(lp, eos, t >= max_len[rows])
+        lp = no_repeat_ngram(lp, history, no_repeat)
+        if sample:
+            logits = top_p_filter(top_k_filter(lp / temperature, top_k), top_p)
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            nxt = lp.argmax(-1)
+        chosen = lp.gather(1, nxt[:, None])[:, 0]
+        done = nxt == eos
+        for r, tok, lpv, d in zip(
+            rows.tolist(), nxt.tolist(), chosen.tolist(), done.tolist(), strict=True
+        ):
+            logp[r] += lpv
+            if not d:
+                out[r].append(tok)
+        if done.all():
+            break
+        if done.any():  # drop finished rows from the batch and the state
+            keep = (~done).nonzero()[:, 0]
+            state.select(keep)
+            rows, nxt, history = rows[keep], nxt[keep], history[keep]
+        last = nxt[:, None]
+        history = torch.cat([history, last], 1)
+    return [Hypothesis(toks, lp, lp) for toks, lp in zip(out, logp, strict=True)]
+
+
+# --- beam search ------------------------------------------------------------------------------
+
+
+@dataclass
+class BeamTrace:
+    """What beam search considered at every step, for the beam-tree picture."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def beam_search(
+    step: StepFn,
+    state: Any,
+    src_lengths: Tensor,
+    *,
+    bos: int,
+    eos: int,
+    beam: int = 5,
+    alpha: float = 0.6,
+    nbest: int = 1,
+    limits: Limits = Limits(),
+    no_repeat: int = 0,
+    trace: BeamTrace | None = None,
+) -> list[list[Hypothesis]]:
+    """Keep the K best partial translations of each sentence; return each sentence's n best.
+
+    Layout: B sentences x K beams as N = B*K rows, fixed. Each step scores all K*V extensions of
+    a sentence's beams and takes the top 2K: among those, an end-of-sentence candidate ranked in
+    the top K finishes a hypothesis, and the best K others stay alive. Taking 2K guarantees K
+    live ones even if up to K of them end. A sentence is done when it has K finished hypotheses
+    and its best live beam, scored as if it ended now, cannot beat the worst of them.
+    Scores are log-probabilities divided by the GNMT length penalty (length includes eos).
+    `state` must hold B rows; it is expanded to B*K here and reordered with one select per step.
+    """
+    if nbest > beam:
+        raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam})")
+    b, k = src_lengths.shape[0], beam
+    max_len = limits.max_lengths(src_lengths).repeat_interleave(k)  # (N,)
+    state.select(torch.arange(b).repeat_interleave(k))
+    tokens = torch.full((b * k, 1), bos, dtype=torch.long)  # (N, L), bos included
+    # only the first beam of each sentence is live at the start, so we do not get K copies
+    scores = torch.full((b, k), float("-inf"))
+    scores[:, 0] = 0.0
+    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+
+    for t in range(int(max_len.max()) + 1):
+        lp = step(tokens[:, -1:], state)  # (N, V)
+        v = lp.shape[-1]
+        lp = forbid(lp, eos, torch.full((b * k,), t < limits.min_len))
+        lp = force(lp, eos, t >= max_len)
+        lp = no_repeat_ngram(lp, tokens[:, 1:], no_repeat)
+        cand = (scores.view(-1, 1) + lp).view(b, k * v)  # (B, K*V) total log-probs
+        top_lp, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)
+        origin, token = top_idx // v, top_idx % v  # which beam, which token
+        length = t + 1
+        penalty = gnmt_penalty(length, alpha)
+
+        new_scores = torch.full((b, k), float("-inf"))
+        new_origin = torch.zeros(b, k, dtype=torch.long)
+        new_token = torch.full((b, k), eos, dtype=torch.long)
+        step_trace = [] if trace is not None else None
+        top_lp_l, origin_l, token_l = top_lp.tolist(), origin.tolist(), token.tolist()
+        for i in range(b):
+            if done[i]:
+                continue
+            live = 0
+            for rank in range(2 * k):
+                total, o, tok = top_lp_l[i][rank], origin_l[i][rank], token_l[i][rank]
+                if total == float("-inf"):
+                    break
+                kept = ""
+                if tok == eos:
+                    if rank < k:
+                        seq = tokens[i * k + o, 1:].tolist()
+                        finished[i].append(Hypothesis(seq, total / penalty, total))
+                        kept = "finished"
+                elif live < k:
+                    new_scores[i, live], new_origin[i, live], new_token[i, live] = total, o, tok
+                    live += 1
+                    kept = "live"
+                if step_trace is not None:
+                    step_trace.append(
+                        dict(
+                            sentence=i,
+                            beam=o,
+                            token=tok,
+                            log_prob=total,
+                            score=total / penalty,
+                            kept=kept,
+                        )
+                    )
+                if live == k and rank >= k - 1:
+                    break
+            finished[i].sort(key=lambda h: -h.score)
+            del finished[i][k:]
+            # Done: K finished, and no live beam ending now would beat the worst of them. (The
+            # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
+            best_live = new_scores[i, 0].item() / penalty
+            if (
+                len(finished[i]) >= k
+                and (live == 0 or best_live <= finished[i][-1].score)
+                or live == 0
+            ):
+                done[i] = True
+        if trace is not None:
+            trace.steps.append(dict(step=t, candidates=step_trace))
+        if done.all():
+            break
+        index = (torch.arange(b)[:, None] * k + new_origin).view(-1)  # (N,) rows to keep
+        state.select(index)
+        tokens = torch.cat([tokens[index], new_token.view(-1, 1)], 1)
+        max_len = max_len[index]
+        scores = new_scores.masked_fill(done[:, None], float("-inf"))
+
+    # sentences that ran out of length without K finished hypotheses keep what they have
+    for i in range(b):
+        if not finished[i]:  # cannot happen when max length forces eos; kept for safety
+            finished[i].append(Hypothesis(tokens[i * k, 1:].tolist(), -math.inf, -math.inf))
+    return [f[:nbest] for f in finished]
