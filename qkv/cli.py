@@ -274,6 +274,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     translator, _ = _load_translator(args.model)
     opts = _decode_options(args)
     lines = _read_input(args.input)
+    if args.trace:
+        _write_trace(translator, lines, opts, args.trace)
     results = translator.translate(lines, opts)
     if opts.nbest > 1:
         out = "".join(
@@ -288,6 +290,20 @@ def cmd_translate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(out)
     return 0
+
+
+def _write_trace(translator, lines: list[str], opts, path: str) -> None:
+    import json
+
+    from .html import beam_page
+
+    if not path.endswith((".html", ".json")):
+        raise UsageError("--trace must name a .html or .json file")
+    if opts.greedy or opts.sample or opts.beam < 2:
+        raise UsageError("--trace needs beam search (--beam 2 or more)")
+    trace = translator.trace(lines, opts)
+    text = beam_page(trace) if path.endswith(".html") else json.dumps(trace)
+    _write_atomic(path, text)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -328,6 +344,92 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"\n  src: {src}\n  ref: {ref}\n  hyp: {hyp}")
     if args.output:
         _write_atomic(args.output, "".join(h + "\n" for h in hyps))
+    return 0
+
+
+# --- explain and probe ------------------------------------------------------------------------
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from . import plot
+    from .explain import explain
+    from .html import attention_page
+
+    if not args.sentence.strip():
+        raise UsageError("explain: the sentence is empty")
+    translator, _ = _load_translator(args.model)
+    opts = _decode_options(args)
+    e = explain(translator, args.sentence, opts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    axes = {
+        "encoder self": (e.src_tokens, e.src_tokens),
+        "decoder self": (e.tgt_in, e.tgt_in),
+        "cross": (e.src_tokens, e.tgt_in),
+    }
+    written = []
+    for kind, layers in e.attention.items():
+        x, y = axes[kind]
+        name = kind.replace(" ", "_")
+        written.append(plot.attention_grid(layers, x, y, f"{kind} attention", out / f"{name}.png"))
+    cross = torch_mean(e.attention["cross"])
+    written.append(
+        plot.alignment(
+            cross,
+            e.src_tokens,
+            e.tgt_out,
+            "cross-attention alignment (mean of all layers and heads)",
+            out / "alignment.png",
+        )
+    )
+    data = e.to_json()
+    page = out / "attention.html"
+    _write_atomic(str(page), attention_page(data))
+    written.append(page)
+    if args.json:
+        _write_atomic(str(out / "attention.json"), json.dumps(data))
+        written.append(out / "attention.json")
+    print(e.translation)
+    for w in written:
+        print(f"wrote {w}", file=sys.stderr)
+    return 0
+
+
+def torch_mean(layers):
+    import torch
+
+    return torch.stack(layers).mean(dim=(0, 1))  # (T, S)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .data import multi30k
+    from .probe import run_probe
+
+    if args.sentences < 1:
+        raise UsageError("--sentences must be >= 1")
+    translator, meta = _load_translator(args.model)
+    src_lang = args.src_lang or meta.get("src_lang")
+    tgt_lang = args.tgt_lang or meta.get("tgt_lang")
+    if args.src and args.tgt:
+        from .data import read_parallel
+
+        pairs = read_parallel(args.src, args.tgt)
+    elif src_lang and tgt_lang:
+        pairs = multi30k(args.split, src_lang, tgt_lang, args.data_dir)
+    else:
+        raise UsageError("give --src and --tgt files, or --src-lang and --tgt-lang")
+    import random
+
+    pairs = random.Random(args.seed).sample(pairs, min(args.sentences, len(pairs)))
+    run_probe(
+        translator,
+        pairs,
+        args.out,
+        beam=args.beam,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     return 0
 
 
@@ -398,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", required=True, help="model directory (or a training --out)")
     tr.add_argument("--input", help="file to translate (default: stdin)")
     tr.add_argument("--output", help="file to write (default: stdout)")
+    tr.add_argument("--trace", help="write the beam-search tree to this .html or .json file")
     _add_decode_flags(tr)
     tr.set_defaults(func=cmd_translate)
 
@@ -422,6 +525,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ref", help="reference file")
     _add_decode_flags(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser(
+        "explain",
+        help="translate a sentence and show every head's attention",
+        description="Translate one sentence and capture all attention (encoder self, decoder "
+        "self, cross) for every layer and head along the output: PNG grids, a cross-attention "
+        "alignment, and one self-contained HTML page (works offline, opened from disk).",
+        epilog="example:\n  qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --out ex/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("sentence")
+    ex.add_argument("--model", required=True, help="model directory (or a training --out)")
+    ex.add_argument("--out", default="explain", help="directory for the pictures and the page")
+    ex.add_argument("--json", action="store_true", help="also write the raw weights as JSON")
+    _add_decode_flags(ex)
+    ex.set_defaults(func=cmd_explain, beam=1)
+
+    pr = sub.add_parser(
+        "probe",
+        help="measure focus, redundancy, mitigation, receptive field on validation data",
+        description="One report (markdown + PNG + JSON) answering the explainers' claims with "
+        "numbers: head focus, head redundancy and pruning, what skip connections and other "
+        "layers absorb, receptive field by depth, beam vs greedy.",
+        epilog="example:\n  qkv probe --model runs/de-en --out probe/ --sentences 200",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("--model", required=True, help="model directory (or a training --out)")
+    pr.add_argument("--out", default="probe", help="directory for report.md, report.json, PNGs")
+    pr.add_argument("--sentences", type=int, default=200, help="validation subsample size")
+    pr.add_argument("--split", default="val", help="Multi30k split (default val)")
+    pr.add_argument("--src", help="or your own source file")
+    pr.add_argument("--tgt", help="and its reference file")
+    pr.add_argument("--src-lang", help="default: the model's")
+    pr.add_argument("--tgt-lang", help="default: the model's")
+    pr.add_argument("--data-dir", help="where to look for data sets first")
+    pr.add_argument("--beam", type=int, default=5, help="beam size for the beam-vs-greedy line")
+    pr.add_argument("--seed", type=int, default=0, help="for the subsample")
+    pr.set_defaults(func=cmd_probe)
     return p
 
 

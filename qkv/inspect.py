@@ -6,12 +6,14 @@ change and training, which never enters these blocks, always runs the fused kern
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
+from .layers import Residual
 
 
 def attention_modules(model: nn.Module) -> dict[str, MultiHeadAttention]:
@@ -53,3 +55,79 @@ def record_attention(model: nn.Module, *, to_cpu: bool = False) -> Iterator[Atte
     finally:
         for m in modules.values():
             m.recorder = None
+
+
+@contextmanager
+def mask_heads(model: nn.Module, heads: dict[str, Iterable[int]]) -> Iterator[None]:
+    """Silence heads while the block runs: {attention module path: [head indices]}. A silenced
+    head's output is zero before the output projection, so it contributes nothing."""
+    modules = attention_modules(model)
+    for path, idx in heads.items():
+        if path not in modules:
+            raise KeyError(f"no attention module {path!r}")
+        m = modules[path]
+        mask = torch.ones(m.n_heads)
+        mask[list(idx)] = 0.0
+        m.head_mask = mask
+    try:
+        yield
+    finally:
+        for m in modules.values():
+            m.head_mask = None
+
+
+def residuals(model: nn.Module, under: str = "") -> dict[str, Residual]:
+    """Every Residual (skip connection + LayerNorm) at or under module path `under`."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, Residual) and (not under or n == under or n.startswith(under + "."))
+    }
+
+
+@contextmanager
+def ablate(
+    model: nn.Module, *, bypass: Iterable[str] = (), no_skip: Iterable[str] = ()
+) -> Iterator[None]:
+    """Take parts out while the block runs.
+
+    bypass: paths of Residuals (e.g. 'encoder.layers.1.attn_residual': that attention sublayer
+        is skipped, the skip connection carries its input through) or of whole layers
+        ('decoder.layers.2': the layer is removed).
+    no_skip: paths of Residuals whose skip connection is removed (the sublayer output alone).
+    """
+    changed: list[Residual] = []
+    try:
+        for path in bypass:
+            found = residuals(model, path)
+            if not found:
+                raise KeyError(f"nothing to bypass at {path!r}")
+            for r in found.values():
+                r.bypass = True
+                changed.append(r)
+        for path in no_skip:
+            r = residuals(model).get(path)
+            if r is None:
+                raise KeyError(f"no Residual at {path!r}")
+            r.skip = False
+            changed.append(r)
+        yield
+    finally:
+        for r in changed:
+            r.bypass, r.skip = False, True
+
+
+def head_stats(weights: Tensor, query_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per head: mean entropy (nats) of the attention rows and mean max weight, (H,) each.
+
+    weights: (B, H, T, S); query_mask: (B, T) True on real query positions (padding excluded).
+    Entropy 0 = all weight on one key; log(S) = spread evenly.
+    """
+    w = weights.float()
+    entropy = -(w * w.clamp_min(1e-12).log()).sum(-1)  # (B, H, T)
+    top = w.amax(-1)  # (B, H, T)
+    if query_mask is None:
+        query_mask = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool)
+    keep = query_mask[:, None, :].expand_as(entropy).float()
+    n = keep.sum((0, 2)).clamp_min(1.0)
+    return (entropy * keep).sum((0, 2)) / n, (top * keep).sum((0, 2)) / n

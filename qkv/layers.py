@@ -36,7 +36,9 @@ class Residual(nn.Module):
 
     post-LN (the paper): norm(x + sublayer(x)).  pre-LN (norm_first): x + sublayer(norm(x)),
     which keeps an unnormalised path from input to output and trains more stably without warmup.
-    Setting `skip = False` removes the skip connection (used by qkv.inspect's ablations).
+    Ablations (qkv.inspect sets these, only inside its context managers): `skip = False`
+    removes the skip connection; `bypass = True` removes the whole sublayer, so only the skip
+    connection carries x through.
     """
 
     def __init__(
@@ -47,8 +49,11 @@ class Residual(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
         self.skip = True
+        self.bypass = False
 
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.bypass:
+            return x
         skip = x if self.skip else 0.0
         if self.norm_first:
             return skip + self.dropout(sublayer(self.norm(x)))

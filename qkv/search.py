@@ -174,9 +174,29 @@ def greedy(
 
 @dataclass
 class BeamTrace:
-    """What beam search considered at every step, for the beam-tree picture."""
+    """Every candidate beam search considered, as one tree per sentence, for the beam-tree
+    picture. A node: id, parent (None for the start), step, token, log_prob (of the whole
+    prefix), score (length-normalised), kept ("live", "finished" or "" = pruned)."""
 
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    trees: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def start(self, n_sentences: int, beam: int, bos: int) -> list[list[int]]:
+        root = dict(id=0, parent=None, step=-1, token=bos, log_prob=0.0, score=0.0, kept="live")
+        self.trees = [[dict(root)] for _ in range(n_sentences)]
+        return [[0] * beam for _ in range(n_sentences)]  # the tree node behind each beam slot
+
+    def add(self, sentence: int, parent: int, **fields: Any) -> int:
+        tree = self.trees[sentence]
+        tree.append(dict(id=len(tree), parent=parent, **fields))
+        return len(tree) - 1
+
+    def tokens(self, sentence: int, node: int) -> list[int]:
+        """The tokens from the start (excluded) to `node` (included)."""
+        tree, out = self.trees[sentence], []
+        while tree[node]["parent"] is not None:
+            out.append(tree[node]["token"])
+            node = tree[node]["parent"]
+        return out[::-1]
 
 
 def beam_search(
@@ -214,6 +234,7 @@ def beam_search(
     scores[:, 0] = 0.0
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
+    slot_node = trace.start(b, k, bos) if trace is not None else None
 
     for t in range(int(max_len.max()) + 1):
         lp = step(tokens[:, -1:], state)  # (N, V)
@@ -230,7 +251,7 @@ def beam_search(
         new_scores = torch.full((b, k), float("-inf"))
         new_origin = torch.zeros(b, k, dtype=torch.long)
         new_token = torch.full((b, k), eos, dtype=torch.long)
-        step_trace = [] if trace is not None else None
+        new_slot_node = [list(row) for row in slot_node] if slot_node is not None else None
         top_lp_l, origin_l, token_l = top_lp.tolist(), origin.tolist(), token.tolist()
         for i in range(b):
             if done[i]:
@@ -250,17 +271,18 @@ def beam_search(
                     new_scores[i, live], new_origin[i, live], new_token[i, live] = total, o, tok
                     live += 1
                     kept = "live"
-                if step_trace is not None:
-                    step_trace.append(
-                        dict(
-                            sentence=i,
-                            beam=o,
-                            token=tok,
-                            log_prob=total,
-                            score=total / penalty,
-                            kept=kept,
-                        )
+                if trace is not None and slot_node is not None:
+                    node = trace.add(
+                        i,
+                        slot_node[i][o],
+                        step=t,
+                        token=tok,
+                        log_prob=total,
+                        score=total / penalty,
+                        kept=kept,
                     )
+                    if kept == "live":
+                        new_slot_node[i][live - 1] = node
                 if live == k and rank >= k - 1:
                     break
             finished[i].sort(key=lambda h: -h.score)
@@ -268,14 +290,9 @@ def beam_search(
             # Done: K finished, and no live beam ending now would beat the worst of them. (The
             # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
             best_live = new_scores[i, 0].item() / penalty
-            if (
-                len(finished[i]) >= k
-                and (live == 0 or best_live <= finished[i][-1].score)
-                or live == 0
-            ):
+            if live == 0 or (len(finished[i]) >= k and best_live <= finished[i][-1].score):
                 done[i] = True
-        if trace is not None:
-            trace.steps.append(dict(step=t, candidates=step_trace))
+        slot_node = new_slot_node
         if done.all():
             break
         index = (torch.arange(b)[:, None] * k + new_origin).view(-1)  # (N,) rows to keep

@@ -50,9 +50,13 @@ class Translator:
 
     @torch.inference_mode()
     def translate_ids(
-        self, sources: Sequence[list[int]], opts: DecodeOptions, trace: BeamTrace | None = None
+        self,
+        sources: Sequence[list[int]],
+        opts: DecodeOptions,
+        trees: dict[int, list[dict]] | None = None,
     ) -> list[list[Hypothesis]]:
-        """Token ids in, n-best hypotheses out, in input order."""
+        """Token ids in, n-best hypotheses out, in input order. Given a dict, `trees` receives
+        each sentence's beam-search tree (see search.BeamTrace), keyed by input position."""
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         results: list[list[Hypothesis]] = [[] for _ in sources]
         limits = Limits(opts.max_len_a, opts.max_len_b, opts.min_len, cap=self.cfg.max_len - 1)
@@ -71,6 +75,7 @@ class Translator:
                 limits=limits,
                 no_repeat=opts.no_repeat_ngram,
             )
+            trace = None
             if opts.greedy or opts.sample or opts.beam == 1:
                 hyps = greedy(
                     step,
@@ -85,6 +90,7 @@ class Translator:
                 )
                 batch = [[h] for h in hyps]
             else:
+                trace = BeamTrace() if trees is not None else None
                 batch = beam_search(
                     step,
                     cache,
@@ -95,8 +101,10 @@ class Translator:
                     trace=trace,
                     **common,
                 )
-            for i, hyps in zip(idx, batch, strict=True):
+            for row, (i, hyps) in enumerate(zip(idx, batch, strict=True)):
                 results[i] = hyps
+                if trees is not None and trace is not None:
+                    trees[i] = trace.trees[row]
         return results
 
     def translate(
@@ -112,3 +120,30 @@ class Translator:
         self, sentences: Sequence[str], opts: DecodeOptions = DecodeOptions()
     ) -> list[str]:
         return [nbest[0].text for nbest in self.translate(sentences, opts)]
+
+    def trace(self, sentences: Sequence[str], opts: DecodeOptions) -> dict:
+        """Beam search with every candidate recorded: the data of the beam-tree page."""
+        if opts.greedy or opts.sample or opts.beam < 2:
+            raise ValueError("a beam-search trace needs --beam 2 or more")
+        trees: dict[int, list[dict]] = {}
+        results = self.translate_ids(self.encode_sources(sentences), opts, trees)
+        out = []
+        for i, (source, hyps) in enumerate(zip(sentences, results, strict=True)):
+            tree = trees[i]
+            finished = sorted(
+                (n for n in tree if n["kept"] == "finished"), key=lambda n: -n["score"]
+            )
+            nodes = [dict(n, text=self.tok.id_to_token(n["token"])) for n in tree]
+            nbest = []
+            for node, h in zip(finished, hyps, strict=False):
+                nbest.append(
+                    dict(
+                        node=node["id"],
+                        text=self.tok.decode(h.tokens),
+                        tokens=h.tokens,
+                        score=h.score,
+                        log_prob=h.log_prob,
+                    )
+                )
+            out.append(dict(source=source, nodes=nodes, nbest=nbest))
+        return {"beam": opts.beam, "alpha": opts.alpha, "sentences": out}

@@ -106,17 +106,17 @@ def test_min_and_max_length():
         run_beam(beam=2, nbest=3)
 
 
-def test_trace_records_candidates_and_survivors():
+def test_trace_is_the_search_tree():
     trace = BeamTrace()
-    (hyps,) = run_beam(trace=trace)
-    first = trace.steps[1]["candidates"]
-    assert [(c["token"], c["kept"]) for c in first[:3]] == [
-        (EOS, "finished"),
-        (C, "live"),
-        (C, "live"),
-    ]
-    finished = [c for s in trace.steps for c in s["candidates"] if c["kept"] == "finished"]
-    assert {round(c["log_prob"], 6) for c in finished} >= {round(h.log_prob, 6) for h in hyps}
+    (hyps,) = run_beam(trace=trace, n=1)
+    (tree,) = trace.trees
+    step1 = [(n["token"], n["kept"], n["parent"]) for n in tree if n["step"] == 1]
+    # from beam [A] (node 1): eos finishes, C lives; from [B] (node 2): C lives
+    assert step1 == [(EOS, "finished", 1), (C, "live", 2), (C, "live", 1)]
+    finished = sorted((n for n in tree if n["kept"] == "finished"), key=lambda n: -n["score"])
+    # the trace's final hypotheses are beam search's own output
+    assert [trace.tokens(0, n["id"])[:-1] for n in finished[:2]] == [h.tokens for h in hyps]
+    assert [n["score"] for n in finished[:2]] == pytest.approx([h.score for h in hyps])
 
 
 def test_no_repeat_ngram():
