@@ -115,7 +115,13 @@ def load(
             f"{path}/model.safetensors: does not match config.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    tok = Subwords.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    tok: Any = None
+    if (path / "tokenizer.json").is_file():
+        tok = Subwords.load(path / "tokenizer.json")
+    elif (path / "marian" / "vocab.json").is_file():  # an imported OPUS-MT model
+        from .marian import MarianVocab
+
+        tok = MarianVocab(path / "marian", cfg)
     return model.to(device).eval(), tok, meta
 
 

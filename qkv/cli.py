@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .marian import MarianImportError
 
 
 class UsageError(Exception):
@@ -403,6 +404,14 @@ def torch_mean(layers):
     return torch.stack(layers).mean(dim=(0, 1))  # (T, S)
 
 
+def cmd_import_marian(args: argparse.Namespace) -> int:
+    from .marian import convert
+
+    out = convert(args.src, args.out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from .data import multi30k
     from .probe import run_probe
@@ -563,6 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--beam", type=int, default=5, help="beam size for the beam-vs-greedy line")
     pr.add_argument("--seed", type=int, default=0, help="for the subsample")
     pr.set_defaults(func=cmd_probe)
+
+    im = sub.add_parser(
+        "import-marian",
+        help="convert a Hugging Face MarianMTModel (OPUS-MT) directory into a qkv model",
+        description="Convert config.json + model.safetensors (or pytorch_model.bin, read with "
+        "weights_only) + the sentencepiece vocabulary into a qkv model directory, usable by "
+        "translate, evaluate, explain and probe.",
+        epilog="example:\n  qkv import-marian opus-mt-de-en/ --out models/opus-de-en",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    im.add_argument("src", help="the Hugging Face model directory")
+    im.add_argument("--out", required=True, help="the qkv model directory to write")
+    im.set_defaults(func=cmd_import_marian)
     return p
 
 
@@ -575,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except (UsageError, ConfigError, DataError, CheckpointError) as e:
+    except (UsageError, ConfigError, DataError, CheckpointError, MarianImportError) as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -88,6 +88,7 @@ def explain(
                 eos=cfg.eos_id,
                 limits=limits,
                 no_repeat=opts.no_repeat_ngram,
+                pad=cfg.pad_id,
             )
         out_ids = hyp.tokens
         t = len(out_ids) + 1

@@ -36,12 +36,18 @@ class Hypothesis:
 @dataclass(frozen=True)
 class Limits:
     """How many tokens an output may have before its end-of-sentence: at most a * src_len + b
-    (and at most `cap`), at least `min_len`."""
+    (and at most `cap`), at least `min_len`.
+
+    at_max: what happens to an output that reaches the maximum: "eos" ends it with the
+    end-of-sentence token (scored like any other token); "stop" cuts it there without one, as
+    HF transformers' `max_new_tokens` does.
+    """
 
     max_len_a: float = 1.5
     max_len_b: int = 10
     min_len: int = 0
     cap: int = 256
+    at_max: str = "eos"
 
     def max_lengths(self, src_lengths: Tensor) -> Tensor:
         m = (self.max_len_a * src_lengths.float() + self.max_len_b).floor().long()
@@ -108,9 +114,14 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def gnmt_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
-    """GNMT length penalty ((5 + L) / 6)^alpha (Wu et al. 2016); alpha 0 = plain log-prob."""
-    return ((5.0 + length) / 6.0) ** alpha
+def length_penalty(length: int, alpha: float, style: str = "gnmt") -> float:
+    """What a finished hypothesis' log-prob is divided by. "gnmt": ((5 + L) / 6)^alpha (Wu et al.
+    2016); "power": L^alpha (fairseq, HF transformers). alpha 0 = plain log-prob."""
+    if style == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if style == "power":
+        return float(length) ** alpha
+    raise ValueError(f"unknown length penalty style {style!r}")
 
 
 # --- greedy and sampling ----------------------------------------------------------------------
@@ -125,6 +136,7 @@ def greedy(
     eos: int,
     limits: Limits = Limits(),
     no_repeat: int = 0,
+    pad: int | None = None,
     sample: bool = False,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -142,8 +154,11 @@ def greedy(
     history = torch.empty(b, 0, dtype=torch.long)
     for t in range(int(max_len.max()) + 1):
         lp = step(last, state)  # (N, V)
+        if pad is not None and pad != eos:
+            lp[:, pad] = float("-inf")
         lp = forbid(lp, eos, torch.full((len(rows),), t < limits.min_len))
-        lp = force(lp, eos, t >= max_len[rows])
+        if limits.at_max == "eos":
+            lp = force(lp, eos, t >= max_len[rows])
         lp = no_repeat_ngram(lp, history, no_repeat)
         if sample:
             logits = top_p_filter(top_k_filter(lp / temperature, top_k), top_p)
@@ -151,12 +166,13 @@ def greedy(
         else:
             nxt = lp.argmax(-1)
         chosen = lp.gather(1, nxt[:, None])[:, 0]
-        done = nxt == eos
-        for r, tok, lpv, d in zip(
-            rows.tolist(), nxt.tolist(), chosen.tolist(), done.tolist(), strict=True
+        is_eos = nxt == eos
+        done = is_eos | (t + 1 >= max_len[rows]) if limits.at_max == "stop" else is_eos
+        for r, tok, lpv, e in zip(
+            rows.tolist(), nxt.tolist(), chosen.tolist(), is_eos.tolist(), strict=True
         ):
             logp[r] += lpv
-            if not d:
+            if not e:
                 out[r].append(tok)
         if done.all():
             break
@@ -208,9 +224,11 @@ def beam_search(
     eos: int,
     beam: int = 5,
     alpha: float = 0.6,
+    penalty: str = "gnmt",
     nbest: int = 1,
     limits: Limits = Limits(),
     no_repeat: int = 0,
+    pad: int | None = None,
     trace: BeamTrace | None = None,
 ) -> list[list[Hypothesis]]:
     """Keep the K best partial translations of each sentence; return each sentence's n best.
@@ -220,7 +238,8 @@ def beam_search(
     the top K finishes a hypothesis, and the best K others stay alive. Taking 2K guarantees K
     live ones even if up to K of them end. A sentence is done when it has K finished hypotheses
     and its best live beam, scored as if it ended now, cannot beat the worst of them.
-    Scores are log-probabilities divided by the GNMT length penalty (length includes eos).
+    Scores are log-probabilities divided by the length penalty (length includes eos). The `pad`
+    token, if given, is never generated.
     `state` must hold B rows; it is expanded to B*K here and reordered with one select per step.
     """
     if nbest > beam:
@@ -239,14 +258,17 @@ def beam_search(
     for t in range(int(max_len.max()) + 1):
         lp = step(tokens[:, -1:], state)  # (N, V)
         v = lp.shape[-1]
+        if pad is not None and pad != eos:
+            lp[:, pad] = float("-inf")
         lp = forbid(lp, eos, torch.full((b * k,), t < limits.min_len))
-        lp = force(lp, eos, t >= max_len)
+        if limits.at_max == "eos":
+            lp = force(lp, eos, t >= max_len)
         lp = no_repeat_ngram(lp, tokens[:, 1:], no_repeat)
         cand = (scores.view(-1, 1) + lp).view(b, k * v)  # (B, K*V) total log-probs
         top_lp, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)
         origin, token = top_idx // v, top_idx % v  # which beam, which token
         length = t + 1
-        penalty = gnmt_penalty(length, alpha)
+        norm = length_penalty(length, alpha, penalty)
 
         new_scores = torch.full((b, k), float("-inf"))
         new_origin = torch.zeros(b, k, dtype=torch.long)
@@ -257,15 +279,16 @@ def beam_search(
             if done[i]:
                 continue
             live = 0
+            cut = limits.at_max == "stop" and t + 1 >= int(max_len[i * k])  # last allowed token
             for rank in range(2 * k):
                 total, o, tok = top_lp_l[i][rank], origin_l[i][rank], token_l[i][rank]
                 if total == float("-inf"):
                     break
                 kept = ""
-                if tok == eos:
+                if tok == eos or cut:
                     if rank < k:
-                        seq = tokens[i * k + o, 1:].tolist()
-                        finished[i].append(Hypothesis(seq, total / penalty, total))
+                        seq = tokens[i * k + o, 1:].tolist() + ([] if tok == eos else [tok])
+                        finished[i].append(Hypothesis(seq, total / norm, total))
                         kept = "finished"
                 elif live < k:
                     new_scores[i, live], new_origin[i, live], new_token[i, live] = total, o, tok
@@ -278,7 +301,7 @@ def beam_search(
                         step=t,
                         token=tok,
                         log_prob=total,
-                        score=total / penalty,
+                        score=total / norm,
                         kept=kept,
                     )
                     if kept == "live":
@@ -289,7 +312,7 @@ def beam_search(
             del finished[i][k:]
             # Done: K finished, and no live beam ending now would beat the worst of them. (The
             # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
-            best_live = new_scores[i, 0].item() / penalty
+            best_live = new_scores[i, 0].item() / norm
             if live == 0 or (len(finished[i]) >= k and best_live <= finished[i][-1].score):
                 done[i] = True
         slot_node = new_slot_node

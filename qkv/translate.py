@@ -15,7 +15,8 @@ from .tokenizer import Subwords
 @dataclass(frozen=True)
 class DecodeOptions:
     beam: int = 5
-    alpha: float = 0.6  # GNMT length penalty
+    alpha: float = 0.6  # length penalty exponent
+    penalty: str = "gnmt"  # or "power" (L^alpha, as fairseq and HF transformers)
     nbest: int = 1
     greedy: bool = False
     sample: bool = False
@@ -74,6 +75,7 @@ class Translator:
                 eos=self.cfg.eos_id,
                 limits=limits,
                 no_repeat=opts.no_repeat_ngram,
+                pad=self.cfg.pad_id,
             )
             trace = None
             if opts.greedy or opts.sample or opts.beam == 1:
@@ -97,6 +99,7 @@ class Translator:
                     lengths,
                     beam=opts.beam,
                     alpha=opts.alpha,
+                    penalty=opts.penalty,
                     nbest=opts.nbest,
                     trace=trace,
                     **common,

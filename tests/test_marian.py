@@ -1,0 +1,204 @@
+"""Import a Hugging Face MarianMTModel: same logits, same greedy and beam outputs, offline."""
+
+import json
+
+import pytest
+import torch
+import transformers  # noqa: E402  (a test-only dependency, in the [test] extra)
+
+from qkv import checkpoint
+from qkv.marian import MarianImportError, convert
+from qkv.search import Limits, beam_search, greedy, model_step
+
+V, PAD, EOS = 60, 59, 0
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = transformers.MarianConfig(
+        vocab_size=V,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+        activation_function="swish",
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        forced_eos_token_id=None,
+    )
+    model = transformers.MarianMTModel(cfg).eval()
+    with torch.no_grad():
+        # larger random weights than HF's init, so outputs depend on the input, and a bias on
+        # eos so that some outputs end before the length limit and others are cut by it
+        for name, p in model.named_parameters():
+            if "layer_norm" not in name and "embed_positions" not in name:
+                p.normal_(0, 0.1)
+        model.final_logits_bias.zero_()
+        model.final_logits_bias[0, EOS] = 2.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def converted(hf_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("marian")
+    hf_model.save_pretrained(root / "hf")
+    out = convert(root / "hf", root / "qkv")
+    model, _, meta = checkpoint.load(out)
+    assert meta["imported_from"] == "marian"
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    lengths = [9, 4, 12, 6, 1]
+    src = torch.full((len(lengths), max(lengths) + 1), PAD)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(1, V - 1, (n,), generator=g)
+        src[i, n] = EOS
+    return src, torch.tensor(lengths) + 1
+
+
+def test_logits_agree(hf_model, converted):
+    src, _ = batch()
+    tgt = torch.randint(1, V - 1, (src.shape[0], 7), generator=torch.Generator().manual_seed(2))
+    tgt[:, 0] = PAD  # Marian starts decoding from the pad token
+    with torch.no_grad():
+        want = hf_model(
+            input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt
+        ).logits
+        got = converted(src, tgt)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _hf_outputs(seqs: torch.Tensor) -> list[list[int]]:
+    out = []
+    for row in seqs.tolist():
+        row = row[1:]  # drop the start token; cut at eos, or at the length limit
+        out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
+    return out
+
+
+@pytest.mark.parametrize("max_new", [MAX_NEW, 3])  # 3: some outputs are cut by the limit
+@pytest.mark.parametrize("beam", [1, 4])
+def test_search_outputs_identical(hf_model, converted, beam, max_new):
+    src, lengths = batch()
+    with torch.no_grad():
+        hf = hf_model.generate(
+            input_ids=src,
+            attention_mask=(src != PAD).long(),
+            num_beams=beam,
+            do_sample=False,
+            max_new_tokens=max_new,
+            length_penalty=1.0,
+            early_stopping=False,
+            bad_words_ids=[[PAD]],
+            min_length=0,
+        )
+        limits = Limits(max_len_a=0, max_len_b=max_new, at_max="stop")  # HF's max_new_tokens
+        kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=limits)
+        state = converted.start(src)
+        if beam == 1:
+            ours = [h.tokens for h in greedy(model_step(converted), state, lengths, **kw)]
+        else:
+            ours = [
+                n[0].tokens
+                for n in beam_search(
+                    model_step(converted),
+                    state,
+                    lengths,
+                    beam=beam,
+                    alpha=1.0,
+                    penalty="power",
+                    **kw,
+                )
+            ]
+    want = _hf_outputs(hf)
+    if max_new == MAX_NEW:
+        assert len({len(w) for w in want}) > 1  # varied output lengths
+    else:
+        assert any(len(w) == max_new for w in want)  # cut by the limit
+    assert ours == want
+
+
+def test_bin_weights_read_without_pickle(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(hf_model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    model, _, _ = checkpoint.load(convert(tmp_path / "hf", tmp_path / "qkv"))
+    src, _ = batch()
+    tgt = torch.full((src.shape[0], 1), PAD)
+    with torch.no_grad():
+        want = hf_model(
+            input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt
+        ).logits
+        torch.testing.assert_close(model(src, tgt), want, atol=1e-4, rtol=1e-4)
+    # a pickle carrying an object (not just tensors) is refused
+    torch.save({"x": torch.zeros(1), "evil": object()}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(MarianImportError, match="cannot be read safely"):
+        convert(tmp_path / "hf", tmp_path / "qkv2")
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(MarianImportError, match="no config.json"):
+        convert(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 5}))
+    with pytest.raises(MarianImportError, match="lacks"):
+        convert(tmp_path, tmp_path / "out")
+
+
+def test_cli_import_and_translate_text(hf_model, tmp_path, capsys):
+    import sentencepiece as spm
+
+    from qkv.cli import main
+
+    text = ["ein kleiner Test", "noch ein Satz hier", "kleiner Satz"] * 10
+    (tmp_path / "corpus.txt").write_text("\n".join(text))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=20,
+        model_type="unigram",
+        minloglevel=2,
+    )
+    hf = tmp_path / "hf"
+    hf_model.save_pretrained(hf)
+    for name in ("source.spm", "target.spm"):
+        (hf / name).write_bytes((tmp_path / "sp.model").read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {"</s>": EOS, "<unk>": 1, "<pad>": PAD}
+    for p in pieces:
+        vocab.setdefault(p, len(vocab) - 1)
+    (hf / "vocab.json").write_text(json.dumps(vocab))
+    assert main(["import-marian", str(hf), "--out", str(tmp_path / "qkv")]) == 0
+    model, tok, _ = checkpoint.load(tmp_path / "qkv")
+    assert tok.decode(tok.encode("noch ein kleiner Satz")) == "noch ein kleiner Satz"
+    capsys.readouterr()
+    (tmp_path / "in.txt").write_text("ein kleiner Test\n")
+    assert (
+        main(
+            [
+                "translate",
+                "--model",
+                str(tmp_path / "qkv"),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--beam",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["import-marian", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
