@@ -136,18 +136,14 @@ def _overrides(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ModelConfig, TrainConfig, from_dict, to_dict
     from .presets import PRESETS
-    from .train import train
+    from .train import read_run_config, train
 
     out = Path(args.out)
     if args.resume:
         run_file = out / "train_config.json"
         if not run_file.is_file():
             raise UsageError(f"{out}: nothing to resume (no train_config.json)")
-        import json
-
-        data = json.loads(run_file.read_text())
-        model_cfg = from_dict(ModelConfig, data["model"], source=str(run_file))
-        train_cfg = from_dict(TrainConfig, data["train"], source=str(run_file))
+        model_cfg, train_cfg = read_run_config(run_file)
         # a resumed run may get a new time or step budget, nothing else
         budget = {
             k: v

@@ -353,9 +353,10 @@ sublayer's output without its input added.
 ![ablations](ablations.png)
 
 ## Receptive field: does depth widen what a position sees?
-Replacing one source token with `<unk>`, the mean fraction of source positions whose replacement
-changes a position's vector by more than the threshold of its norm, by encoder depth (0 = the
-embeddings, where only the position itself matters); {r["receptive_field_sentences"]} sentences.
+Replacing one source token at a time with `<unk>`: the mean number of source positions whose
+replacement changes a position's vector by more than the threshold of its norm, by encoder depth
+(0 = the embeddings, where only the position itself matters); {r["receptive_field_sentences"]}
+sentences of {r["mean_source_length"]:.1f} subwords on average.
 
 | depth | {" | ".join(f"> {float(t) * 100:g}%" for t in rf)} |
 |---:|{"---:|" * len(rf)}

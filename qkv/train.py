@@ -403,5 +403,11 @@ def train(
 
 
 def read_run_config(path: Path) -> tuple[ModelConfig, TrainConfig]:
-    data = json.loads(path.read_text())
-    return from_dict(ModelConfig, data["model"]), from_dict(TrainConfig, data["train"])
+    """The configs a run was started with (its train_config.json)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model, train = data["model"], data["train"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a qkv run config ({e})") from None
+    src = str(path)
+    return from_dict(ModelConfig, model, source=src), from_dict(TrainConfig, train, source=src)
