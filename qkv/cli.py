@@ -371,7 +371,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         x, y = axes[kind]
         name = kind.replace(" ", "_")
         written.append(plot.attention_grid(layers, x, y, f"{kind} attention", out / f"{name}.png"))
-    cross = torch_mean(e.attention["cross"])
+    cross = e.alignment()
     written.append(
         plot.alignment(
             cross,
@@ -392,12 +392,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
     return 0
-
-
-def torch_mean(layers):
-    import torch
-
-    return torch.stack(layers).mean(dim=(0, 1))  # (T, S)
 
 
 def cmd_import_marian(args: argparse.Namespace) -> int:

@@ -33,6 +33,10 @@ class Explanation:
     attention: dict[str, list[Tensor]]
     mode: str
 
+    def alignment(self) -> Tensor:
+        """Cross-attention averaged over all layers and heads: (T, S), a soft word alignment."""
+        return torch.stack(self.attention["cross"]).mean(dim=(0, 1))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
