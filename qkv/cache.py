@@ -7,7 +7,7 @@ The caller owns the cache (search creates it with `model.start(...)` and passes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -72,7 +72,6 @@ class DecoderCache:
     self_attn: list[KVCache]
     cross_attn: list[KVCache] | None = None
     memory_mask: Tensor | None = None  # (B, 1, 1, S)
-    extra: dict[str, Tensor] = field(default_factory=dict)  # per-row tensors a caller keeps along
 
     @property
     def length(self) -> int:
@@ -86,4 +85,3 @@ class DecoderCache:
             c.select(index)
         if self.memory_mask is not None:
             self.memory_mask = self.memory_mask.index_select(0, index)
-        self.extra = {k: v.index_select(0, index) for k, v in self.extra.items()}
