@@ -151,6 +151,15 @@ BAD = [
     (["evaluate", "--hyp", "{d}/hyp", "--ref", "{d}/ref"], "has 1 lines but"),
     (["evaluate", "--model", "{m}", "--split", "dev"], "no split 'dev'"),
     (["evaluate"], "give --model"),
+    (["probe", "--model", "{d}/nothing", "--out", "{o}"], "not a qkv model directory"),
+    (["probe", "--model", "{m}", "--sentences", "0", "--out", "{o}"], "--sentences"),
+    (
+        ["probe", "--model", "{m}", "--src", "{d}/a.de", "--tgt", "{d}/b.en", "--out", "{o}"],
+        "has 2 lines but",
+    ),
+    (["explain", "--model", "{m}", " ", "--out", "{o}"], "the sentence is empty"),
+    (["explain", "--model", "{d}/nothing", "Hallo", "--out", "{o}"], "not a qkv model"),
+    (["import-marian", "{d}/nothing", "--out", "{o}"], "no config.json"),
 ]
 
 
