@@ -53,6 +53,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file under a temporary name and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def resolve(path: str | Path) -> Path:
     """A model directory, also accepting a training output directory (its best/ checkpoint) and
     recovering from a crash between the two renames of atomic_dir."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, write_text_atomic
 from .config import ConfigError
 from .data import DataError
 from .marian import MarianImportError
@@ -259,14 +259,6 @@ def _read_input(path: str | None) -> list[str]:
     return read_lines(path)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    import os
-
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def cmd_translate(args: argparse.Namespace) -> int:
     translator, _ = _load_translator(args.model)
     opts = _decode_options(args)
@@ -283,7 +275,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     else:
         out = "".join(nbest[0].text + "\n" for nbest in results)
     if args.output:
-        _write_atomic(args.output, out)
+        write_text_atomic(args.output, out)
     else:
         sys.stdout.write(out)
     return 0
@@ -300,7 +292,7 @@ def _write_trace(translator, lines: list[str], opts, path: str) -> None:
         raise UsageError("--trace needs beam search (--beam 2 or more)")
     trace = translator.trace(lines, opts)
     text = beam_page(trace) if path.endswith(".html") else json.dumps(trace)
-    _write_atomic(path, text)
+    write_text_atomic(path, text)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -340,7 +332,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for (src, ref), hyp in list(zip(pairs, hyps, strict=True))[: args.show]:
         print(f"\n  src: {src}\n  ref: {ref}\n  hyp: {hyp}")
     if args.output:
-        _write_atomic(args.output, "".join(h + "\n" for h in hyps))
+        write_text_atomic(args.output, "".join(h + "\n" for h in hyps))
     return 0
 
 
@@ -383,10 +375,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     data = e.to_json()
     page = out / "attention.html"
-    _write_atomic(str(page), attention_page(data))
+    write_text_atomic(str(page), attention_page(data))
     written.append(page)
     if args.json:
-        _write_atomic(str(out / "attention.json"), json.dumps(data))
+        write_text_atomic(str(out / "attention.json"), json.dumps(data))
         written.append(out / "attention.json")
     print(e.translation)
     for w in written:

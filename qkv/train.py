@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -148,9 +147,7 @@ class Trainer:
             texts = [s for s, _ in corpus.train] + [t for _, t in corpus.train]
             self.tok = Subwords.train(texts, cfg.vocab_size)
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / ".tokenizer.json.tmp"
-            self.tok.save(tmp)
-            os.replace(tmp, tok_path)
+            checkpoint.write_text_atomic(tok_path, self.tok.tok.to_str())
         self.train_set, too_long = encode_pairs(self.tok, corpus.train, cfg.max_tokens_per_sentence)
         self.valid_pairs = corpus.valid
         self.valid_set, _ = encode_pairs(self.tok, corpus.valid, cfg.max_tokens_per_sentence)
@@ -184,8 +181,9 @@ class Trainer:
             self._resume()
         else:
             self.metrics_path.unlink(missing_ok=True)
-            (out / "train_config.json").write_text(
-                json.dumps({"model": to_dict(self.model_cfg), "train": to_dict(cfg)}, indent=2)
+            checkpoint.write_text_atomic(
+                out / "train_config.json",
+                json.dumps({"model": to_dict(self.model_cfg), "train": to_dict(cfg)}, indent=2),
             )
         self.log(f"model: {count_parameters(self.model):,} parameters, vocabulary {v:,}")
 
