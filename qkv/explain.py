@@ -55,7 +55,7 @@ class Explanation:
         }
 
 
-def _kind(path: str) -> str:
+def attention_kind(path: str) -> str:
     if path.startswith("encoder"):
         return "encoder self"
     return KINDS[path.rsplit(".", 1)[-1]]
@@ -67,7 +67,7 @@ def _by_kind(recorded: dict[str, Tensor]) -> dict[str, list[Tensor]]:
     for path in sorted(
         recorded, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")]
     ):
-        out[_kind(path)].append(recorded[path])
+        out[attention_kind(path)].append(recorded[path])
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 from . import plot
 from .data import Example, Pair
 from .evaluate import bleu
-from .explain import _kind
+from .explain import attention_kind
 from .inspect import ablate, attention_modules, head_stats, mask_heads, record_attention
 from .masks import padding_mask
 from .train import collate, loss_sum
@@ -76,7 +76,7 @@ class Prober:
         out: dict[str, dict[str, list[list[float]]]] = {}
         for path in sorted(sums):
             ent, top, n = sums[path]
-            kind = out.setdefault(_kind(path), {"entropy": [], "max_weight": []})
+            kind = out.setdefault(attention_kind(path), {"entropy": [], "max_weight": []})
             kind["entropy"].append((ent / n).tolist())
             kind["max_weight"].append((top / n).tolist())
         return out
@@ -94,7 +94,13 @@ class Prober:
         for path, h in self.heads():
             with mask_heads(self.model, {path: [h]}):
                 rows.append(
-                    dict(module=path, kind=_kind(path), head=h, loss=self.loss(), bleu=self.bleu())
+                    dict(
+                        module=path,
+                        kind=attention_kind(path),
+                        head=h,
+                        loss=self.loss(),
+                        bleu=self.bleu(),
+                    )
                 )
             self.log(f"  head {path}[{h}] masked: BLEU {rows[-1]['bleu']:.2f}")
         return rows
