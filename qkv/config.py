@@ -91,7 +91,9 @@ class ModelConfig:
     d_ff: int = 1024
     n_encoder_layers: int = 3
     n_decoder_layers: int = 3
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings and on each sublayer's output before the skip add
+    attention_dropout: float | None = None  # on attention weights; None: same as dropout
+    activation_dropout: float | None = None  # inside the feed-forward; None: same as dropout
     activation: Activation = "relu"
     norm_first: bool = True  # pre-LN; False is the original paper's post-LN
     positions: Positions = "sinusoidal"
@@ -118,8 +120,10 @@ class ModelConfig:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {p}")
         if self.n_encoder_layers < 0 or self.n_decoder_layers < 0:
             raise ConfigError("layer counts must be >= 0")
         if self.arch != "decoder-only" and self.n_encoder_layers == 0:
@@ -133,6 +137,14 @@ class ModelConfig:
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < min(self.vocab_size, self.target_vocab):
                 raise ConfigError(f"{name} must be a valid token id, got {getattr(self, name)}")
+
+    @property
+    def p_attention(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    @property
+    def p_activation(self) -> float:
+        return self.dropout if self.activation_dropout is None else self.activation_dropout
 
     @property
     def d_head(self) -> int:

@@ -29,15 +29,20 @@ class DecoderLayer(nn.Module):
         norm_first: bool = True,
         eps: float = 1e-5,
         cross_attention: bool = True,
+        *,
+        attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
     ):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        p_attn = dropout if attention_dropout is None else attention_dropout
+        p_act = dropout if activation_dropout is None else activation_dropout
+        self.self_attn = MultiHeadAttention(d_model, n_heads, p_attn)
         self.attn_residual = Residual(d_model, dropout, norm_first, eps)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout) if cross_attention else None
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, p_attn) if cross_attention else None
         self.cross_residual = (
             Residual(d_model, dropout, norm_first, eps) if cross_attention else None
         )
-        self.ff = FeedForward(d_model, d_ff, dropout, activation)
+        self.ff = FeedForward(d_model, d_ff, p_act, activation)
         self.ff_residual = Residual(d_model, dropout, norm_first, eps)
 
     def forward(

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .layers import Dropout
+
 
 def sinusoids(max_len: int, d_model: int) -> Tensor:
     """(max_len, D) table: sin(pos / 10000^(2i/D)) in the first half, cos in the second.
@@ -53,7 +55,7 @@ class Embeddings(nn.Module):
             self.learned = nn.Embedding(max_len, d_model)
         else:
             raise ValueError(f"unknown positions {positions!r}")
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """`start`: position of ids[:, 0] (the number of tokens already in a KV cache)."""

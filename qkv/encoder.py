@@ -25,10 +25,15 @@ class EncoderLayer(nn.Module):
         activation: str = "relu",
         norm_first: bool = True,
         eps: float = 1e-5,
+        *,
+        attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
     ):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
-        self.ff = FeedForward(d_model, d_ff, dropout, activation)
+        p_attn = dropout if attention_dropout is None else attention_dropout
+        p_act = dropout if activation_dropout is None else activation_dropout
+        self.self_attn = MultiHeadAttention(d_model, n_heads, p_attn)
+        self.ff = FeedForward(d_model, d_ff, p_act, activation)
         self.attn_residual = Residual(d_model, dropout, norm_first, eps)
         self.ff_residual = Residual(d_model, dropout, norm_first, eps)
 

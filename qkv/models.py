@@ -49,6 +49,8 @@ def _encoder(cfg: ModelConfig, token: nn.Embedding) -> Encoder:
             cfg.activation,
             cfg.norm_first,
             cfg.layer_norm_eps,
+            attention_dropout=cfg.p_attention,
+            activation_dropout=cfg.p_activation,
         )
         for _ in range(cfg.n_encoder_layers)
     ]
@@ -66,6 +68,8 @@ def _decoder(cfg: ModelConfig, token: nn.Embedding, cross_attention: bool) -> De
             cfg.norm_first,
             cfg.layer_norm_eps,
             cross_attention,
+            attention_dropout=cfg.p_attention,
+            activation_dropout=cfg.p_activation,
         )
         for _ in range(cfg.n_decoder_layers)
     ]

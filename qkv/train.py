@@ -173,6 +173,7 @@ class Trainer:
             betas=cfg.betas,
             eps=1e-9,
             weight_decay=cfg.weight_decay,
+            fused=True,  # one kernel for all parameters instead of a loop of small ops
         )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_bleu, self.elapsed = -1.0, 0.0

@@ -57,6 +57,7 @@ def test_learns_copy_task(norm_first):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     loss_fn = torch.nn.CrossEntropyLoss()
+    last = []
     for _ in range(300):
         src = torch.randint(3, 13, (32, 8))
         tgt_in = torch.cat([torch.ones(32, 1, dtype=torch.long), src], 1)
@@ -66,4 +67,6 @@ def test_learns_copy_task(norm_first):
         loss.backward()
         opt.step()
         sched.step()
-    assert loss.item() < 0.05, loss.item()
+        last = (last + [loss.item()])[-20:]
+    # the mean of the last 20 batches: one batch's loss alone spikes now and then
+    assert sum(last) / len(last) < 0.05, last
