@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -39,7 +40,8 @@ class KVCache:
         """Add T new positions (B, H, T, Dh); return all keys and values so far (B, H, S, Dh)."""
         t = k.shape[2]
         if self._k is None or self.length + t > self._k.shape[2]:
-            self._grow(k, v, max(2 * (self.length + t), 16))
+            # cross-attention keys/values never grow: no spare room to copy on every reorder
+            self._grow(k, v, self.length + t if self.static else max(2 * (self.length + t), 16))
         assert self._k is not None and self._v is not None
         self._k[:, :, self.length : self.length + t] = k
         self._v[:, :, self.length : self.length + t] = v
@@ -67,11 +69,18 @@ class KVCache:
 class DecoderCache:
     """Everything a decoder needs between steps: per-layer self-attention caches (growing),
     per-layer cross-attention keys/values (projected once from the encoder output), and the
-    memory padding mask. `select` reorders all of it at once."""
+    memory padding mask. `select` reorders all of it at once.
+
+    `source` (B,) says which source sentence each row decodes. Beam search's reorder moves rows
+    only among the beams of one sentence, whose cross-attention keys/values are equal, so a
+    select that leaves `source` unchanged skips them; only dropping or repeating sentences moves
+    them (HF transformers and fairseq make the same saving).
+    """
 
     self_attn: list[KVCache]
     cross_attn: list[KVCache] | None = None
     memory_mask: Tensor | None = None  # (B, 1, 1, S)
+    source: Tensor | None = None  # (B,)
 
     @property
     def length(self) -> int:
@@ -81,6 +90,10 @@ class DecoderCache:
     def select(self, index: Tensor) -> None:
         for c in self.self_attn:
             c.select(index)
+        source = self.source[index] if self.source is not None else None
+        if source is not None and self.source is not None and torch.equal(source, self.source):
+            return
+        self.source = source
         for c in self.cross_attn or []:
             c.select(index)
         if self.memory_mask is not None:

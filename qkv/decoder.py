@@ -7,6 +7,7 @@ Shapes: B batch, T new target positions, P cached positions, S source length, D 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
@@ -79,14 +80,15 @@ class Decoder(nn.Module):
         self, memory: Tensor | None = None, memory_mask: Tensor | None = None
     ) -> DecoderCache:
         """An empty cache; cross-attention keys/values are projected here, once."""
-        cross = None
+        cross, source = None, None
         if memory is not None:
+            source = torch.arange(memory.shape[0], device=memory.device)
             cross = []
             for layer in self.layers:
                 c = KVCache(static=True)
                 c.append(*layer.cross_attn.project_kv(memory))
                 cross.append(c)
-        return DecoderCache([KVCache() for _ in self.layers], cross, memory_mask)
+        return DecoderCache([KVCache() for _ in self.layers], cross, memory_mask, source)
 
     def forward(
         self,

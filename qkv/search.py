@@ -233,99 +233,130 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """Keep the K best partial translations of each sentence; return each sentence's n best.
 
-    Layout: B sentences x K beams as N = B*K rows, fixed. Each step scores all K*V extensions of
-    a sentence's beams and takes the top 2K: among those, an end-of-sentence candidate ranked in
-    the top K finishes a hypothesis, and the best K others stay alive. Taking 2K guarantees K
-    live ones even if up to K of them end. A sentence is done when it has K finished hypotheses
-    and its best live beam, scored as if it ended now, cannot beat the worst of them.
+    Layout: the sentences still being searched, K rows each (N = n * K rows). Each step scores
+    all K*V extensions of a sentence's beams and takes the top 2K: among those, an
+    end-of-sentence candidate ranked in the top K finishes a hypothesis, and the best K others
+    stay alive. Taking 2K guarantees K live ones even if up to K of them end. A sentence is done
+    when it has K finished hypotheses and its best live beam, scored as if it ended now, cannot
+    beat the worst of them; its rows then leave the batch.
     Scores are log-probabilities divided by the length penalty (length includes eos). The `pad`
     token, if given, is never generated.
-    `state` must hold B rows; it is expanded to B*K here and reordered with one select per step.
+    `state` must hold B rows; it is expanded to B*K here, then reordered and shrunk with one
+    select per step. The choices are made on tensors for all sentences at once; Python only
+    touches the few candidates that finish (and every candidate when `trace` records the tree).
     """
     if nbest > beam:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam})")
     b, k = src_lengths.shape[0], beam
-    max_len = limits.max_lengths(src_lengths).repeat_interleave(k)  # (N,)
+    max_len = limits.max_lengths(src_lengths)  # (B,)
     state.select(torch.arange(b).repeat_interleave(k))
+    sent = torch.arange(b)  # (n,) the sentence behind each group of K rows
     tokens = torch.full((b * k, 1), bos, dtype=torch.long)  # (N, L), bos included
     # only the first beam of each sentence is live at the start, so we do not get K copies
     scores = torch.full((b, k), float("-inf"))
     scores[:, 0] = 0.0
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool)
     slot_node = trace.start(b, k, bos) if trace is not None else None
+    first_k = torch.arange(2 * k) < k  # (2K,) ranks that may finish a hypothesis
 
     for t in range(int(max_len.max()) + 1):
+        n = len(sent)
         lp = step(tokens[:, -1:], state)  # (N, V)
         v = lp.shape[-1]
         if pad is not None and pad != eos:
             lp[:, pad] = float("-inf")
-        lp = forbid(lp, eos, torch.full((b * k,), t < limits.min_len))
+        if t < limits.min_len:
+            lp[:, eos] = float("-inf")
         if limits.at_max == "eos":
-            lp = force(lp, eos, t >= max_len)
+            lp = force(lp, eos, (t >= max_len[sent]).repeat_interleave(k))
         lp = no_repeat_ngram(lp, tokens[:, 1:], no_repeat)
-        cand = (scores.view(-1, 1) + lp).view(b, k * v)  # (B, K*V) total log-probs
-        top_lp, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)
+        cand = (scores.view(-1, 1) + lp).view(n, k * v)  # (n, K*V) total log-probs
+        top_lp, top_idx = cand.topk(2 * k, dim=1)  # (n, 2K), best first
         origin, token = top_idx // v, top_idx % v  # which beam, which token
-        length = t + 1
-        norm = length_penalty(length, alpha, penalty)
+        norm = length_penalty(t + 1, alpha, penalty)
 
-        new_scores = torch.full((b, k), float("-inf"))
-        new_origin = torch.zeros(b, k, dtype=torch.long)
-        new_token = torch.full((b, k), eos, dtype=torch.long)
-        new_slot_node = [list(row) for row in slot_node] if slot_node is not None else None
-        top_lp_l, origin_l, token_l = top_lp.tolist(), origin.tolist(), token.tolist()
-        for i in range(b):
-            if done[i]:
-                continue
-            live = 0
-            cut = limits.at_max == "stop" and t + 1 >= int(max_len[i * k])  # last allowed token
-            for rank in range(2 * k):
-                total, o, tok = top_lp_l[i][rank], origin_l[i][rank], token_l[i][rank]
-                if total == float("-inf"):
-                    break
-                kept = ""
-                if tok == eos or cut:
-                    if rank < k:
-                        seq = tokens[i * k + o, 1:].tolist() + ([] if tok == eos else [tok])
-                        finished[i].append(Hypothesis(seq, total / norm, total))
-                        kept = "finished"
-                elif live < k:
-                    new_scores[i, live], new_origin[i, live], new_token[i, live] = total, o, tok
-                    live += 1
-                    kept = "live"
-                if trace is not None and slot_node is not None:
-                    node = trace.add(
-                        i,
-                        slot_node[i][o],
-                        step=t,
-                        token=tok,
-                        log_prob=total,
-                        score=total / norm,
-                        kept=kept,
-                    )
-                    if kept == "live":
-                        new_slot_node[i][live - 1] = node
-                if live == k and rank >= k - 1:
-                    break
-            finished[i].sort(key=lambda h: -h.score)
-            del finished[i][k:]
-            # Done: K finished, and no live beam ending now would beat the worst of them. (The
-            # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
-            best_live = new_scores[i, 0].item() / norm
-            if live == 0 or (len(finished[i]) >= k and best_live <= finished[i][-1].score):
-                done[i] = True
-        slot_node = new_slot_node
+        possible = top_lp > float("-inf")
+        ends = token == eos
+        if limits.at_max == "stop":  # the last allowed token: every candidate ends here
+            ends |= (t + 1 >= max_len[sent])[:, None]
+        finishing = ends & possible & first_k
+        going = ~ends & possible
+        live = going & (going.cumsum(1) <= k)  # the best K candidates that go on
+        # the live candidates first, in rank order (a stable sort on "not live")
+        pick = (~live).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # (n, K)
+        new_scores = top_lp.gather(1, pick).masked_fill(~live.gather(1, pick), float("-inf"))
+        new_origin, new_token = origin.gather(1, pick), token.gather(1, pick)
+
+        for i, rank in finishing.nonzero().tolist():  # a few per step
+            s, o, tok = int(sent[i]), int(origin[i, rank]), int(token[i, rank])
+            seq = tokens[i * k + o, 1:].tolist() + ([] if tok == eos else [tok])
+            total = float(top_lp[i, rank])
+            finished[s].append(Hypothesis(seq, total / norm, total))
+            finished[s].sort(key=lambda h: -h.score)
+            del finished[s][k:]
+        if trace is not None and slot_node is not None:
+            slot_node = _trace_step(
+                trace, slot_node, sent, t, norm, top_lp, origin, token, finishing, live, k
+            )
+
+        # Done: K finished, and no live beam ending now would beat the worst of them. (The
+        # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
+        sents = sent.tolist()
+        full = torch.tensor([len(finished[s]) >= k for s in sents])
+        worst = torch.tensor([finished[s][-1].score if finished[s] else 0.0 for s in sents])
+        done = ~live.any(1) | (full & (new_scores[:, 0] / norm <= worst))
         if done.all():
             break
-        index = (torch.arange(b)[:, None] * k + new_origin).view(-1)  # (N,) rows to keep
-        state.select(index)
-        tokens = torch.cat([tokens[index], new_token.view(-1, 1)], 1)
-        max_len = max_len[index]
-        scores = new_scores.masked_fill(done[:, None], float("-inf"))
+        keep = (~done).nonzero()[:, 0]  # (n',) the sentences that go on
+        index = (keep[:, None] * k + new_origin[keep]).view(-1)  # (n' * K,) rows to keep
+        state.select(index)  # reorder beams and drop finished sentences: one select
+        tokens = torch.cat([tokens[index], new_token[keep].view(-1, 1)], 1)
+        scores, sent = new_scores[keep], sent[keep]
 
     # sentences that ran out of length without K finished hypotheses keep what they have
     for i in range(b):
         if not finished[i]:  # cannot happen when max length forces eos; kept for safety
-            finished[i].append(Hypothesis(tokens[i * k, 1:].tolist(), -math.inf, -math.inf))
+            finished[i].append(Hypothesis([], -math.inf, -math.inf))
     return [f[:nbest] for f in finished]
+
+
+def _trace_step(
+    trace: BeamTrace,
+    slot_node: list[list[int]],
+    sent: Tensor,
+    t: int,
+    norm: float,
+    top_lp: Tensor,
+    origin: Tensor,
+    token: Tensor,
+    finishing: Tensor,
+    live: Tensor,
+    k: int,
+) -> list[list[int]]:
+    """Record one step's candidates in the beam tree: in rank order, until K live ones are
+    found (the ranks search looked at). Returns the tree node behind each new beam slot."""
+    new_slot_node = [list(row) for row in slot_node]
+    lps, origins, toks = top_lp.tolist(), origin.tolist(), token.tolist()
+    fin, liv = finishing.tolist(), live.tolist()
+    for i, s in enumerate(sent.tolist()):
+        n_live = 0
+        for rank in range(2 * k):
+            total = lps[i][rank]
+            if total == float("-inf"):
+                break
+            kept = "finished" if fin[i][rank] else "live" if liv[i][rank] else ""
+            node = trace.add(
+                s,
+                slot_node[s][origins[i][rank]],
+                step=t,
+                token=toks[i][rank],
+                log_prob=total,
+                score=total / norm,
+                kept=kept,
+            )
+            if kept == "live":
+                new_slot_node[s][n_live] = node
+                n_live += 1
+            if n_live == k:
+                break
+    return new_slot_node
