@@ -70,3 +70,26 @@ def test_learns_copy_task(norm_first):
         last = (last + [loss.item()])[-20:]
     # the mean of the last 20 batches: one batch's loss alone spikes now and then
     assert sum(last) / len(last) < 0.05, last
+
+
+def test_dropout_statistics_and_gradient():
+    """qkv's CPU dropout: drops about p of the elements, scales the rest so the mean is kept,
+    passes the gradient through the same mask, and is the identity in eval mode."""
+    from qkv.layers import Dropout, dropout
+
+    torch.manual_seed(0)
+    x = torch.full((400, 1000), 2.0, requires_grad=True)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 * 65536 / (65536 - 6554)))
+    assert abs(y.mean().item() - 2.0) < 0.01
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * 65536 / (65536 - 6554))
+    # different calls draw different masks; odd sizes work
+    assert not torch.equal(dropout(x, 0.5) != 0, dropout(x, 0.5) != 0)
+    assert dropout(torch.ones(7, 3), 0.3).shape == (7, 3)
+    layer = Dropout(0.3).eval()
+    assert layer(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)

@@ -1,0 +1,210 @@
+"""Training throughput, same shape: qkv vs HF `MarianMTModel` vs a plain `torch.nn.Transformer`.
+
+Each step: forward, label-smoothed cross-entropy (0.1) on the real target tokens, backward,
+clipping, AdamW. Dropout 0.1 everywhere. Batches: "synthetic" (B sentences of fixed lengths, no
+padding) or "real" (Multi30k De-En token batches of 2048 as `qkv train` cuts them, the same
+batches for every system). Systems are alternated and each measured --repeats times; the best
+counts. Also a 2048x2048 fp32 matmul's GFLOP/s (this CPU's practical peak) and qkv's achieved
+matmul GFLOP/s, so the distance to the physical limit is visible.
+
+    .venv/bin/python bench/train_speed.py --size small
+    .venv/bin/python bench/train_speed.py --size base --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from qkv.config import ModelConfig
+from qkv.models import EncoderDecoder
+
+V, PAD = 8000, 0
+SIZES = {"small": (256, 3, 1024), "base": (512, 6, 2048)}
+
+
+class TorchTransformer(nn.Module):
+    """The plain PyTorch baseline: nn.Transformer between embeddings and an output projection."""
+
+    def __init__(self, d: int, layers: int, ffn: int):
+        super().__init__()
+        self.embed = nn.Embedding(V, d, padding_idx=PAD)
+        self.pos = nn.Embedding(256, d)
+        self.t = nn.Transformer(d, 8, layers, layers, ffn, 0.1, batch_first=True, norm_first=True)
+        self.out = nn.Linear(d, V, bias=False)
+        self.out.weight = self.embed.weight
+        self.scale = math.sqrt(d)
+
+    def forward(self, src, tgt):
+        def emb(x):
+            return self.embed(x) * self.scale + self.pos.weight[: x.shape[1]]
+
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=torch.bool)
+        h = self.t(
+            emb(src),
+            emb(tgt),
+            tgt_mask=causal,
+            src_key_padding_mask=src == PAD,
+            memory_key_padding_mask=src == PAD,
+            tgt_is_causal=True,
+        )
+        return self.out(h)
+
+
+def build(system: str, size: str) -> nn.Module:
+    d, layers, ffn = SIZES[size]
+    torch.manual_seed(0)
+    if system == "qkv":
+        cfg = ModelConfig(
+            vocab_size=V,
+            d_model=d,
+            n_heads=8,
+            d_ff=ffn,
+            n_encoder_layers=layers,
+            n_decoder_layers=layers,
+            dropout=0.1,
+            share_embeddings=True,
+            pad_id=PAD,
+        )
+        return EncoderDecoder(cfg)
+    if system == "hf":
+        cfg = transformers.MarianConfig(
+            vocab_size=V,
+            d_model=d,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=8,
+            decoder_attention_heads=8,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            dropout=0.1,
+            attention_dropout=0.1,
+            activation_dropout=0.1,
+            pad_token_id=PAD,
+            decoder_start_token_id=PAD,
+            max_position_embeddings=256,
+        )
+        return transformers.MarianMTModel(cfg)
+    return TorchTransformer(d, layers, ffn)
+
+
+def loss_of(system: str, model: nn.Module, src, tgt_in, tgt_out) -> torch.Tensor:
+    keep = tgt_out != PAD
+    if system == "qkv":  # qkv.train.loss_sum's way: the vocabulary projection on real tokens only
+        memory, mask = model.encode(src)
+        h = model.decoder(tgt_in, memory, mask)
+        logits = model.lm_head(h[keep])
+        return F.cross_entropy(logits, tgt_out[keep], reduction="sum", label_smoothing=0.1)
+    if system == "hf":
+        logits = model(
+            input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt_in
+        ).logits
+    else:
+        logits = model(src, tgt_in)
+    return F.cross_entropy(
+        logits.flatten(0, 1),
+        tgt_out.flatten(),
+        ignore_index=PAD,
+        reduction="sum",
+        label_smoothing=0.1,
+    )
+
+
+def synthetic(n: int, b: int, s: int, t: int):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        src = torch.randint(3, V, (b, s), generator=g)
+        tgt = torch.randint(3, V, (b, t + 1), generator=g)
+        out.append((src, tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous()))
+    return out
+
+
+def real(n: int):
+    from qkv.data import multi30k, token_batches
+    from qkv.tokenizer import Subwords
+    from qkv.train import collate, encode_pairs
+
+    pairs = multi30k("train", "de", "en")[:8000]
+    tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], V)
+    examples, _ = encode_pairs(tok, pairs, 250)
+    batches = token_batches(examples, 2048, 0, 0)[:n]
+    return [collate([examples[i] for i in b]) for b in batches]
+
+
+def matmul_flops(model: nn.Module, src, tgt_in, d: int, layers: int, ffn: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward), counting what qkv
+    computes: real target tokens in the vocabulary projection, padded positions elsewhere."""
+    b, s = src.shape
+    t = tgt_in.shape[1]
+    real_tgt = int((tgt_in != PAD).sum())
+    enc = b * s * layers * (4 * d * d + 2 * d * ffn) + layers * 2 * b * s * s * d
+    dec = b * t * layers * (4 * d * d + 2 * d * d + 2 * d * ffn) + layers * 2 * b * s * d * d
+    dec += layers * (2 * b * t * t * d + 2 * b * t * s * d)
+    head = real_tgt * d * V
+    return 2 * 3 * (enc + dec + head)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--batches", choices=["synthetic", "real", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    d, layers, ffn = SIZES[args.size]
+
+    a = torch.randn(2048, 2048)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    peak = 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+    print(f"size {args.size}, {args.threads} threads; 2048^2 fp32 matmul: {peak:.1f} GFLOP/s")
+
+    systems = ["qkv", "hf", "torch"]
+    models = {s: build(s, args.size).train() for s in systems}
+    opts = {
+        s: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=(s == "qkv")) for s, m in models.items()
+    }
+    kinds = ["synthetic", "real"] if args.batches == "both" else [args.batches]
+    for kind in kinds:
+        data = synthetic(args.steps, 64, 20, 25) if kind == "synthetic" else real(args.steps)
+        tokens = sum(int((o != PAD).sum()) for _, _, o in data)
+
+        def run(system: str, data=data) -> float:
+            model, opt = models[system], opts[system]
+            t0 = time.perf_counter()
+            for src, tgt_in, tgt_out in data:
+                n = int((tgt_out != PAD).sum())
+                (loss_of(system, model, src, tgt_in, tgt_out) / n).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+        for s in systems:
+            run(s)  # warm-up
+        best = {s: math.inf for s in systems}
+        for _ in range(args.repeats):
+            for s in systems:  # alternated
+                best[s] = min(best[s], run(s))
+        flops = sum(matmul_flops(models["qkv"], src, ti, d, layers, ffn) for src, ti, _ in data)
+        print(f"\n{kind} batches ({len(data)} steps, {tokens:,} target tokens):")
+        print(f"{'system':8} {'tgt tok/s':>10} {'qkv / it':>9}")
+        for s in systems:
+            print(f"{s:8} {tokens / best[s]:10.0f} {best[s] / best['qkv']:8.2f}x")
+        gf = flops / best["qkv"] / 1e9
+        print(f"qkv matmul work: {gf:.1f} GFLOP/s = {100 * gf / peak:.0f}% of the matmul peak")
+
+
+if __name__ == "__main__":
+    main()
