@@ -90,10 +90,11 @@ class DecoderCache:
     def select(self, index: Tensor) -> None:
         for c in self.self_attn:
             c.select(index)
-        source = self.source[index] if self.source is not None else None
-        if source is not None and self.source is not None and torch.equal(source, self.source):
-            return
-        self.source = source
+        if self.source is not None:
+            source = self.source[index]
+            if torch.equal(source, self.source):  # rows moved only among equal sources
+                return
+            self.source = source
         for c in self.cross_attn or []:
             c.select(index)
         if self.memory_mask is not None:

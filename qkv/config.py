@@ -139,14 +139,6 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a valid token id, got {getattr(self, name)}")
 
     @property
-    def p_attention(self) -> float:
-        return self.dropout if self.attention_dropout is None else self.attention_dropout
-
-    @property
-    def p_activation(self) -> float:
-        return self.dropout if self.activation_dropout is None else self.activation_dropout
-
-    @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 

@@ -20,8 +20,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
 
     The same function as F.dropout. On the CPU the mask is cut from 64-bit random integers, four
-    16-bit draws each: PyTorch's CPU bernoulli draws one number per element and cost a sixth of a
-    training step here, more than twice this. (p is rounded to a multiple of 1/65536.)
+    16-bit draws each: PyTorch's CPU bernoulli draws one number per element and costs about twice
+    as much (bench/dropout_speed.py). p is rounded to a multiple of 1/65536.
     """
     if not training or p == 0.0:
         return x

@@ -49,8 +49,8 @@ def _encoder(cfg: ModelConfig, token: nn.Embedding) -> Encoder:
             cfg.activation,
             cfg.norm_first,
             cfg.layer_norm_eps,
-            attention_dropout=cfg.p_attention,
-            activation_dropout=cfg.p_activation,
+            attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout,
         )
         for _ in range(cfg.n_encoder_layers)
     ]
@@ -68,8 +68,8 @@ def _decoder(cfg: ModelConfig, token: nn.Embedding, cross_attention: bool) -> De
             cfg.norm_first,
             cfg.layer_norm_eps,
             cross_attention,
-            attention_dropout=cfg.p_attention,
-            activation_dropout=cfg.p_activation,
+            attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout,
         )
         for _ in range(cfg.n_decoder_layers)
     ]

@@ -66,12 +66,6 @@ def model_step(model: Any) -> StepFn:
 # --- logit edits: small pure functions applied in order --------------------------------------
 
 
-def forbid(log_probs: Tensor, token: int, where: Tensor) -> Tensor:
-    """Set `token` to -inf on rows where `where` (N,) is True."""
-    log_probs[where, token] = float("-inf")
-    return log_probs
-
-
 def force(log_probs: Tensor, token: int, where: Tensor) -> Tensor:
     """Allow only `token` on rows where `where` is True (max length reached: end now). It keeps
     its own log-probability, so scores stay the model's scores of the output."""
@@ -156,7 +150,8 @@ def greedy(
         lp = step(last, state)  # (N, V)
         if pad is not None and pad != eos:
             lp[:, pad] = float("-inf")
-        lp = forbid(lp, eos, torch.full((len(rows),), t < limits.min_len))
+        if t < limits.min_len:
+            lp[:, eos] = float("-inf")
         if limits.at_max == "eos":
             lp = force(lp, eos, t >= max_len[rows])
         lp = no_repeat_ngram(lp, history, no_repeat)

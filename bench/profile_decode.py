@@ -1,0 +1,49 @@
+"""Where qkv's decoding time goes: torch.profiler over greedy and beam-5 search on the small
+random Marian model of translate_speed.py (batch 32, 20+eos source tokens, 25 forced outputs).
+
+    .venv/bin/python bench/profile_decode.py
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+from translate_speed import EOS, PAD, V, hf_model
+
+from qkv import checkpoint
+from qkv.marian import convert
+from qkv.search import Limits, beam_search, greedy, model_step
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
+    hf_model("small").save_pretrained(tmp / "hf")
+    model, _, _ = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))
+    src = torch.randint(2, V - 1, (32, 21), generator=torch.Generator().manual_seed(1))
+    src[:, -1] = EOS
+    lengths = torch.full((32,), 21)
+    kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=Limits(0, 25, min_len=25, at_max="stop"))
+
+    def run(beam: int) -> None:
+        with torch.inference_mode():
+            state = model.start(src)
+            if beam == 1:
+                greedy(model_step(model), state, lengths, **kw)
+            else:
+                beam_search(
+                    model_step(model), state, lengths, beam=beam, alpha=1.0, penalty="power", **kw
+                )
+
+    for beam in (1, 5):
+        run(beam)  # warm-up
+        with profile() as p:
+            for _ in range(3):
+                run(beam)
+        print(f"beam {beam}" if beam > 1 else "greedy")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+if __name__ == "__main__":
+    main()
