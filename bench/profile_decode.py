@@ -13,6 +13,7 @@ from translate_speed import EOS, PAD, V, hf_model
 
 from qkv import checkpoint
 from qkv.marian import convert
+from qkv.packed import pack
 from qkv.search import Limits, beam_search, greedy, model_step
 
 
@@ -20,7 +21,7 @@ def main() -> None:
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
     hf_model("small").save_pretrained(tmp / "hf")
-    model, _, _ = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))
+    model = pack(checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0])  # as qkv translate runs
     src = torch.randint(2, V - 1, (32, 21), generator=torch.Generator().manual_seed(1))
     src[:, -1] = EOS
     lengths = torch.full((32,), 21)

@@ -3,9 +3,12 @@
 A random-init HF MarianMTModel (vocabulary 8k) is saved, converted to qkv (`qkv.marian.convert`)
 and to CTranslate2 (its own converter), and all engines translate the same random sources with
 forced equal output lengths (min = max = --out-len new tokens), so every engine generates the
-same number of tokens. Runs are alternated between engines and repeated; the best of the
-repeats counts. Output: sentences/s per engine and the ratios, plus how many outputs are
-token-identical to qkv's.
+same number of tokens. qkv runs as `qkv translate` does (linear layers prepacked, qkv.packed) and
+with 8-bit weights (`--int8`). Each engine runs in its own process (in one process,
+CTranslate2's OpenMP threads slow PyTorch's down by 20-25% after each of its runs, and the
+reverse may hold); runs are alternated between engines, with a pause between them, and
+repeated; the best of the repeats counts. Output: sentences/s per engine and the ratios, plus
+how many outputs are token-identical to qkv's.
 
     .venv/bin/python bench/translate_speed.py --size small
     .venv/bin/python bench/translate_speed.py --size base --sentences 128 --repeats 2
@@ -17,6 +20,7 @@ left out when missing).
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,7 @@ import transformers
 
 from qkv import checkpoint
 from qkv.marian import convert
+from qkv.packed import pack
 from qkv.search import Limits, beam_search, greedy, model_step
 
 V, EOS, UNK, PAD = 8000, 0, 1, 7999
@@ -85,47 +90,32 @@ def token_name(i: int) -> str:
     return {EOS: "</s>", UNK: "<unk>", PAD: "<pad>"}.get(i, f"t{i}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--size", choices=SIZES, default="small")
-    ap.add_argument("--sentences", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--src-len", type=int, default=20)
-    ap.add_argument("--out-len", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="beam5,greedy")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    tmp = Path(tempfile.mkdtemp(prefix="qkv-speed-"))
-    hf = hf_model(args.size)
-    hf.save_pretrained(tmp / "hf")
-    ours, _, _ = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))
-    ours.eval()
-    ct2_dirs = {
-        "ct2-fp32": ct2_convert(tmp / "hf", tmp / "ct2-fp32", None),
-        "ct2-int8": ct2_convert(tmp / "hf", tmp / "ct2-int8", "int8"),
-    }
-
+def sources(args: argparse.Namespace) -> list[torch.Tensor]:
+    """The same random source batches in every process."""
     g = torch.Generator().manual_seed(1)
     src = torch.randint(2, V - 1, (args.sentences, args.src_len + 1), generator=g)
     src[:, -1] = EOS
-    batches = [src[i : i + args.batch] for i in range(0, len(src), args.batch)]
-    n_out = args.out_len
+    return [src[i : i + args.batch] for i in range(0, len(src), args.batch)]
 
-    def run_qkv(beam: int) -> list[list[int]]:
-        limits = Limits(max_len_a=0, max_len_b=n_out, min_len=n_out, at_max="stop")
+
+def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace):
+    # as `qkv translate` runs it: linear layers prepacked (or 8-bit with --int8)
+    model = pack(checkpoint.load(model_dir)[0], int8=int8)
+    batches, n = sources(args), args.out_len
+    limits = Limits(max_len_a=0, max_len_b=n, min_len=n, at_max="stop")
+    kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=limits)
+
+    def run(beam: int, n_batches: int) -> list[list[int]]:
         out = []
         with torch.inference_mode():
-            for x in batches:
+            for x in batches[:n_batches]:
                 lengths = torch.full((len(x),), x.shape[1])
-                state, kw = ours.start(x), dict(bos=PAD, eos=EOS, pad=PAD, limits=limits)
+                state = model.start(x)
                 if beam == 1:
-                    out += [h.tokens for h in greedy(model_step(ours), state, lengths, **kw)]
+                    out += [h.tokens for h in greedy(model_step(model), state, lengths, **kw)]
                 else:
                     hyps = beam_search(
-                        model_step(ours),
+                        model_step(model),
                         state,
                         lengths,
                         beam=beam,
@@ -136,17 +126,24 @@ def main() -> None:
                     out += [n[0].tokens for n in hyps]
         return out
 
-    def run_hf(beam: int) -> list[list[int]]:
+    return run
+
+
+def hf_engine(hf_dir: Path, args: argparse.Namespace):
+    hf = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    batches, n = sources(args), args.out_len
+
+    def run(beam: int, n_batches: int) -> list[list[int]]:
         out = []
         with torch.inference_mode():
-            for x in batches:
+            for x in batches[:n_batches]:
                 y = hf.generate(
                     input_ids=x,
                     attention_mask=torch.ones_like(x),
                     num_beams=beam,
                     do_sample=False,
-                    min_new_tokens=n_out,
-                    max_new_tokens=n_out,
+                    min_new_tokens=n,
+                    max_new_tokens=n,
                     length_penalty=1.0,
                     early_stopping=False,
                     bad_words_ids=[[PAD]],
@@ -154,57 +151,117 @@ def main() -> None:
                 out += [row[1:] for row in y.tolist()]
         return out
 
-    translators = {}
-    for name, d in ct2_dirs.items():
-        if d is not None:
-            import ctranslate2
+    return run
 
-            compute = "int8" if name.endswith("int8") else "float32"
-            translators[name] = ctranslate2.Translator(
-                str(d), device="cpu", compute_type=compute, intra_threads=args.threads
-            )
-    tokens = [[[token_name(i) for i in row] for row in x.tolist()] for x in batches]
+
+def ct2_engine(ct2_dir: Path, int8: bool, args: argparse.Namespace):
+    import ctranslate2
+
+    translator = ctranslate2.Translator(
+        str(ct2_dir),
+        device="cpu",
+        compute_type="int8" if int8 else "float32",
+        intra_threads=args.threads,
+    )
+    tokens = [[[token_name(i) for i in row] for row in x.tolist()] for x in sources(args)]
     ids = {token_name(i): i for i in range(V)}
 
-    def run_ct2(name: str, beam: int) -> list[list[int]]:
+    def run(beam: int, n_batches: int) -> list[list[int]]:
         out = []
-        for toks in tokens:
-            res = translators[name].translate_batch(
+        for toks in tokens[:n_batches]:
+            res = translator.translate_batch(
                 toks,
                 beam_size=beam,
-                min_decoding_length=n_out,
-                max_decoding_length=n_out,
+                min_decoding_length=args.out_len,
+                max_decoding_length=args.out_len,
                 length_penalty=1.0,
                 max_batch_size=args.batch,
             )
             out += [[ids[t] for t in r.hypotheses[0]] for r in res]
         return out
 
-    engines = {"qkv": run_qkv, "hf": run_hf}
-    engines.update({n: (lambda beam, n=n: run_ct2(n, beam)) for n in translators})
+    return run
+
+
+def worker(name: str, tmp: Path, args: argparse.Namespace, conn) -> None:
+    """One engine in its own process: for each (beam size, number of batches) received, run and
+    send back (seconds, outputs); None ends it."""
+    torch.set_num_threads(args.threads)
+    match name:
+        case "qkv" | "qkv-int8":
+            run = qkv_engine(tmp / "qkv", name == "qkv-int8", args)
+        case "hf":
+            run = hf_engine(tmp / "hf", args)
+        case _:
+            run = ct2_engine(tmp / name, name == "ct2-int8", args)
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        out = run(*msg)
+        conn.send((time.perf_counter() - t0, out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--sentences", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--src-len", type=int, default=20)
+    ap.add_argument("--out-len", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="beam5,greedy")
+    ap.add_argument("--pause", type=float, default=1.0, help="seconds between runs")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="qkv-speed-"))
+    hf_model(args.size).save_pretrained(tmp / "hf")
+    convert(tmp / "hf", tmp / "qkv")
+    names = ["qkv", "qkv-int8", "hf"]
+    for name, quant in (("ct2-fp32", None), ("ct2-int8", "int8")):
+        if ct2_convert(tmp / "hf", tmp / name, quant) is not None:
+            names.append(name)
+
+    ctx = mp.get_context("spawn")
+    conns = {}
+    for name in names:
+        ours, theirs = ctx.Pipe()
+        ctx.Process(target=worker, args=(name, tmp, args, theirs), daemon=True).start()
+        conns[name] = ours
+    for conn in conns.values():
+        assert conn.recv() == "ready"
+
     print(
         f"size {args.size}, {args.sentences} sentences, batch {args.batch}, source {args.src_len}"
-        f"+eos tokens, {n_out} output tokens, {args.threads} threads, torch {torch.__version__}"
+        f"+eos tokens, {args.out_len} output tokens, {args.threads} threads, "
+        f"torch {torch.__version__}, one process per engine"
     )
     for mode in args.modes.split(","):
         beam = 1 if mode == "greedy" else int(mode.removeprefix("beam"))
         best: dict[str, float] = {}
         outputs: dict[str, list[list[int]]] = {}
+        for conn in conns.values():  # warm-up (first calls pack weights, allocate): one batch
+            conn.send((beam, 1))
+            conn.recv()
         for _ in range(args.repeats):
-            for name, fn in engines.items():  # alternated, so drifts hit every engine alike
-                t0 = time.perf_counter()
-                outputs[name] = fn(beam)
-                rate = args.sentences / (time.perf_counter() - t0)
-                best[name] = max(best.get(name, 0.0), rate)
+            for name, conn in conns.items():  # alternated, so drifts hit every engine alike
+                time.sleep(args.pause)  # let the previous engine's threads go idle
+                conn.send((beam, len(sources(args))))
+                seconds, outputs[name] = conn.recv()
+                best[name] = max(best.get(name, 0.0), args.sentences / seconds)
         lengths = {name: {len(o) for o in outs} for name, outs in outputs.items()}
         print(f"\n{mode}: output lengths {lengths}")
-        print(f"{'engine':10} {'sent/s':>8} {'qkv / it':>9} {'same as qkv':>12}")
+        print(f"{'engine':10} {'sent/s':>8} {'qkv / it':>9} {'qkv-int8 / it':>14}", end="")
+        print(f" {'same as qkv':>12}")
         for name, rate in best.items():
             same = sum(a == b for a, b in zip(outputs[name], outputs["qkv"], strict=True))
             print(
                 f"{name:10} {rate:8.1f} {best['qkv'] / rate:8.2f}x "
+                f"{best['qkv-int8'] / rate:13.2f}x "
                 f"{100 * same / args.sentences:11.0f}%"
             )
+    for conn in conns.values():
+        conn.send(None)
 
 
 if __name__ == "__main__":

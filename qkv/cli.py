@@ -191,16 +191,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- translate and evaluate -------------------------------------------------------------------
 
 
-def _load_translator(path: str):
+def _load_translator(path: str, int8: bool = False):
     from .checkpoint import load
+    from .packed import available
     from .translate import Translator
+
+    if int8 and not available(int8=True):
+        raise UsageError("--int8: this PyTorch build has no fbgemm int8 kernels")
 
     model, tok, meta = load(path)
     if tok is None:
         raise UsageError(f"{path}: the model directory has no tokenizer.json")
     if not hasattr(model, "step") or not hasattr(model, "encode"):
         raise UsageError(f"{path}: not an encoder-decoder model")
-    return Translator(model, tok), meta
+    return Translator(model, tok, int8), meta
 
 
 def _decode_options(args: argparse.Namespace):
@@ -246,6 +250,11 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-repeat-ngram", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=0, help="for --sample")
+    g.add_argument(
+        "--int8",
+        action="store_true",
+        help="8-bit weights in the large linear layers (faster on CPU; BLEU within 0.3 here)",
+    )
 
 
 def _read_input(path: str | None) -> list[str]:
@@ -260,7 +269,7 @@ def _read_input(path: str | None) -> list[str]:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    translator, _ = _load_translator(args.model)
+    translator, _ = _load_translator(args.model, args.int8)
     opts = _decode_options(args)
     lines = _read_input(args.input)
     if args.trace:
@@ -309,7 +318,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise UsageError("give --model DIR (with --split) or --hyp FILE --ref FILE")
-    translator, meta = _load_translator(args.model)
+    translator, meta = _load_translator(args.model, args.int8)
     src_lang = args.src_lang or meta.get("src_lang")
     tgt_lang = args.tgt_lang or meta.get("tgt_lang")
     if not (src_lang and tgt_lang):
@@ -348,7 +357,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if not args.sentence.strip():
         raise UsageError("explain: the sentence is empty")
-    translator, _ = _load_translator(args.model)
+    translator, _ = _load_translator(args.model, args.int8)
     opts = _decode_options(args)
     e = explain(translator, args.sentence, opts)
     out = Path(args.out)
@@ -485,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="translate text with a trained model",
         description="Translate lines from stdin (or --input) to stdout (or --output).",
         epilog="examples:\n  echo 'Ein Mann fährt Fahrrad.' | qkv translate --model runs/de-en\n"
-        "  qkv translate --model runs/de-en --input in.de --output out.en --beam 5 --nbest 3",
+        "  qkv translate --model runs/de-en --input in.de --output out.en --beam 5 --nbest 3\n"
+        "  qkv translate --model runs/de-en --int8 < in.de    # 8-bit weights: faster on CPU",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tr.add_argument("--model", required=True, help="model directory (or a training --out)")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import EncoderDecoder
+from .packed import pack
 from .search import BeamTrace, Hypothesis, Limits, beam_search, greedy, model_step
 from .tokenizer import Subwords
 
@@ -39,10 +40,13 @@ class Translation:
 
 
 class Translator:
-    """A model plus its tokenizer, ready to turn sentences into translations."""
+    """A model plus its tokenizer, ready to turn sentences into translations.
 
-    def __init__(self, model: EncoderDecoder, tokenizer: Subwords):
-        self.model, self.tok = model.eval(), tokenizer
+    The model's linear layers are packed for fast CPU inference, in place (qkv.packed: the same
+    function; with `int8`, weights quantized to 8 bits, faster and slightly less accurate)."""
+
+    def __init__(self, model: EncoderDecoder, tokenizer: Subwords, int8: bool = False):
+        self.model, self.tok = pack(model, int8), tokenizer
         self.cfg = model.config
 
     def encode_sources(self, sentences: Sequence[str]) -> list[list[int]]:

@@ -57,6 +57,18 @@ def test_fused_equals_explicit(dtype, tol, case):
         assert (w.masked_select(~mask.expand_as(w)) == 0).all()
 
 
+@pytest.mark.parametrize("rows", [4, 80])  # 80 x 8 heads: the explicit branch for one query
+def test_one_query_steps_equal_sdpa(rows):
+    torch.manual_seed(0)
+    q = torch.randn(rows, 8, 1, 16)
+    k, v = torch.randn(rows, 8, 32, 16)[:, :, :11], torch.randn(rows, 8, 11, 16)  # cache slice
+    mask = padding_mask(torch.tensor([[5] * 11, [5] * 6 + [0] * 5] * (rows // 2)), 0)
+    out, weights = attention(q, k, v, mask)
+    assert weights is None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+
+
 def test_weights_are_before_dropout():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))

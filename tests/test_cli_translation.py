@@ -67,6 +67,19 @@ def test_translate_stdin_files_and_nbest(capsys, trained, corpus, tmp_path):
     assert rc == 0 and out.strip()
 
 
+def test_translate_int8(capsys, trained, corpus):
+    out_dir, _, _ = trained
+    _, src, _ = corpus
+    text = "\n".join(src[:5]) + "\n"
+    rc, fp32, _ = run(capsys, "translate", "--model", str(out_dir), "--beam", "3", stdin=text)
+    rc8, int8, err = run(
+        capsys, "translate", "--model", str(out_dir), "--beam", "3", "--int8", stdin=text
+    )
+    assert rc == rc8 == 0 and err == ""
+    # the toy model's layers are all below packed.MIN_WEIGHTS, so int8 leaves them as they are
+    assert int8 == fp32 and len(int8.splitlines()) == 5
+
+
 def test_evaluate_files(capsys, tmp_path):
     (tmp_path / "hyp").write_text("a man rides a bike .\ntwo dogs play\n")
     (tmp_path / "ref").write_text("a man rides a bike .\ntwo dogs play\n")

@@ -8,6 +8,7 @@ import transformers  # noqa: E402  (a test-only dependency, in the [test] extra)
 
 from qkv import checkpoint
 from qkv.marian import MarianImportError, convert
+from qkv.packed import pack
 from qkv.search import Limits, beam_search, greedy, model_step
 
 V, PAD, EOS = 60, 59, 0
@@ -49,11 +50,15 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def converted(hf_model, tmp_path_factory):
+def converted_dir(hf_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("marian")
     hf_model.save_pretrained(root / "hf")
-    out = convert(root / "hf", root / "qkv")
-    model, _, meta = checkpoint.load(out)
+    return convert(root / "hf", root / "qkv")
+
+
+@pytest.fixture(scope="module")
+def converted(converted_dir):
+    model, _, meta = checkpoint.load(converted_dir)
     assert meta["imported_from"] == "marian"
     return model
 
@@ -88,9 +93,19 @@ def _hf_outputs(seqs: torch.Tensor) -> list[list[int]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def packed(converted_dir):
+    """The converted model with prepacked linear layers, as qkv translate runs it."""
+    model, _, _ = checkpoint.load(converted_dir)
+    return pack(model, min_weights=0)  # every layer, small as they are here
+
+
+@pytest.mark.parametrize("packed_weights", [False, True])
 @pytest.mark.parametrize("max_new", [MAX_NEW, 3])  # 3: some outputs are cut by the limit
 @pytest.mark.parametrize("beam", [1, 4])
-def test_search_outputs_identical(hf_model, converted, beam, max_new):
+def test_search_outputs_identical(hf_model, converted, packed, beam, max_new, packed_weights):
+    if packed_weights:
+        converted = packed
     src, lengths = batch()
     with torch.no_grad():
         hf = hf_model.generate(

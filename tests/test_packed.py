@@ -1,0 +1,118 @@
+"""Packed and int8 linear layers compute what nn.Linear computes (int8: within the quantization
+error bound), and a packed model is the same model: same outputs, state dict, tying, gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkv.packed import Packed, PackedLinear, available, pack
+
+pytestmark = pytest.mark.skipif(not available(), reason="PyTorch built without oneDNN")
+
+
+def _linear(d_in=48, d_out=40, bias=True):
+    torch.manual_seed(0)
+    return nn.Linear(d_in, d_out, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear(bias):
+    lin = _linear(bias=bias)
+    packed = PackedLinear(lin)
+    for x in (torch.randn(7, 48), torch.randn(3, 5, 48), torch.randn(5, 3, 48).transpose(0, 1)):
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not available(int8=True), reason="no fbgemm")
+def test_int8_within_quantization_error_bound():
+    lin = _linear(d_in=64, d_out=32)
+    x = torch.randn(9, 64) * 3
+    with torch.inference_mode():
+        got = PackedLinear(lin, int8=True)(x)
+        want = lin(x)
+    w = lin.weight.detach()
+    # Weights: per row, step = max|w| / 127. Inputs: per tensor, 7 bits (0..127) over
+    # [min(x, 0), max(x, 0)]. Rounding errs by at most half a step in each factor.
+    sw = w.abs().amax(dim=1) / 127  # (N,)
+    sx = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
+    bound = (x.abs() @ (sw[:, None] / 2 * torch.ones_like(w)).T) + (sx / 2) * (
+        w.abs().sum(dim=1) + sw * w.shape[1] / 2
+    )
+    err = (got - want).abs()
+    assert (err <= bound * 1.01 + 1e-5).all()
+    assert err.max() > 0  # it really is quantized
+    assert err.mean() < 0.05 * want.abs().mean()
+
+
+def test_fused_projections_are_concatenated_outputs():
+    a, b, c = _linear(d_out=8), _linear(d_out=16), _linear(d_out=24, bias=True)
+    fused = Packed([a, b, c])
+    x = torch.randn(4, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.cat([a(x), b(x), c(x)], -1), atol=1e-5, rtol=0)
+
+
+def test_repacks_after_in_place_change_and_keeps_gradients():
+    lin = _linear()
+    packed = PackedLinear(lin)
+    x = torch.randn(4, 48)
+    with torch.inference_mode():
+        before = packed(x)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # as an optimizer step does
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
+        assert not torch.allclose(packed(x), before)
+    packed(x).sum().backward()  # with gradients enabled it is nn.Linear's math
+    torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(40, 48))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_model_is_the_same_model(tiny, int8):
+    if int8 and not available(int8=True):
+        pytest.skip("no fbgemm")
+    plain, model = tiny(), tiny()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    pack(model, int8, min_weights=0)
+    assert model.lm_head.weight is model.decoder.embed.token.weight  # tying survives
+    assert all(torch.equal(keys[k], v) for k, v in model.state_dict().items())
+    assert set(keys) == set(model.state_dict())
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) > 10
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(3, 23, (3, 7), generator=g)
+    tgt = torch.randint(3, 23, (3, 5), generator=g)
+    with torch.inference_mode():
+        want = plain(src, tgt)
+        got = model(src, tgt)
+        # incremental decoding through the fused q/k/v path
+        cache = model.start(src)
+        steps = torch.cat([model.step(tgt[:, i : i + 1], cache) for i in range(5)], 1)
+    tol = 0.1 if int8 else 1e-4
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    torch.testing.assert_close(steps, want, atol=tol, rtol=0)
+    if int8:
+        assert not torch.allclose(got, want, atol=1e-4, rtol=0)
+    # training a packed model: the gradients are nn.Linear's
+    model.train(), plain.train()
+    model(src, tgt).sum().backward()
+    plain(src, tgt).sum().backward()
+    name = "decoder.layers.0.self_attn.q_proj.weight"
+    grads = dict(model.named_parameters())[name].grad, dict(plain.named_parameters())[name].grad
+    torch.testing.assert_close(*grads)
+
+
+def test_small_layers_stay_plain(tiny):
+    model = pack(tiny(d_model=32, d_ff=4096), min_weights=2**17)
+    ff = model.decoder.layers[0].ff
+    assert isinstance(ff.fc1, PackedLinear) and isinstance(ff.fc2, PackedLinear)  # 32 x 4096
+    attn = model.decoder.layers[0].self_attn
+    assert type(attn.q_proj) is nn.Linear and attn.packed_qkv is None  # 32 x 32
+
+
+def test_model_built_under_inference_mode():
+    with torch.inference_mode():  # parameters without version counters
+        lin = _linear()
+        x = torch.randn(3, 48)
+        torch.testing.assert_close(PackedLinear(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
