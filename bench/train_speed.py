@@ -24,6 +24,7 @@ from torch import nn
 
 from qkv.config import ModelConfig
 from qkv.models import EncoderDecoder
+from qkv.train import loss_sum
 
 V, PAD = 8000, 0
 SIZES = {"small": (256, 3, 1024), "base": (512, 6, 2048)}
@@ -95,12 +96,8 @@ def build(system: str, size: str) -> nn.Module:
 
 
 def loss_of(system: str, model: nn.Module, src, tgt_in, tgt_out) -> torch.Tensor:
-    keep = tgt_out != PAD
-    if system == "qkv":  # qkv.train.loss_sum's way: the vocabulary projection on real tokens only
-        memory, mask = model.encode(src)
-        h = model.decoder(tgt_in, memory, mask)
-        logits = model.lm_head(h[keep])
-        return F.cross_entropy(logits, tgt_out[keep], reduction="sum", label_smoothing=0.1)
+    if system == "qkv":  # `qkv train`'s loss: vocabulary projection on real tokens only
+        return loss_sum(model, src, tgt_in, tgt_out, 0.1)[0]
     if system == "hf":
         logits = model(
             input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt_in

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
@@ -96,6 +95,43 @@ def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.
     return src, tgt_in, tgt_out
 
 
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """Summed label-smoothed cross-entropy of logits (N, V) against targets (N,): the target
+    distribution puts 1 - eps on the right token and eps / V on every token (Szegedy et al.
+    2016), as F.cross_entropy(..., label_smoothing=eps, reduction="sum") computes it.
+
+    Written out because the gradient has a closed form, softmax(logits) - target distribution,
+    which takes fewer passes over the (N, V) logits than autograd through log_softmax:
+    1.5x faster or more, forward + backward, on this project's CPU (bench/loss_speed.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+        log_probs = logits.log_softmax(dim=-1)  # (N, V)
+        right = log_probs.gather(1, target[:, None]).sum()
+        # -sum_j q_j log p_j, with q = (1 - eps) on the right token + eps / V on every token
+        loss = -(1 - eps) * right - eps / logits.shape[-1] * log_probs.sum()
+        ctx.save_for_backward(log_probs, target)
+        ctx.eps = eps
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        log_probs, target = ctx.saved_tensors
+        eps = ctx.eps
+        grad = log_probs.exp().sub_(eps / log_probs.shape[-1])  # p - eps / V
+        right = grad.new_full((len(target), 1), -(1 - eps))
+        grad.scatter_add_(1, target[:, None], right)  # and - (1 - eps) on the right token
+        if grad_out.item() != 1.0:  # the usual case, loss.backward(), skips a pass
+            grad.mul_(grad_out)
+        return grad, None, None
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """Summed label-smoothed cross-entropy; see SmoothedCrossEntropy."""
+    return SmoothedCrossEntropy.apply(logits, target, eps)
+
+
 def loss_sum(
     model: EncoderDecoder,
     src: torch.Tensor,
@@ -111,9 +147,7 @@ def loss_sum(
     h = model.decoder(tgt_in, memory, mask)  # (B, T, D)
     keep = tgt_out != PAD
     logits = model.lm_head(h[keep])  # (N, V), N real target tokens
-    loss = F.cross_entropy(
-        logits.float(), tgt_out[keep], reduction="sum", label_smoothing=label_smoothing
-    )
+    loss = smoothed_cross_entropy(logits.float(), tgt_out[keep], label_smoothing)
     return loss, int(keep.sum())
 
 

@@ -81,3 +81,23 @@ def test_atomic_dir_keeps_the_old_checkpoint_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert (target / "x").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_smoothed_cross_entropy_matches_torch(eps):
+    from qkv.train import smoothed_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 50) * 3).requires_grad_()
+    target = torch.randint(0, 50, (37,))
+    target[:5] = 7  # repeated targets
+    want = torch.nn.functional.cross_entropy(logits, target, reduction="sum", label_smoothing=eps)
+    (want_grad,) = torch.autograd.grad(want * 2.5, logits)
+    got = smoothed_cross_entropy(logits, target, eps)
+    (got_grad,) = torch.autograd.grad(got * 2.5, logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    small = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: smoothed_cross_entropy(x, torch.tensor([0, 5, 5, 2]), eps), (small,)
+    )
