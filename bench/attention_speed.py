@@ -7,25 +7,11 @@ cross-attention has a padding mask.
     .venv/bin/python bench/attention_speed.py
 """
 
-import time
-
 import torch
 import torch.nn.functional as F
+from timing import best_of
 
 from qkv.attention import attention
-
-
-def best_of(fn, repeats: int = 5, n: int = 200) -> float:
-    """Microseconds per call, best of `repeats` runs of n calls."""
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    return min(times)
 
 
 def main() -> None:
@@ -47,8 +33,10 @@ def main() -> None:
                 mask = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
                 mask[::3, ..., -4:] = False  # some padded sources
             args = (q, k, v, mask)
-            fused = best_of(lambda a=args: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]))
-            math = best_of(lambda a=args: attention(*a, need_weights=True))
+            fused = best_of(
+                lambda a=args: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]), n=200
+            )
+            math = best_of(lambda a=args: attention(*a, need_weights=True), n=200)
             want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             torch.testing.assert_close(attention(q, k, v, mask)[0], want, atol=1e-5, rtol=1e-5)
             picks = "math" if rows * h >= 512 else "SDPA"  # attention()'s rule

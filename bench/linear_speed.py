@@ -6,25 +6,11 @@ and save more per weight; qkv.packed.MIN_WEIGHTS is where they start to win.
     .venv/bin/python bench/linear_speed.py
 """
 
-import time
-
 import torch
+from timing import best_of
 from torch import nn
 
 from qkv.packed import MIN_WEIGHTS, PackedLinear
-
-
-def best_of(fn, repeats: int = 5, n: int = 100) -> float:
-    """Microseconds per call, best of `repeats` runs of n calls."""
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    return min(times)
 
 
 def main() -> None:
