@@ -5,6 +5,7 @@ from .cache import DecoderCache, KVCache
 from .config import ConfigError, ModelConfig
 from .inspect import record_attention
 from .models import DecoderOnly, EncoderDecoder, EncoderOnly, from_config
+from .packed import pack
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "MultiHeadAttention",
     "attention",
     "from_config",
+    "pack",
     "record_attention",
 ]
