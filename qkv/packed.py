@@ -47,6 +47,8 @@ class Packed:
 
     def __init__(self, linears: Sequence[nn.Linear], int8: bool = False):
         self.linears = tuple(linears)  # a tuple, so nn.Module does not register them twice
+        if len({m.bias is None for m in self.linears}) > 1:
+            raise ValueError("Packed: the linear layers must all have a bias or all have none")
         self.int8 = int8
         self._packed: object = None
         self._bias: Tensor | None = None
@@ -56,7 +58,7 @@ class Packed:
         w = torch.cat([m.weight for m in self.linears]) if len(self.linears) > 1 else None
         w = self.linears[0].weight if w is None else w
         biases = [m.bias for m in self.linears]
-        if any(b is None for b in biases):
+        if biases[0] is None:
             return w, None
         return w, torch.cat(biases) if len(biases) > 1 else biases[0]
 

@@ -52,6 +52,8 @@ def test_fused_projections_are_concatenated_outputs():
     x = torch.randn(4, 48)
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), torch.cat([a(x), b(x), c(x)], -1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="bias"):
+        Packed([a, _linear(bias=False)])
 
 
 def test_repacks_after_in_place_change_and_keeps_gradients():
