@@ -236,6 +236,7 @@ def main() -> None:
         f"+eos tokens, {args.out_len} output tokens, {args.threads} threads, "
         f"torch {torch.__version__}, one process per engine"
     )
+    all_batches = -(-args.sentences // args.batch)  # ceil
     for mode in args.modes.split(","):
         beam = 1 if mode == "greedy" else int(mode.removeprefix("beam"))
         best: dict[str, float] = {}
@@ -246,7 +247,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, conn in conns.items():  # alternated, so drifts hit every engine alike
                 time.sleep(args.pause)  # let the previous engine's threads go idle
-                conn.send((beam, len(sources(args))))
+                conn.send((beam, all_batches))
                 seconds, outputs[name] = conn.recv()
                 best[name] = max(best.get(name, 0.0), args.sentences / seconds)
         lengths = {name: {len(o) for o in outs} for name, outs in outputs.items()}

@@ -55,12 +55,13 @@ class Packed:
         self._versions: tuple[int, ...] = ()
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
-        w = torch.cat([m.weight for m in self.linears]) if len(self.linears) > 1 else None
-        w = self.linears[0].weight if w is None else w
+        """The stacked weight (sum of N, D_in) and bias (None when the layers have none)."""
+        weights = [m.weight for m in self.linears]
         biases = [m.bias for m in self.linears]
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
         if biases[0] is None:
             return w, None
-        return w, torch.cat(biases) if len(biases) > 1 else biases[0]
+        return w, biases[0] if len(biases) == 1 else torch.cat(biases)
 
     def _repack(self) -> None:
         with torch.no_grad():
