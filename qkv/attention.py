@@ -40,20 +40,15 @@ def attention(
         need_weights: run the explicit math and return the weights (B, H, T, S), before dropout.
 
     Returns (out (B, H, T, Dh), weights or None). Without weights this is PyTorch's fused kernel
-    (except for many single queries on the CPU, below); both branches compute the same function
+    (except where `_explicit_is_faster`); both branches compute the same function
     (tests/test_attention.py checks that they agree).
     """
     if is_causal and mask is not None:  # SDPA takes one or the other, so merge them
-        mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
-        is_causal = False
         if q.shape[-2] != k.shape[-2]:
             raise ValueError("is_causal with T != S is ambiguous; pass an explicit causal_mask")
-    # A beam-search step on the CPU (one query, many rows x heads) runs the explicit math: the
-    # CPU's fused kernel costs more per (row, head) and is slower there (bench/attention_speed.py).
-    many_single_queries = (
-        q.device.type == "cpu" and q.shape[-2] == 1 and q.shape[:-2].numel() >= 512
-    )
-    if not need_weights and not (many_single_queries and dropout == 0.0):
+        mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
+        is_causal = False
+    if not need_weights and not _explicit_is_faster(q, dropout):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
         )
@@ -68,6 +63,23 @@ def attention(
     weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in fp32 for bf16/fp16 inputs
     mixed = F.dropout(weights, dropout) if dropout > 0 else weights
     return mixed @ v, weights if need_weights else None
+
+
+# The CPU's fused kernel costs more per (row, head) than two plain matmuls when each row has one
+# query. bench/attention_speed.py measured (AMD EPYC, AVX2, 8 heads): fused faster at 32 rows
+# (greedy over 32 sentences), explicit faster at 160 (beam 5 over 32). The threshold sits between,
+# so greedy over 64 sentences also takes the explicit path; rerun the bench on another CPU.
+EXPLICIT_MIN_ROWS_X_HEADS = 512
+
+
+def _explicit_is_faster(q: Tensor, dropout: float) -> bool:
+    """One query per row, on the CPU, over at least EXPLICIT_MIN_ROWS_X_HEADS rows x heads."""
+    return (
+        q.device.type == "cpu"
+        and dropout == 0.0
+        and q.shape[-2] == 1
+        and q.shape[:-2].numel() >= EXPLICIT_MIN_ROWS_X_HEADS
+    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -87,8 +99,6 @@ class MultiHeadAttention(nn.Module):
         # Observers, set only by qkv.inspect's context managers; None in training and serving.
         self.recorder: Recorder | None = None
         self.head_mask: Tensor | None = None  # (H,) 1 = keep head, 0 = silence it
-        # Set by qkv.packed.pack: the three projections as one prepacked matrix, for inference.
-        self.packed_qkv: Callable[[Tensor], Tensor] | None = None
 
     def split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -97,15 +107,11 @@ class MultiHeadAttention(nn.Module):
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention's queries, keys and values (B, H, T, Dh) of x (B, T, D), from one
         matmul with the three weights stacked: one larger matmul runs faster than three."""
-        if self.packed_qkv is not None:
-            qkv = self.packed_qkv(x)  # (B, T, 3D)
-        else:
-            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            b = None
-            if self.q_proj.bias is not None:
-                b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-            qkv = F.linear(x, w, b)
-        q, k, v = qkv.chunk(3, dim=-1)
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = None
+        if self.q_proj.bias is not None:
+            b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)  # (B, T, D) each
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,7 +159,7 @@ class MultiHeadAttention(nn.Module):
         if self.recorder is not None and weights is not None:
             self.recorder(self, weights)
         if self.head_mask is not None:
-            out = out * self.head_mask.to(out.dtype)[None, :, None, None]
+            out = out * self.head_mask.to(out)[None, :, None, None]
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, D)
         return self.out_proj(out)

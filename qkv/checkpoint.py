@@ -1,4 +1,5 @@
-"""Model directories: config.json + model.safetensors + tokenizer.json (+ trainer state).
+"""Model directories: config.json (model config, task, meta) + model.safetensors + the
+tokenizer's files (+ trainer state in a training run's last/).
 
 Nothing is ever unpickled. A directory is written under a temporary name and renamed into place,
 so a killed process leaves either the old checkpoint or the new one, never half of one.
@@ -18,9 +19,9 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .config import ConfigError, ModelConfig, from_dict, read_json, to_dict
 from .models import Model, from_config
-from .tokenizer import Subwords
+from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "qkv-1"
 
@@ -43,21 +44,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    for f in sorted(tmp.rglob("*")):  # make the bytes durable before the rename publishes them
+        _fsync(f)
+    _fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    _fsync(path.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file under a temporary name and rename it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -74,18 +87,20 @@ def resolve(path: str | Path) -> Path:
 def save(
     path: str | Path,
     model: nn.Module,
-    tokenizer: Subwords | None,
+    tokenizer: Tokenizer | None,
     meta: dict[str, Any] | None = None,
     trainer: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a model directory atomically. `trainer` = {"json": {...}, "tensors": {...}}."""
+    """Write a model directory atomically. `meta` says what the model is for: its "task" (the
+    commands dispatch on it) and task details (languages, ...). `trainer` = {"json": {...},
+    "tensors": {...}}."""
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     with atomic_dir(path) as tmp:
         config = {"format": FORMAT, "model": to_dict(cfg), "meta": meta or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_model(model, str(tmp / "model.safetensors"))
         if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
+            tokenizer.save(tmp)
         if trainer is not None:
             (tmp / "trainer.json").write_text(json.dumps(trainer["json"], indent=2))
             save_file(trainer["tensors"], str(tmp / "trainer.safetensors"))
@@ -93,23 +108,22 @@ def save(
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and meta of a model directory."""
     path = resolve(path)
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}/config.json: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/config.json: not a {FORMAT} config")
-    try:
-        cfg = from_dict(ModelConfig, config["model"], source=f"{path}/config.json")
+        config = read_json(path / "config.json")
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise CheckpointError(f"{path}/config.json: not a {FORMAT} config")
+        return from_dict(ModelConfig, config["model"], source=f"{path}/config.json"), config.get(
+            "meta", {}
+        )
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    return cfg, config.get("meta", {})
 
 
 def load(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Model, Subwords | None, dict]:
+) -> tuple[Model, Tokenizer | None, dict]:
     """(model in eval mode, tokenizer or None, meta) from a model directory."""
     path = resolve(path)
     cfg, meta = read_config(path)
@@ -123,14 +137,12 @@ def load(
             f"{path}/model.safetensors: does not match config.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    tok: Any = None
-    if (path / "tokenizer.json").is_file():
-        tok = Subwords.load(path / "tokenizer.json")
-    elif (path / "marian" / "vocab.json").is_file():  # an imported OPUS-MT model
-        from .marian import MarianVocab
+    return model.to(device).eval(), load_tokenizer(path, cfg), meta
 
-        tok = MarianVocab(path / "marian", cfg)
-    return model.to(device).eval(), tok, meta
+
+def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts with the same keys (checkpoint averaging)."""
+    return {k: sum(sd[k].float() for sd in states) / len(states) for k in states[0]}
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:

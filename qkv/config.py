@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 Arch = Literal["encoder-decoder", "decoder-only", "encoder-only"]
 Activation = Literal["relu", "gelu", "silu"]
 Positions = Literal["sinusoidal", "learned"]
+Strategy = Literal["greedy", "sample", "beam"]
+Penalty = Literal["gnmt", "power"]
+AtMax = Literal["eos", "stop"]
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,15 @@ def _check_literal(name: str, value: Any, tp: Any) -> None:
     allowed = typing.get_args(tp)
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with its meaning; the CLI shows it (and the default) in --help."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
 
 
 def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
@@ -44,20 +56,60 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> 
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_json(cls: type[C], path: str | Path) -> C:
-    """Read a config dataclass from a JSON file."""
+def read_json(path: str | Path) -> Any:
+    """A JSON file's contents; ConfigError (one line naming the file) if it cannot be read."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_dict(cls, data, source=str(path))
+
+
+def load_json(cls: type[C], path: str | Path) -> C:
+    """Read a config dataclass from a JSON file."""
+    return from_dict(cls, read_json(path), source=str(path))
+
+
+def read_sections(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """A run file {"model": {...}, "train": {...}} (either section optional unless required)."""
+    data = read_json(path)
+    if not isinstance(data, dict) or set(data) - {"model", "train"}:
+        raise ConfigError(f"{path}: expected an object with 'model' and/or 'train'")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{path}: lacks {', '.join(missing)}: not a qkv run config")
+    return data
+
+
+def apply_file(
+    model: ModelConfig, train: TrainConfig, path: str | Path
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configs with a run file's values laid over them."""
+    data, src = read_sections(path), str(path)
+    return (
+        from_dict(ModelConfig, {**to_dict(model), **data.get("model", {})}, source=src),
+        from_dict(TrainConfig, {**to_dict(train), **data.get("train", {})}, source=src),
+    )
+
+
+def read_run_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a run was started with (its train_config.json)."""
+    data, src = read_sections(path, required=("model", "train")), str(path)
+    return from_dict(ModelConfig, data["model"], source=src), from_dict(
+        TrainConfig, data["train"], source=src
+    )
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _check_types(config: Any) -> None:
@@ -67,6 +119,10 @@ def _check_types(config: Any) -> None:
         value, tp = getattr(config, f.name), hints[f.name]
         if typing.get_origin(tp) is Literal:
             _check_literal(f.name, value, tp)
+            continue
+        if typing.get_origin(tp) is tuple:
+            if not (isinstance(value, tuple) and all(_is_number(x) for x in value)):
+                raise ConfigError(f"{f.name} must be a list of numbers, got {value!r}")
             continue
         allowed = tuple(t for t in typing.get_args(tp) or (tp,) if isinstance(t, type))
         if type(None) in allowed and value is None:
@@ -83,30 +139,30 @@ def _check_types(config: Any) -> None:
 class ModelConfig:
     """Shape of a Transformer. Defaults: the small translation model (d=256, 3+3 layers)."""
 
-    arch: Arch = "encoder-decoder"
-    vocab_size: int = 8000  # source vocabulary (or the only one)
-    tgt_vocab_size: int | None = None  # None: same as vocab_size
-    d_model: int = 256
-    n_heads: int = 8
-    d_ff: int = 1024
-    n_encoder_layers: int = 3
-    n_decoder_layers: int = 3
-    dropout: float = 0.1  # on embeddings and on each sublayer's output before the skip add
-    attention_dropout: float | None = None  # on attention weights; None: same as dropout
-    activation_dropout: float | None = None  # inside the feed-forward; None: same as dropout
-    activation: Activation = "relu"
-    norm_first: bool = True  # pre-LN; False is the original paper's post-LN
-    positions: Positions = "sinusoidal"
-    max_len: int = 256
-    scale_embedding: bool = True  # multiply token embeddings by sqrt(d_model)
-    tie_output: bool = True  # decoder input embedding == output projection
-    share_embeddings: bool = False  # source and target embeddings are one matrix
-    output_bias: bool = False  # a bias on the final logits (Marian has one)
-    layer_norm_eps: float = 1e-5
-    n_classes: int | None = None  # encoder-only: a classification head on the pooled embedding
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    arch: Arch = knob("encoder-decoder", "which of the three Transformers")
+    vocab_size: int = knob(8000, "source vocabulary size (or the only one)")
+    tgt_vocab_size: int | None = knob(None, "target vocabulary size; None: same as vocab_size")
+    d_model: int = knob(256, "width of every hidden vector")
+    n_heads: int = knob(8, "attention heads per layer (d_model must divide by it)")
+    d_ff: int = knob(1024, "inner width of the feed-forward sublayer")
+    n_encoder_layers: int = knob(3, "encoder layers")
+    n_decoder_layers: int = knob(3, "decoder layers")
+    dropout: float = knob(0.1, "dropout on embeddings and on each sublayer's output")
+    attention_dropout: float | None = knob(None, "dropout on attention weights; None: dropout")
+    activation_dropout: float | None = knob(None, "dropout inside the feed-forward; None: dropout")
+    activation: Activation = knob("relu", "the feed-forward's nonlinearity")
+    norm_first: bool = knob(True, "pre-LN (true) or the original paper's post-LN (false)")
+    positions: Positions = knob("sinusoidal", "how positions are encoded")
+    max_len: int = knob(256, "most positions a sequence may have")
+    scale_embedding: bool = knob(True, "multiply token embeddings by sqrt(d_model)")
+    tie_output: bool = knob(True, "the output projection is the decoder's input embedding")
+    share_embeddings: bool = knob(False, "source and target embeddings are one matrix")
+    output_bias: bool = knob(False, "a bias on the final logits (Marian has one)")
+    layer_norm_eps: float = knob(1e-5, "LayerNorm epsilon")
+    n_classes: int | None = knob(None, "encoder-only: classes of a head on the pooled embedding")
+    pad_id: int = knob(0, "padding token id")
+    bos_id: int = knob(1, "start-of-sequence token id (the decoder's first input)")
+    eos_id: int = knob(2, "end-of-sequence token id")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -146,6 +202,14 @@ class ModelConfig:
     def target_vocab(self) -> int:
         return self.tgt_vocab_size or self.vocab_size
 
+    @property
+    def attention_dropout_p(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    @property
+    def activation_dropout_p(self) -> float:
+        return self.dropout if self.activation_dropout is None else self.activation_dropout
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -157,50 +221,55 @@ class ModelConfig:
         return from_dict(cls, json.loads(text))
 
 
+Task = Literal["translation"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train: data, batching, optimisation, evaluation and when to stop."""
+    """How to train: the task and its data, batching, optimisation, evaluation, when to stop."""
 
+    task: Task = knob("translation", "what the model learns (the task decides data and metric)")
     # data: a named data set, or the user's own files
-    dataset: str | None = "multi30k"
-    src_lang: str = "de"
-    tgt_lang: str = "en"
-    src_file: str | None = None  # with tgt_file: one sentence per line, plain or .gz
-    tgt_file: str | None = None
-    tsv_file: str | None = None  # or source<TAB>target per line
-    valid_src_file: str | None = None
-    valid_tgt_file: str | None = None
-    data_dir: str | None = None  # where named data sets are looked up first
-    max_chars: int = 1000  # longer pairs are skipped (and counted)
-    max_tokens_per_sentence: int = 128
+    dataset: str | None = knob("multi30k", "a named data set; None: your own files")
+    src_lang: str = knob("de", "source language of the named data set")
+    tgt_lang: str = knob("en", "target language of the named data set")
+    src_file: str | None = knob(None, "your source sentences, one per line (plain or .gz)")
+    tgt_file: str | None = knob(None, "your target sentences, line-aligned with src_file")
+    tsv_file: str | None = knob(None, "or source<TAB>target per line")
+    valid_src_file: str | None = knob(None, "validation sources (default: held out)")
+    valid_tgt_file: str | None = knob(None, "validation targets")
+    data_dir: str | None = knob(None, "where named data sets are looked up first")
+    max_chars: int = knob(1000, "pairs with a longer side are skipped (and counted)")
+    max_tokens_per_sentence: int = knob(128, "sentences with more subwords are skipped")
     # subwords
-    vocab_size: int = 8000
+    vocab_size: int = knob(8000, "size of the joint BPE vocabulary to train")
     # batching and optimisation
-    max_tokens: int = 4096  # padded tokens (source or target, the larger) per batch
-    accumulate: int = 1  # batches per optimizer step
-    lr: float = 1e-3  # peak, reached after warmup, then decays as 1/sqrt(step)
-    warmup: int = 800
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    clip_norm: float = 1.0
+    max_tokens: int = knob(4096, "padded tokens (source or target, the larger) per batch")
+    accumulate: int = knob(1, "batches per optimizer step")
+    lr: float = knob(1e-3, "peak learning rate, reached after warmup, then 1/sqrt(step) decay")
+    warmup: int = knob(800, "warmup steps (0: no warmup, decay from step 1)")
+    betas: tuple[float, float] = knob((0.9, 0.98), "AdamW betas")
+    weight_decay: float = knob(1e-4, "AdamW weight decay")
+    label_smoothing: float = knob(0.1, "probability mass spread over the vocabulary")
+    clip_norm: float = knob(1.0, "gradient norm clip")
     # when to stop (whichever comes first; 0 = no limit)
-    max_steps: int = 0
-    max_epochs: int = 0
-    max_minutes: float = 0.0
+    max_steps: int = knob(0, "stop after this many optimizer steps (0: no limit)")
+    max_epochs: int = knob(0, "stop after this many epochs (0: no limit)")
+    max_minutes: float = knob(0.0, "stop after this many minutes of training (0: no limit)")
     # evaluation and checkpoints
-    eval_every: int = 500  # steps
-    eval_sentences: int = 500  # validation sentences decoded for BLEU (0 = all)
-    eval_beam: int = 1  # 1 = greedy during training (fast)
-    save_every: int = 250  # steps between resumable checkpoints
-    average_last: int = 0  # also write the average of the last N evaluated checkpoints
-    seed: int = 1
-    threads: int = 0  # torch threads, 0 = PyTorch's default
-    log_every: int = 20
+    eval_every: int = knob(500, "steps between validations")
+    eval_sentences: int = knob(500, "validation sentences decoded for BLEU (0: all)")
+    eval_beam: int = knob(1, "beam size of validation decoding (1: greedy, fast)")
+    save_every: int = knob(250, "steps between resumable checkpoints")
+    average_last: int = knob(0, "also write the average of the last N validated checkpoints")
+    seed: int = knob(1, "random seed (initialisation, batch order, dropout)")
+    threads: int = knob(0, "torch threads (0: PyTorch's default)")
+    log_every: int = knob(20, "steps between progress lines")
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):  # from JSON
             object.__setattr__(self, "betas", tuple(self.betas))
+        _check_types(self)
         for name in (
             "vocab_size",
             "max_tokens",
@@ -210,29 +279,23 @@ class TrainConfig:
             "log_every",
             "max_tokens_per_sentence",
             "max_chars",
+            "eval_beam",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in (
-            "max_steps",
-            "max_epochs",
-            "warmup",
-            "average_last",
-            "eval_sentences",
-            "threads",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_steps", "max_epochs", "warmup", "average_last", "eval_sentences"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_minutes < 0:
             raise ConfigError(f"max_minutes must be >= 0, got {self.max_minutes}")
-        if self.eval_beam < 1:
-            raise ConfigError(f"eval_beam must be >= 1, got {self.eval_beam}")
         if (self.src_file is None) != (self.tgt_file is None):
             raise ConfigError("give both src_file and tgt_file, or neither")
         if (self.valid_src_file is None) != (self.valid_tgt_file is None):
@@ -245,4 +308,57 @@ class TrainConfig:
             raise ConfigError("src_lang and tgt_lang must differ")
 
     def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How outputs are chosen from the model's next-token probabilities: one config for every
+    command and every strategy (qkv.search.decode)."""
+
+    strategy: Strategy = knob("beam", "greedy, sample, or beam search")
+    beam: int = knob(5, "beam size (beam search)")
+    nbest: int = knob(1, "outputs per input, best first (beam search; <= beam)")
+    alpha: float = knob(0.6, "length penalty exponent (0: plain log-probability)")
+    penalty: Penalty = knob("gnmt", "length penalty: gnmt ((5+L)/6)^alpha or power L^alpha")
+    max_len_a: float = knob(1.5, "at most a * source length + b output tokens")
+    max_len_b: int = knob(10, "see max_len_a")
+    min_len: int = knob(0, "at least this many output tokens before end-of-sequence")
+    at_max: AtMax = knob("eos", "at the maximum length: end with eos (scored), or stop (cut)")
+    temperature: float = knob(1.0, "sampling: divide log-probabilities by this")
+    top_k: int = knob(0, "sampling: only the k most likely tokens (0: all)")
+    top_p: float = knob(1.0, "sampling: the smallest set of top tokens with this probability")
+    no_repeat_ngram: int = knob(0, "never repeat an n-gram of this size (0: allowed)")
+    seed: int = knob(0, "sampling: random seed")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.beam < 1:
+            raise ConfigError(f"beam must be >= 1, got {self.beam}")
+        if not 1 <= self.nbest <= (self.beam if self.strategy == "beam" else 1):
+            raise ConfigError(
+                f"nbest must be between 1 and the beam size ({self.beam})"
+                if self.strategy == "beam"
+                else f"nbest > 1 needs beam search, not {self.strategy}"
+            )
+        if self.max_len_a < 0 or self.max_len_b < 0 or self.min_len < 0:
+            raise ConfigError("max_len_a, max_len_b and min_len must be >= 0")
+        if self.max_len_a == 0 and self.max_len_b == 0:
+            raise ConfigError("max_len_a and max_len_b are both 0: no output could be produced")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.no_repeat_ngram < 0:
+            raise ConfigError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
+
+    def describe(self) -> str:
+        """How outputs are chosen, in a few words: "greedy", "sample (seed 0)", "beam 5"."""
+        if self.strategy == "sample":
+            return f"sample (seed {self.seed})"
+        return "greedy" if self.strategy == "greedy" else f"beam {self.beam}"
+
+    def replace(self, **changes: Any) -> DecodeConfig:
         return dataclasses.replace(self, **changes)

@@ -12,11 +12,13 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 
 class DataError(Exception):
@@ -222,6 +224,29 @@ def token_batches(
     return batches
 
 
-def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+@dataclass
+class Seq2SeqBatch:
+    src: Tensor  # (B, S) source ids ending in eos, padded
+    tgt_in: Tensor  # (B, T) the decoder's inputs: bos + target
+    tgt_out: Tensor  # (B, T) what each position should predict: target + eos
+    tokens: int  # real target tokens (eos included): what the loss is summed over
+
+    def to(self, device: torch.device | str) -> Seq2SeqBatch:
+        return Seq2SeqBatch(
+            self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.tokens
+        )
+
+
+def collate(examples: Sequence[Example], pad: int, bos: int, eos: int) -> Seq2SeqBatch:
+    """Pad a list of examples into tensors, with the model's special ids (ModelConfig's)."""
+    b = len(examples)
+    s = max(len(e.src) for e in examples) + 1
+    t = max(len(e.tgt) for e in examples) + 1
+    src = torch.full((b, s), pad, dtype=torch.long)
+    tgt_in = torch.full((b, t), pad, dtype=torch.long)
+    tgt_out = torch.full((b, t), pad, dtype=torch.long)
+    for i, e in enumerate(examples):
+        src[i, : len(e.src) + 1] = torch.tensor(e.src + [eos])
+        tgt_in[i, : len(e.tgt) + 1] = torch.tensor([bos] + e.tgt)
+        tgt_out[i, : len(e.tgt) + 1] = torch.tensor(e.tgt + [eos])
+    return Seq2SeqBatch(src, tgt_in, tgt_out, sum(len(e.tgt) + 1 for e in examples))

@@ -3,7 +3,8 @@ lowercased, tokenized BLEU that older papers report."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
@@ -46,3 +47,23 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> Scores:
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return BLEU().corpus_score(list(hypotheses), [list(references)]).score
+
+
+@dataclass
+class Evaluation:
+    hypotheses: list[str]
+    scores: Scores
+    seconds: float  # translating only
+
+    def sentences_per_second(self) -> float:
+        return len(self.hypotheses) / max(self.seconds, 1e-9)
+
+
+def evaluate_translations(
+    translate: Callable[[list[str]], list[str]], pairs: Sequence[tuple[str, str]]
+) -> Evaluation:
+    """Translate the sources of (source, reference) pairs, time it, and score the result."""
+    t0 = time.monotonic()
+    hyps = translate([s for s, _ in pairs])
+    seconds = time.monotonic() - t0
+    return Evaluation(hyps, score(hyps, [t for _, t in pairs]), seconds)

@@ -1,25 +1,37 @@
 """Attention during a real translation: every layer's and head's weights (encoder self,
 decoder self, cross) for the output the model actually produced.
 
-Greedy output is recorded step by step while it is generated. For beam search the weights along
-the chosen hypothesis are those of one teacher-forced pass over it: incremental decoding equals
-the full forward (tests/test_models.py), so these are the weights the search computed for that
-hypothesis, without following it through every beam reorder.
+Greedy and sampled outputs are recorded step by step while they are generated. For beam search
+the weights along the chosen hypothesis are those of one teacher-forced pass over it:
+incremental decoding equals the full forward (tests/test_models.py), so these are the weights the
+search computed for that hypothesis, without following it through every beam reorder.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .inspect import record_attention
-from .search import Limits, greedy, model_step
-from .translate import DecodeOptions, Translator
+from . import plot
+from .checkpoint import write_text_atomic
+from .config import DecodeConfig
+from .html import attention_page
+from .inspect import AttentionKind, attention_kind, record_attention
+from .models import device_of
+from .search import decode, model_step
+from .translate import Translator
 
-KINDS = {"self_attn": "decoder self", "cross_attn": "cross"}
+# The tokens along each kind's (query, key) axes, as Explanation field names.
+AXES = {
+    AttentionKind.ENCODER_SELF: ("src_tokens", "src_tokens"),
+    AttentionKind.DECODER_SELF: ("tgt_in", "tgt_in"),
+    AttentionKind.CROSS: ("tgt_in", "src_tokens"),
+}
 
 
 @dataclass
@@ -29,13 +41,12 @@ class Explanation:
     src_tokens: list[str]  # subwords of the source, with </s>
     tgt_in: list[str]  # decoder inputs: <s> + output subwords
     tgt_out: list[str]  # what each decoder position predicted: output subwords + </s>
-    # kind ("encoder self", "decoder self", "cross") -> per layer (H, T, S)
-    attention: dict[str, list[Tensor]]
-    mode: str
+    attention: dict[AttentionKind, list[Tensor]]  # per layer (H, T, S)
+    mode: str  # how the output was chosen: "greedy", "sample (seed 0)", "beam 5"
 
     def alignment(self) -> Tensor:
         """Cross-attention averaged over all layers and heads: (T, S), a soft word alignment."""
-        return torch.stack(self.attention["cross"]).mean(dim=(0, 1))
+        return torch.stack(self.attention[AttentionKind.CROSS]).mean(dim=(0, 1))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,9 +56,11 @@ class Explanation:
             "src_tokens": self.src_tokens,
             "tgt_in": self.tgt_in,
             "tgt_out": self.tgt_out,
+            "axes": {str(kind): list(AXES[kind]) for kind in self.attention},
+            "default_kind": str(AttentionKind.CROSS),
             "attention": {
-                kind: [
-                    [[[round(float(x), 5) for x in row] for row in head] for head in layer]
+                str(kind): [
+                    [[[round(float(x), 5) for x in row] for row in head] for head in layer.tolist()]
                     for layer in layers
                 ]
                 for kind, layers in self.attention.items()
@@ -55,15 +68,9 @@ class Explanation:
         }
 
 
-def attention_kind(path: str) -> str:
-    if path.startswith("encoder"):
-        return "encoder self"
-    return KINDS[path.rsplit(".", 1)[-1]]
-
-
-def _by_kind(recorded: dict[str, Tensor]) -> dict[str, list[Tensor]]:
-    out: dict[str, list[Tensor]] = {"encoder self": [], "decoder self": [], "cross": []}
-    # module paths sort by layer number within each kind (fewer than 10 layers; else numeric)
+def _by_kind(recorded: dict[str, Tensor]) -> dict[AttentionKind, list[Tensor]]:
+    out: dict[AttentionKind, list[Tensor]] = {kind: [] for kind in AttentionKind}
+    # module paths sort by layer number within each kind (numerically: layer 10 after 9)
     for path in sorted(
         recorded, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")]
     ):
@@ -72,48 +79,32 @@ def _by_kind(recorded: dict[str, Tensor]) -> dict[str, list[Tensor]]:
 
 
 @torch.inference_mode()
-def explain(
-    translator: Translator, sentence: str, opts: DecodeOptions = DecodeOptions()
-) -> Explanation:
-    """Translate one sentence and capture all attention along the output."""
-    model, tok, cfg = translator.model, translator.tok, translator.cfg
+def explain(translator: Translator, sentence: str, cfg: DecodeConfig) -> Explanation:
+    """Translate one sentence as `cfg` says and capture all attention along the output."""
+    model, tok, mc = translator.model, translator.tokenizer, translator.config
     src_ids = translator.encode_sources([sentence])[0]
-    src = torch.tensor([src_ids])
-    use_greedy = opts.greedy or opts.beam == 1
-    if use_greedy:
-        limits = Limits(opts.max_len_a, opts.max_len_b, opts.min_len, cap=cfg.max_len - 1)
-        with record_attention(model) as rec:
-            cache = model.start(src)
-            (hyp,) = greedy(
-                model_step(model),
-                cache,
-                torch.tensor([len(src_ids)]),
-                bos=cfg.bos_id,
-                eos=cfg.eos_id,
-                limits=limits,
-                no_repeat=opts.no_repeat_ngram,
-                pad=cfg.pad_id,
-            )
-        out_ids = hyp.tokens
-        t = len(out_ids) + 1
-        recorded = {}
-        for path, steps in rec.items():
-            if path.startswith("encoder"):
-                recorded[path] = steps[0][0]  # (H, S, S)
-            elif path.endswith("cross_attn"):
-                recorded[path] = torch.cat([w[0] for w in steps], dim=1)[:, :t]  # (H, T, S)
-            else:  # self-attention rows grow by one key per step: pad into a triangle
-                full = torch.zeros(steps[0].shape[1], t, t)
-                for i, w in enumerate(steps[:t]):
-                    full[:, i, : i + 1] = w[0, :, 0]
-                recorded[path] = full
-    else:
-        nbest = translator.translate_ids([src_ids], DecodeOptions(**{**opts.__dict__, "nbest": 1}))
-        out_ids = nbest[0][0].tokens
-        tgt = torch.tensor([[cfg.bos_id] + out_ids])
+    src = torch.tensor([src_ids], device=device_of(model))
+    if cfg.strategy == "beam":
+        (nbest,) = translator.translate_ids([src_ids], cfg.replace(nbest=1))
+        out_ids = nbest[0].tokens
+        tgt = torch.tensor([[mc.bos_id] + out_ids], device=src.device)
         with record_attention(model) as rec:
             model(src, tgt)
         recorded = {path: steps[0][0] for path, steps in rec.items()}
+    else:  # one row: record while generating
+        with record_attention(model) as rec:
+            ((hyp,),) = decode(
+                model_step(model),
+                model.start(src),
+                torch.tensor([len(src_ids)], device=src.device),
+                cfg,
+                bos=mc.bos_id,
+                eos=mc.eos_id,
+                pad=mc.pad_id,
+                max_positions=mc.max_len,
+            )
+        out_ids = hyp.tokens
+        recorded = _stitch_steps(rec, len(out_ids) + 1)
     pieces = [tok.id_to_token(i) for i in out_ids]
     return Explanation(
         source=sentence,
@@ -122,5 +113,49 @@ def explain(
         tgt_in=["<s>"] + pieces,
         tgt_out=pieces + ["</s>"],
         attention=_by_kind(recorded),
-        mode="greedy" if use_greedy else f"beam {opts.beam}",
+        mode=cfg.describe(),
     )
+
+
+def _stitch_steps(rec: dict[str, list[Tensor]], t: int) -> dict[str, Tensor]:
+    """One (H, T, S) map per module from the per-step weights of a one-row generation."""
+    recorded = {}
+    for path, steps in rec.items():
+        if attention_kind(path) is AttentionKind.ENCODER_SELF:
+            recorded[path] = steps[0][0]  # (H, S, S)
+        elif attention_kind(path) is AttentionKind.CROSS:
+            recorded[path] = torch.cat([w[0] for w in steps], dim=1)[:, :t]  # (H, T, S)
+        else:  # self-attention rows grow by one key per step: pad into a triangle
+            full = steps[0].new_zeros(steps[0].shape[1], t, t)
+            for i, w in enumerate(steps[:t]):
+                full[:, i, : i + 1] = w[0, :, 0]
+            recorded[path] = full
+    return recorded
+
+
+def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[Path]:
+    """The pictures (one layers x heads grid per kind, the alignment), the offline HTML
+    explorer and optionally the raw weights as JSON; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, layers in e.attention.items():
+        q, k = AXES[kind]
+        title = f"{kind} attention"
+        path = out / f"{kind.value.replace(' ', '_')}.png"
+        written.append(plot.attention_grid(layers, getattr(e, k), getattr(e, q), title, path))
+    written.append(
+        plot.alignment(
+            e.alignment(),
+            e.src_tokens,
+            e.tgt_out,
+            "cross-attention alignment (mean of all layers and heads)",
+            out / "alignment.png",
+        )
+    )
+    data = e.to_json()
+    write_text_atomic(out / "attention.html", attention_page(data))
+    written.append(out / "attention.html")
+    if with_json:
+        write_text_atomic(out / "attention.json", json.dumps(data))
+        written.append(out / "attention.json")
+    return written

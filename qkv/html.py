@@ -35,10 +35,9 @@ const CELL = 22, PAD = 110;
 const kindSel = document.getElementById('kind'), layerSel = document.getElementById('layer'),
       headSel = document.getElementById('head');
 let hover = -1;
-function axes(kind) {
-  if (kind === 'encoder self') return [D.src_tokens, D.src_tokens];
-  if (kind === 'decoder self') return [D.tgt_in, D.tgt_in];
-  return [D.tgt_in, D.src_tokens];
+function axes(kind) {  // [query tokens, key tokens], named by the data
+  const [q, k] = D.axes[kind];
+  return [D[q], D[k]];
 }
 function weights() {
   const layers = D.attention[kindSel.value], L = layers[+layerSel.value];
@@ -114,7 +113,7 @@ function onKind() {
   hover = -1; redraw();
 }
 Object.keys(D.attention).forEach(k => kindSel.add(new Option(k, k)));
-kindSel.value = 'cross' in D.attention ? 'cross' : Object.keys(D.attention)[0];
+kindSel.value = D.default_kind in D.attention ? D.default_kind : Object.keys(D.attention)[0];
 kindSel.onchange = onKind; layerSel.onchange = redraw; headSel.onchange = redraw;
 document.getElementById('heatmap').onmousemove = e => {
   const r = e.target.getBoundingClientRect(), i = Math.floor((e.clientY - r.top - PAD) / CELL);

@@ -5,14 +5,13 @@ post-LN layers (norm_first=False), token embeddings scaled by sqrt(d_model), sin
 positions in the [sin | cos] layout (ours too), a bias on the final logits (output_bias), one
 embedding matrix for source, target and output (share_embeddings, tie_output), swish
 activations (silu), and the padding token as the decoder's start token.
-Nothing is unpickled: weights come from safetensors, or from a PyTorch .bin read with
-`weights_only=True`.
+No unrestricted unpickling: weights come from safetensors, or from a PyTorch .bin read with
+`weights_only=True` (PyTorch's restricted loader: tensors and plain containers only).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,9 @@ import torch
 from . import checkpoint
 from .config import ConfigError, ModelConfig
 from .models import EncoderDecoder
+from .tokenizer import MarianVocab
 
 ACTIVATIONS = {"swish": "silu", "silu": "silu", "relu": "relu", "gelu": "gelu"}
-VOCAB_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json")
 
 
 class MarianImportError(Exception):
@@ -169,49 +168,12 @@ def convert(src: str | Path, out: str | Path) -> Path:
                 f"{k}: shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}"
             )
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    meta = {"imported_from": "marian", "source": str(src)}
-    path = checkpoint.save(out, model, None, meta)
-    vocab = [f for f in VOCAB_FILES if (src / f).is_file()]
-    if "source.spm" in vocab and "vocab.json" in vocab:
-        (Path(path) / "marian").mkdir(exist_ok=True)
-        for f in vocab:
-            shutil.copyfile(src / f, Path(path) / "marian" / f)
-    return Path(path)
-
-
-class MarianVocab:
-    """Marian's tokenization: sentencepiece pieces (source.spm / target.spm) looked up in
-    vocab.json; the same interface as tokenizer.Subwords."""
-
-    def __init__(self, directory: str | Path, cfg: ModelConfig):
-        import sentencepiece as spm
-
-        d = Path(directory)
-        self.src_sp = spm.SentencePieceProcessor(model_file=str(d / "source.spm"))
-        tgt = d / "target.spm"
-        self.tgt_sp = spm.SentencePieceProcessor(
-            model_file=str(tgt if tgt.is_file() else d / "source.spm")
-        )
-        self.vocab: dict[str, int] = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
-        tv = d / "target_vocab.json"
-        self.tgt_vocab = json.loads(tv.read_text(encoding="utf-8")) if tv.is_file() else self.vocab
-        self.tgt_pieces = {i: p for p, i in self.tgt_vocab.items()}
-        self.unk = self.vocab.get("<unk>", 1)
-        self.specials = {cfg.pad_id, cfg.eos_id, cfg.bos_id}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab.get(p, self.unk) for p in self.src_sp.encode(text, out_type=str)]
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def id_to_token(self, i: int) -> str:
-        return self.tgt_pieces.get(i, "<unk>")
-
-    def decode(self, ids: list[int]) -> str:
-        pieces = [self.tgt_pieces.get(i, "<unk>") for i in ids if i not in self.specials]
-        return self.tgt_sp.decode_pieces(pieces)
+    has_vocab = (src / "source.spm").is_file() and (src / "vocab.json").is_file()
+    try:
+        vocab = MarianVocab(src, cfg) if has_vocab else None
+    except ImportError:
+        raise MarianImportError(
+            "the vocabulary needs sentencepiece: pip install sentencepiece"
+        ) from None
+    meta = {"task": "translation", "imported_from": "marian", "source": str(src)}
+    return checkpoint.save(out, model, vocab, meta)

@@ -151,8 +151,8 @@ class DecoderOnly(nn.Module):
         """ids (B, T) -> logits (B, T, V). `pad_mask` (B, 1, 1, T) hides padding keys."""
         return self.lm_head(self.decoder(ids, tgt_mask=pad_mask))
 
-    def start(self, batch_size: int = 1) -> DecoderCache:
-        del batch_size  # the caches take their batch size from the first step
+    def start(self) -> DecoderCache:
+        """An empty cache; it takes its batch size from the first step (a prompt, or bos)."""
         return self.decoder.start()
 
     def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
@@ -170,8 +170,14 @@ class EncoderOnly(nn.Module):
         tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         self.encoder = _encoder(cfg, tok)
         _init_linear(self.encoder.layers)
-        self.lm_head = _output(cfg, cfg.vocab_size, tok)
-        self.classifier = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes else None
+        self.classifier: nn.Linear | None = None
+        self.lm_head: nn.Linear | None = None
+        if cfg.n_classes:
+            self.classifier = nn.Linear(cfg.d_model, cfg.n_classes)
+        else:
+            self.lm_head = _output(cfg, cfg.vocab_size, tok)
+            if not cfg.tie_output:
+                nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) -> per-token embeddings (B, S, D) and the pooled sentence embedding (B, D):
@@ -186,6 +192,7 @@ class EncoderOnly(nn.Module):
         x, pooled = self.encode(src)
         if self.classifier is not None:
             return self.classifier(pooled)  # (B, n_classes)
+        assert self.lm_head is not None
         return self.lm_head(x)  # (B, S, V)
 
 
@@ -202,6 +209,24 @@ def from_config(cfg: ModelConfig) -> Model:
         case "encoder-only":
             return EncoderOnly(cfg)
     raise AssertionError(cfg.arch)  # ModelConfig validated it
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters live: every tensor made for it goes there."""
+    return next(model.parameters()).device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """ "auto": CUDA when there is a GPU, else the CPU; or a device name ("cpu", "cuda:1")."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA GPU (PyTorch sees none)")
+    return device
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -8,20 +8,22 @@ differences around 1e-6. `int8=True` instead quantizes each weight row to 8 bits
 row on the fly (dynamic quantization, fbgemm): about 4x fewer weight bytes and integer
 arithmetic, at a small accuracy cost that bench/README.md measures in BLEU.
 
-`pack(model)` swaps each large nn.Linear for a PackedLinear sharing its parameters, so state
-dicts, checkpoints, weight tying and inspection see the same model. Small ones stay as they are:
-the packed kernels cost about 50 us more per call (bench/linear_speed.py), more than they save
-below ~130k weights (at d_model 256: the vocabulary projection, the feed-forward layers and the
-fused q/k/v projection are packed; single 256x256 projections are not). A PackedLinear falls back to
-F.linear whenever gradients are wanted, and repacks if its weight was changed in place, so a
-packed model stays correct if someone trains it again. Self-attention's three projections are
-packed as one matrix: one matmul per decoding step for q, k and v.
+`pack(model)` is an explicit inference step, called by the commands that serve inference, never
+on a model that is training. It swaps each large nn.Linear for a PackedLinear, and each
+MultiHeadAttention whose fused q/k/v matrix is large for a PackedAttention; both share the
+original parameters, so state dicts, checkpoints, weight tying and inspection see the same model.
+The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
+number of decodes at once. Small layers stay as they are: the packed kernels cost about 50 us
+more per call (bench/linear_speed.py), more than they save below ~130k weights. With gradients on
+a packed layer computes with its live weights (F.linear); a packed model refuses to run in
+training mode, since its packed copies would not follow an optimizer's updates.
 
 On other devices, or a PyTorch built without oneDNN, `pack` leaves the model as it is.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -31,7 +33,13 @@ from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
 
-MIN_WEIGHTS = 2**17  # smaller layers run faster unpacked (see above)
+# Smaller layers run faster unpacked (see above; measured on one AVX2 CPU): the default of pack's
+# min_weights, which $QKV_PACK_MIN_WEIGHTS overrides for another machine (or 0: pack them all).
+MIN_WEIGHTS = 2**17
+
+
+def min_weights_default() -> int:
+    return int(os.environ.get("QKV_PACK_MIN_WEIGHTS", MIN_WEIGHTS))
 
 
 def available(int8: bool = False) -> bool:
@@ -43,16 +51,27 @@ def available(int8: bool = False) -> bool:
 
 class Packed:
     """y = x W^T + b where W (and b) stack the weights of `linears` (their outputs concatenated),
-    computed on a packed copy that is rebuilt when any source weight changes in place."""
+    computed on a packed copy made once, at construction."""
 
     def __init__(self, linears: Sequence[nn.Linear], int8: bool = False):
         self.linears = tuple(linears)  # a tuple, so nn.Module does not register them twice
         if len({m.bias is None for m in self.linears}) > 1:
             raise ValueError("Packed: the linear layers must all have a bias or all have none")
         self.int8 = int8
-        self._packed: object = None
-        self._bias: Tensor | None = None
-        self._versions: tuple[int, ...] = ()
+        with torch.no_grad():
+            w, b = self._weights()
+            w = w.detach().float().contiguous()
+            self._bias = None if b is None else b.detach().float().contiguous()
+            if int8:
+                # per output row: the largest |w| maps to 127
+                scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
+                zero = torch.zeros(w.shape[0], dtype=torch.long)
+                with warnings.catch_warnings():  # quantized tensors are deprecated, still served
+                    warnings.simplefilter("ignore")
+                    qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+                    self._packed = torch.ops.quantized.linear_prepack(qw, self._bias)
+            else:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
         """The stacked weight (sum of N, D_in) and bias (None when the layers have none)."""
@@ -63,33 +82,9 @@ class Packed:
             return w, None
         return w, biases[0] if len(biases) == 1 else torch.cat(biases)
 
-    def _repack(self) -> None:
-        with torch.no_grad():
-            w, b = self._weights()
-            w = w.detach().float().contiguous()
-            b = None if b is None else b.detach().float().contiguous()
-            if self.int8:
-                # per output row: the largest |w| maps to 127
-                scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
-                zero = torch.zeros(w.shape[0], dtype=torch.long)
-                with warnings.catch_warnings():  # quantized tensors are deprecated, still served
-                    warnings.simplefilter("ignore")
-                    qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-                    self._packed = torch.ops.quantized.linear_prepack(qw, b)
-            else:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            self._bias = b
-        self._versions = self._weight_versions()
-
-    def _weight_versions(self) -> tuple[int, ...]:
-        # in-place changes bump a tensor's version; tensors made under inference_mode have none
-        return tuple(-1 if m.weight.is_inference() else m.weight._version for m in self.linears)
-
     def __call__(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, *self._weights())
-        if self._packed is None or self._versions != self._weight_versions():
-            self._repack()
         x2 = x.reshape(-1, x.shape[-1])  # the kernels' fast path is 2-D
         if self.int8:
             # reduce_range: 7-bit activations, so int8 products cannot saturate without VNNI
@@ -97,6 +92,13 @@ class Packed:
         else:
             y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _refuse_training(module: nn.Module) -> None:
+    if module.training:
+        raise RuntimeError(
+            "a packed model is for inference: train the unpacked model (qkv.pack is the last step)"
+        )
 
 
 class PackedLinear(nn.Linear):
@@ -107,28 +109,54 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # shared, so tying survives
         self.packed = Packed([self], int8)
+        self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
+        _refuse_training(self)
         return self.packed(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", int8" if self.packed.int8 else ", packed")
 
 
-def pack(model: nn.Module, int8: bool = False, min_weights: int = MIN_WEIGHTS) -> nn.Module:
-    """Swap model's linear layers with at least `min_weights` weights for packed ones, in place,
-    for inference; returns the model (in eval mode). Packing twice, or a model that is not on
-    the CPU, changes nothing."""
+class PackedAttention(MultiHeadAttention):
+    """A MultiHeadAttention (same submodules and parameters) whose self-attention q/k/v
+    projection runs as one packed matrix: one matmul per decoding step for q, k and v."""
+
+    def __init__(self, attn: MultiHeadAttention, int8: bool = False):
+        nn.Module.__init__(self)
+        self.n_heads, self.d_head, self.dropout = attn.n_heads, attn.d_head, attn.dropout
+        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.out_proj = attn.out_proj
+        self.recorder, self.head_mask = attn.recorder, attn.head_mask
+        self.packed_qkv = Packed([self.q_proj, self.k_proj, self.v_proj], int8)
+        self.eval()
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _refuse_training(self)
+        q, k, v = self.packed_qkv(x).chunk(3, dim=-1)  # (B, T, D) each
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+
+def pack(model: nn.Module, int8: bool = False, min_weights: int | None = None) -> nn.Module:
+    """Swap model's linear layers with at least `min_weights` weights (and attention layers
+    whose q/k/v matrix has that many) for packed ones, in place, for inference; returns the
+    model in eval mode. Packing twice, or a model that is not on the CPU, changes nothing."""
     model.eval()
+    min_weights = min_weights_default() if min_weights is None else min_weights
     if not available(int8) or any(p.device.type != "cpu" for p in model.parameters()):
         return model
+    # self-attention first (cross-attention never projects q/k/v together), then the linears,
+    # including those inside the new PackedAttentions
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            big = (
+                type(child) is MultiHeadAttention and 3 * child.q_proj.weight.numel() >= min_weights
+            )
+            if big and name == "self_attn":
+                setattr(parent, name, PackedAttention(child, int8))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:
                 setattr(parent, name, PackedLinear(child, int8))
-        if (
-            isinstance(parent, MultiHeadAttention)
-            and 3 * parent.q_proj.weight.numel() >= min_weights
-        ):
-            parent.packed_qkv = Packed([parent.q_proj, parent.k_proj, parent.v_proj], int8)
     return model

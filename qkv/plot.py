@@ -38,7 +38,7 @@ def attention_grid(
         for head in range(n_heads):
             ax = axes[layer][head]
             ax.imshow(
-                weights[head].float().numpy(),
+                weights[head].float().cpu().numpy(),
                 cmap="viridis",
                 vmin=0.0,
                 vmax=1.0,
@@ -67,7 +67,11 @@ def alignment(
     """One labelled (T, S) heatmap: which source subword each output subword attended to."""
     fig, ax = plt.subplots(figsize=(0.45 * len(src_tokens) + 2, 0.35 * len(tgt_tokens) + 1.5))
     ax.imshow(
-        weights.float().numpy(), cmap="Blues", vmin=0.0, aspect="auto", interpolation="nearest"
+        weights.float().cpu().numpy(),
+        cmap="Blues",
+        vmin=0.0,
+        aspect="auto",
+        interpolation="nearest",
     )
     ax.set_xticks(range(len(src_tokens)), src_tokens, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=8)
@@ -88,7 +92,7 @@ def layer_head_table(
     kinds = list(values)
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 2.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
-        v = values[kind].float().numpy()
+        v = values[kind].float().cpu().numpy()
         ax.imshow(v, cmap=cmap, aspect="auto")
         for (i, j), x in np.ndenumerate(v):
             ax.text(

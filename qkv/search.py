@@ -1,11 +1,17 @@
-"""Decoding: greedy, beam search and sampling.
+"""Decoding: greedy, sampling and beam search, behind one entry point, `decode`.
 
 Search knows nothing about Transformers. It sees a `step(tokens, state) -> log_probs` function
-(tokens (N, 1) -> (N, V)) and a state with `select(index)` that keeps rows `index`, in that
-order. `model_step(model)` makes the pair from a qkv model; tests drive it with hand-written
-probability tables.
+(tokens (N, L) -> the last position's log-probabilities (N, V)) and a state with `select(index)`
+that keeps rows `index`, in that order. `model_step(model)` makes the pair from a qkv model;
+tests drive it with hand-written probability tables. Every tensor search makes lives on the
+device of `src_lengths`.
 
-Shapes: B sentences, K beam size, N = B * K rows, V vocabulary, L length so far.
+Decoding starts from `bos`, or from a given prefix (a prompt): the prefix is fed in one step and
+the output continues it. All three strategies edit the log-probabilities the same way before
+choosing (`edit_log_probs`); a DecodeConfig says which strategy and how.
+
+Shapes: B sentences, K beam size, N rows (B, or B * K in beam search), V vocabulary,
+P prefix length, L length so far.
 """
 
 from __future__ import annotations
@@ -18,8 +24,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .config import DecodeConfig
+
 
 class State(Protocol):
+    """What search needs of a decoding state (a KV cache): keep rows `index`, in that order."""
+
     def select(self, index: Tensor) -> None: ...
 
 
@@ -28,30 +38,9 @@ StepFn = Callable[[Tensor, Any], Tensor]
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]  # generated tokens, eos excluded
+    tokens: list[int]  # generated tokens: prefix and eos excluded
     score: float  # log_prob / length penalty: what beam search ranks by
     log_prob: float
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How many tokens an output may have before its end-of-sentence: at most a * src_len + b
-    (and at most `cap`), at least `min_len`.
-
-    at_max: what happens to an output that reaches the maximum: "eos" ends it with the
-    end-of-sentence token (scored like any other token); "stop" cuts it there without one, as
-    HF transformers' `max_new_tokens` does.
-    """
-
-    max_len_a: float = 1.5
-    max_len_b: int = 10
-    min_len: int = 0
-    cap: int = 256
-    at_max: str = "eos"
-
-    def max_lengths(self, src_lengths: Tensor) -> Tensor:
-        m = (self.max_len_a * src_lengths.float() + self.max_len_b).floor().long()
-        return m.clamp(min=max(self.min_len, 1), max=self.cap)
 
 
 def model_step(model: Any) -> StepFn:
@@ -63,7 +52,26 @@ def model_step(model: Any) -> StepFn:
     return step
 
 
-# --- logit edits: small pure functions applied in order --------------------------------------
+def max_lengths(cfg: DecodeConfig, src_lengths: Tensor, cap: int) -> Tensor:
+    """(B,) the most output tokens each input may get before eos: a * src_len + b, at most cap."""
+    m = (cfg.max_len_a * src_lengths.float() + cfg.max_len_b).floor().long()
+    return m.clamp(min=max(cfg.min_len, 1), max=max(cap, 1))
+
+
+def _start(prefix: Tensor | None, b: int, bos: int, device: torch.device) -> Tensor:
+    if prefix is None:
+        return torch.full((b, 1), bos, dtype=torch.long, device=device)  # (B, 1)
+    if prefix.dim() != 2 or prefix.shape[0] != b or prefix.shape[1] < 1:
+        raise ValueError(f"prefix must be (B={b}, P>=1) token ids, got {tuple(prefix.shape)}")
+    return prefix.to(device)  # (B, P)
+
+
+def _cap(max_positions: int | None, prefix_len: int) -> int:
+    """Output tokens that fit in the model's positions after a prefix of prefix_len."""
+    return 1 << 30 if max_positions is None else max_positions - prefix_len
+
+
+# --- logit edits: small pure functions, applied in order by edit_log_probs --------------------
 
 
 def force(log_probs: Tensor, token: int, where: Tensor) -> Tensor:
@@ -80,8 +88,7 @@ def no_repeat_ngram(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
     """Forbid any token that would complete an n-gram already present in that row's history."""
     if n <= 0 or history.shape[1] < n:
         return log_probs
-    hist = history.tolist()
-    for row, toks in enumerate(hist):
+    for row, toks in enumerate(history.tolist()):
         prefix = toks[len(toks) - (n - 1) :] if n > 1 else []
         for i in range(len(toks) - n + 1):
             if toks[i : i + n - 1] == prefix:
@@ -108,6 +115,27 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def edit_log_probs(
+    log_probs: Tensor,
+    t: int,
+    history: Tensor,
+    at_max: Tensor,
+    cfg: DecodeConfig,
+    eos: int,
+    pad: int | None,
+) -> Tensor:
+    """What every strategy does to step t's log-probabilities (N, V) before choosing: padding is
+    never generated, eos not before min_len, eos forced on rows at their maximum length (`at_max`
+    (N,) bool, when cfg.at_max == "eos"), no repeated n-gram of `history` (N, L)."""
+    if pad is not None and pad != eos:
+        log_probs[:, pad] = float("-inf")
+    if t < cfg.min_len:
+        log_probs[:, eos] = float("-inf")
+    if cfg.at_max == "eos":
+        log_probs = force(log_probs, eos, at_max)
+    return no_repeat_ngram(log_probs, history, cfg.no_repeat_ngram)
+
+
 def length_penalty(length: int, alpha: float, style: str = "gnmt") -> float:
     """What a finished hypothesis' log-prob is divided by. "gnmt": ((5 + L) / 6)^alpha (Wu et al.
     2016); "power": L^alpha (fairseq, HF transformers). alpha 0 = plain log-prob."""
@@ -118,55 +146,94 @@ def length_penalty(length: int, alpha: float, style: str = "gnmt") -> float:
     raise ValueError(f"unknown length penalty style {style!r}")
 
 
-# --- greedy and sampling ----------------------------------------------------------------------
+# --- one output per input: greedy and sampling -------------------------------------------------
+
+Choose = Callable[[Tensor], Tensor]  # edited log-probs (N, V) -> chosen tokens (N,)
 
 
 def greedy(
     step: StepFn,
     state: Any,
     src_lengths: Tensor,
+    cfg: DecodeConfig,
     *,
     bos: int,
     eos: int,
-    limits: Limits = Limits(),
-    no_repeat: int = 0,
     pad: int | None = None,
-    sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    max_positions: int | None = None,
+    prefix: Tensor | None = None,
 ) -> list[Hypothesis]:
-    """Take the most likely token each step (or sample one); the readable baseline and the
-    oracle for beam size 1. Finished sentences leave the batch."""
+    """Take the most likely token each step: the readable baseline, the oracle for beam size 1."""
+    return _one_per_row(
+        step,
+        state,
+        src_lengths,
+        cfg,
+        lambda lp: lp.argmax(-1),
+        bos,
+        eos,
+        pad,
+        max_positions,
+        prefix,
+    )
+
+
+def sample(
+    step: StepFn,
+    state: Any,
+    src_lengths: Tensor,
+    cfg: DecodeConfig,
+    *,
+    bos: int,
+    eos: int,
+    pad: int | None = None,
+    max_positions: int | None = None,
+    prefix: Tensor | None = None,
+) -> list[Hypothesis]:
+    """Draw each token from the model's distribution, sharpened by the temperature and cut to the
+    top k tokens and to the top-p nucleus; reproducible for a seed. The score is the model's
+    log-probability of what was drawn."""
+    generator = torch.Generator(device=src_lengths.device).manual_seed(cfg.seed)
+
+    def draw(log_probs: Tensor) -> Tensor:
+        logits = top_p_filter(top_k_filter(log_probs / cfg.temperature, cfg.top_k), cfg.top_p)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    return _one_per_row(step, state, src_lengths, cfg, draw, bos, eos, pad, max_positions, prefix)
+
+
+def _one_per_row(
+    step: StepFn,
+    state: Any,
+    src_lengths: Tensor,
+    cfg: DecodeConfig,
+    choose: Choose,
+    bos: int,
+    eos: int,
+    pad: int | None,
+    max_positions: int | None,
+    prefix: Tensor | None,
+) -> list[Hypothesis]:
+    """One row per input; each step appends `choose`'s token. Finished rows leave the batch."""
+    device = src_lengths.device
     b = src_lengths.shape[0]
-    max_len = limits.max_lengths(src_lengths)
+    last = _start(prefix, b, bos, device)  # (B, P): the first step feeds the whole prefix
+    limit = max_lengths(cfg, src_lengths, _cap(max_positions, last.shape[1]))  # (B,)
     out: list[list[int]] = [[] for _ in range(b)]
-    logp = [0.0] * b
-    rows = torch.arange(b)  # which sentence each live row is
-    last = torch.full((b, 1), bos, dtype=torch.long)
-    history = torch.empty(b, 0, dtype=torch.long)
-    for t in range(int(max_len.max()) + 1):
-        lp = step(last, state)  # (N, V)
-        if pad is not None and pad != eos:
-            lp[:, pad] = float("-inf")
-        if t < limits.min_len:
-            lp[:, eos] = float("-inf")
-        if limits.at_max == "eos":
-            lp = force(lp, eos, t >= max_len[rows])
-        lp = no_repeat_ngram(lp, history, no_repeat)
-        if sample:
-            logits = top_p_filter(top_k_filter(lp / temperature, top_k), top_p)
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-        else:
-            nxt = lp.argmax(-1)
-        chosen = lp.gather(1, nxt[:, None])[:, 0]
+    log_prob = [0.0] * b
+    rows = torch.arange(b, device=device)  # which input each live row is
+    history = torch.empty(b, 0, dtype=torch.long, device=device)  # (N, L) generated so far
+    for t in range(int(limit.max()) + 1):
+        at_max = t >= limit[rows]
+        log_probs = edit_log_probs(step(last, state), t, history, at_max, cfg, eos, pad)  # (N, V)
+        nxt = choose(log_probs)  # (N,)
+        chosen = log_probs.gather(1, nxt[:, None])[:, 0]
         is_eos = nxt == eos
-        done = is_eos | (t + 1 >= max_len[rows]) if limits.at_max == "stop" else is_eos
-        for r, tok, lpv, e in zip(
+        done = is_eos | (t + 1 >= limit[rows]) if cfg.at_max == "stop" else is_eos
+        for r, tok, lp, e in zip(
             rows.tolist(), nxt.tolist(), chosen.tolist(), is_eos.tolist(), strict=True
         ):
-            logp[r] += lpv
+            log_prob[r] += lp
             if not e:
                 out[r].append(tok)
         if done.all():
@@ -175,12 +242,24 @@ def greedy(
             keep = (~done).nonzero()[:, 0]
             state.select(keep)
             rows, nxt, history = rows[keep], nxt[keep], history[keep]
-        last = nxt[:, None]
+        last = nxt[:, None]  # (N, 1)
         history = torch.cat([history, last], 1)
-    return [Hypothesis(toks, lp, lp) for toks, lp in zip(out, logp, strict=True)]
+    return [Hypothesis(toks, lp, lp) for toks, lp in zip(out, log_prob, strict=True)]
 
 
 # --- beam search ------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidates:
+    """One beam-search step's top 2K extensions of each sentence still searched, best first:
+    (n, 2K) each."""
+
+    log_prob: Tensor  # of the whole prefix
+    origin: Tensor  # which of the sentence's K beams it extends
+    token: Tensor
+    finishing: Tensor  # bool: ends a hypothesis
+    live: Tensor  # bool: one of the K that go on
 
 
 @dataclass
@@ -190,16 +269,45 @@ class BeamTrace:
     prefix), score (length-normalised), kept ("live", "finished" or "" = pruned)."""
 
     trees: list[list[dict[str, Any]]] = field(default_factory=list)
+    _slot_node: list[list[int]] = field(default_factory=list)  # tree node behind each beam slot
 
-    def start(self, n_sentences: int, beam: int, bos: int) -> list[list[int]]:
-        root = dict(id=0, parent=None, step=-1, token=bos, log_prob=0.0, score=0.0, kept="live")
-        self.trees = [[dict(root)] for _ in range(n_sentences)]
-        return [[0] * beam for _ in range(n_sentences)]  # the tree node behind each beam slot
+    def start(self, n_sentences: int, beam: int, root_token: int) -> None:
+        root = dict(id=0, parent=None, step=-1, token=root_token, log_prob=0.0, score=0.0)
+        self.trees = [[dict(root, kept="live")] for _ in range(n_sentences)]
+        self._slot_node = [[0] * beam for _ in range(n_sentences)]
 
-    def add(self, sentence: int, parent: int, **fields: Any) -> int:
-        tree = self.trees[sentence]
-        tree.append(dict(id=len(tree), parent=parent, **fields))
-        return len(tree) - 1
+    def record(self, sentences: Tensor, t: int, norm: float, c: Candidates) -> None:
+        """Add one step's candidates: in rank order, until K live ones are found (the ranks
+        search looked at)."""
+        k = len(self._slot_node[0])
+        new_slot_node = [list(row) for row in self._slot_node]
+        lps, origins, toks = c.log_prob.tolist(), c.origin.tolist(), c.token.tolist()
+        fin, liv = c.finishing.tolist(), c.live.tolist()
+        for i, s in enumerate(sentences.tolist()):
+            tree, n_live = self.trees[s], 0
+            for rank in range(2 * k):
+                total = lps[i][rank]
+                if total == float("-inf"):
+                    break
+                kept = "finished" if fin[i][rank] else "live" if liv[i][rank] else ""
+                parent = self._slot_node[s][origins[i][rank]]
+                tree.append(
+                    dict(
+                        id=len(tree),
+                        parent=parent,
+                        step=t,
+                        token=toks[i][rank],
+                        log_prob=total,
+                        score=total / norm,
+                        kept=kept,
+                    )
+                )
+                if kept == "live":
+                    new_slot_node[s][n_live] = len(tree) - 1
+                    n_live += 1
+                if n_live == k:
+                    break
+        self._slot_node = new_slot_node
 
     def tokens(self, sentence: int, node: int) -> list[int]:
         """The tokens from the start (excluded) to `node` (included)."""
@@ -214,19 +322,16 @@ def beam_search(
     step: StepFn,
     state: Any,
     src_lengths: Tensor,
+    cfg: DecodeConfig,
     *,
     bos: int,
     eos: int,
-    beam: int = 5,
-    alpha: float = 0.6,
-    penalty: str = "gnmt",
-    nbest: int = 1,
-    limits: Limits = Limits(),
-    no_repeat: int = 0,
     pad: int | None = None,
+    max_positions: int | None = None,
+    prefix: Tensor | None = None,
     trace: BeamTrace | None = None,
 ) -> list[list[Hypothesis]]:
-    """Keep the K best partial translations of each sentence; return each sentence's n best.
+    """Keep the K best partial outputs of each sentence; return each sentence's n best.
 
     Layout: the sentences still being searched, K rows each (N = n * K rows). Each step scores
     all K*V extensions of a sentence's beams and takes the top 2K: among those, an
@@ -234,72 +339,69 @@ def beam_search(
     stay alive. Taking 2K guarantees K live ones even if up to K of them end. A sentence is done
     when it has K finished hypotheses and its best live beam, scored as if it ended now, cannot
     beat the worst of them; its rows then leave the batch.
-    Scores are log-probabilities divided by the length penalty (length includes eos). The `pad`
-    token, if given, is never generated.
+    Scores are log-probabilities divided by the length penalty (length includes eos).
     `state` must hold B rows; it is expanded to B*K here, then reordered and shrunk with one
     select per step. The choices are made on tensors for all sentences at once; Python only
     touches the few candidates that finish (and every candidate when `trace` records the tree).
     """
-    if nbest > beam:
-        raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam})")
-    b, k = src_lengths.shape[0], beam
-    max_len = limits.max_lengths(src_lengths)  # (B,)
-    state.select(torch.arange(b).repeat_interleave(k))
-    sent = torch.arange(b)  # (n,) the sentence behind each group of K rows
-    tokens = torch.full((b * k, 1), bos, dtype=torch.long)  # (N, L), bos included
+    device = src_lengths.device
+    b, k = src_lengths.shape[0], cfg.beam
+    start = _start(prefix, b, bos, device)  # (B, P)
+    p = start.shape[1]
+    limit = max_lengths(cfg, src_lengths, _cap(max_positions, p))  # (B,)
+    state.select(torch.arange(b, device=device).repeat_interleave(k))
+    sent = torch.arange(b, device=device)  # (n,) the sentence behind each group of K rows
+    tokens = start.repeat_interleave(k, dim=0)  # (N, L), the prefix included
     # only the first beam of each sentence is live at the start, so we do not get K copies
-    scores = torch.full((b, k), float("-inf"))
+    scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
-    slot_node = trace.start(b, k, bos) if trace is not None else None
-    first_k = torch.arange(2 * k) < k  # (2K,) ranks that may finish a hypothesis
+    if trace is not None:
+        trace.start(b, k, int(start[0, -1]))
+    first_k = torch.arange(2 * k, device=device) < k  # (2K,) ranks that may finish a hypothesis
 
-    for t in range(int(max_len.max()) + 1):
+    for t in range(int(limit.max()) + 1):
         n = len(sent)
-        lp = step(tokens[:, -1:], state)  # (N, V)
-        v = lp.shape[-1]
-        if pad is not None and pad != eos:
-            lp[:, pad] = float("-inf")
-        if t < limits.min_len:
-            lp[:, eos] = float("-inf")
-        if limits.at_max == "eos":
-            lp = force(lp, eos, (t >= max_len[sent]).repeat_interleave(k))
-        lp = no_repeat_ngram(lp, tokens[:, 1:], no_repeat)
-        cand = (scores.view(-1, 1) + lp).view(n, k * v)  # (n, K*V) total log-probs
-        top_lp, top_idx = cand.topk(2 * k, dim=1)  # (n, 2K), best first
+        feed = tokens if t == 0 else tokens[:, -1:]  # (N, P) first, then (N, 1)
+        at_max = (t >= limit[sent]).repeat_interleave(k)  # (N,)
+        log_probs = edit_log_probs(step(feed, state), t, tokens[:, p:], at_max, cfg, eos, pad)
+        v = log_probs.shape[-1]
+        total = (scores.view(-1, 1) + log_probs).view(n, k * v)  # (n, K*V) whole-prefix log-probs
+        top_lp, top_idx = total.topk(2 * k, dim=1)  # (n, 2K), best first
         origin, token = top_idx // v, top_idx % v  # which beam, which token
-        norm = length_penalty(t + 1, alpha, penalty)
+        norm = length_penalty(t + 1, cfg.alpha, cfg.penalty)
 
         possible = top_lp > float("-inf")
         ends = token == eos
-        if limits.at_max == "stop":  # the last allowed token: every candidate ends here
-            ends |= (t + 1 >= max_len[sent])[:, None]
-        finishing = ends & possible & first_k
+        if cfg.at_max == "stop":  # the last allowed token: every candidate ends here
+            ends |= (t + 1 >= limit[sent])[:, None]
         going = ~ends & possible
-        live = going & (going.cumsum(1) <= k)  # the best K candidates that go on
+        c = Candidates(
+            top_lp, origin, token, ends & possible & first_k, going & (going.cumsum(1) <= k)
+        )
         # the live candidates first, in rank order (a stable sort on "not live")
-        pick = (~live).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # (n, K)
-        new_scores = top_lp.gather(1, pick).masked_fill(~live.gather(1, pick), float("-inf"))
-        new_origin, new_token = origin.gather(1, pick), token.gather(1, pick)
+        pick = (~c.live).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]  # (n, K)
+        new_scores = top_lp.gather(1, pick).masked_fill(~c.live.gather(1, pick), float("-inf"))
+        new_origin, new_token = origin.gather(1, pick), token.gather(1, pick)  # (n, K)
 
-        for i, rank in finishing.nonzero().tolist():  # a few per step
+        for i, rank in c.finishing.nonzero().tolist():  # a few per step
             s, o, tok = int(sent[i]), int(origin[i, rank]), int(token[i, rank])
-            seq = tokens[i * k + o, 1:].tolist() + ([] if tok == eos else [tok])
-            total = float(top_lp[i, rank])
-            finished[s].append(Hypothesis(seq, total / norm, total))
+            seq = tokens[i * k + o, p:].tolist() + ([] if tok == eos else [tok])
+            lp = float(top_lp[i, rank])
+            finished[s].append(Hypothesis(seq, lp / norm, lp))
             finished[s].sort(key=lambda h: -h.score)
             del finished[s][k:]
-        if trace is not None and slot_node is not None:
-            slot_node = _trace_step(
-                trace, slot_node, sent, t, norm, top_lp, origin, token, finishing, live, k
-            )
+        if trace is not None:
+            trace.record(sent, t, norm, c)
 
         # Done: K finished, and no live beam ending now would beat the worst of them. (The
         # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
         sents = sent.tolist()
-        full = torch.tensor([len(finished[s]) >= k for s in sents])
-        worst = torch.tensor([finished[s][-1].score if finished[s] else 0.0 for s in sents])
-        done = ~live.any(1) | (full & (new_scores[:, 0] / norm <= worst))
+        full = torch.tensor([len(finished[s]) >= k for s in sents], device=device)
+        worst = [finished[s][-1].score if finished[s] else 0.0 for s in sents]
+        done = ~c.live.any(1) | (
+            full & (new_scores[:, 0] / norm <= torch.tensor(worst, device=device))
+        )
         if done.all():
             break
         keep = (~done).nonzero()[:, 0]  # (n',) the sentences that go on
@@ -308,50 +410,37 @@ def beam_search(
         tokens = torch.cat([tokens[index], new_token[keep].view(-1, 1)], 1)
         scores, sent = new_scores[keep], sent[keep]
 
-    # sentences that ran out of length without K finished hypotheses keep what they have
+    # sentences that ran out of length without a finished hypothesis keep an empty one
     for i in range(b):
         if not finished[i]:  # cannot happen when max length forces eos; kept for safety
             finished[i].append(Hypothesis([], -math.inf, -math.inf))
-    return [f[:nbest] for f in finished]
+    return [f[: cfg.nbest] for f in finished]
 
 
-def _trace_step(
-    trace: BeamTrace,
-    slot_node: list[list[int]],
-    sent: Tensor,
-    t: int,
-    norm: float,
-    top_lp: Tensor,
-    origin: Tensor,
-    token: Tensor,
-    finishing: Tensor,
-    live: Tensor,
-    k: int,
-) -> list[list[int]]:
-    """Record one step's candidates in the beam tree: in rank order, until K live ones are
-    found (the ranks search looked at). Returns the tree node behind each new beam slot."""
-    new_slot_node = [list(row) for row in slot_node]
-    lps, origins, toks = top_lp.tolist(), origin.tolist(), token.tolist()
-    fin, liv = finishing.tolist(), live.tolist()
-    for i, s in enumerate(sent.tolist()):
-        n_live = 0
-        for rank in range(2 * k):
-            total = lps[i][rank]
-            if total == float("-inf"):
-                break
-            kept = "finished" if fin[i][rank] else "live" if liv[i][rank] else ""
-            node = trace.add(
-                s,
-                slot_node[s][origins[i][rank]],
-                step=t,
-                token=toks[i][rank],
-                log_prob=total,
-                score=total / norm,
-                kept=kept,
-            )
-            if kept == "live":
-                new_slot_node[s][n_live] = node
-                n_live += 1
-            if n_live == k:
-                break
-    return new_slot_node
+def decode(
+    step: StepFn,
+    state: Any,
+    src_lengths: Tensor,
+    cfg: DecodeConfig,
+    *,
+    bos: int,
+    eos: int,
+    pad: int | None = None,
+    max_positions: int | None = None,
+    prefix: Tensor | None = None,
+    trace: BeamTrace | None = None,
+) -> list[list[Hypothesis]]:
+    """Decode a batch as `cfg` says: each input's n-best list (one hypothesis unless beam search
+    asks for more). `max_positions` is the model's position limit, prefix included; `trace`
+    (beam search only) receives the search tree of this very search."""
+    kw = dict(bos=bos, eos=eos, pad=pad, max_positions=max_positions, prefix=prefix)
+    if trace is not None and cfg.strategy != "beam":
+        raise ValueError("a search trace needs beam search")
+    match cfg.strategy:
+        case "greedy":
+            return [[h] for h in greedy(step, state, src_lengths, cfg, **kw)]
+        case "sample":
+            return [[h] for h in sample(step, state, src_lengths, cfg, **kw)]
+        case "beam":
+            return beam_search(step, state, src_lengths, cfg, trace=trace, **kw)
+    raise AssertionError(cfg.strategy)  # DecodeConfig validated it

@@ -1,15 +1,54 @@
-"""Subwords: one joint BPE vocabulary for source and target, trained with HF `tokenizers`.
+"""Tokenizers: text <-> token ids. One interface (`Tokenizer`), implemented by
 
-Text is NFC-normalised and split on whitespace the sentencepiece way (a leading '▁' marks a word
-start), so decoding gives back the original text for ordinary input.
+- Subwords: one joint BPE vocabulary for source and target, trained with HF `tokenizers`. Text
+  is NFC-normalised and split on whitespace the sentencepiece way (a leading '▁' marks a word
+  start), so decoding gives back the original text for ordinary input;
+- MarianVocab: an imported Marian (OPUS-MT) model's sentencepiece models and vocabulary.
+
+`load_tokenizer(model_dir, config)` finds whichever a model directory holds.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from .config import ModelConfig
+
+
+class Tokenizer(Protocol):
+    """What the rest of qkv needs of a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def unk_id(self) -> int: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Source texts -> ids, without special tokens."""
+        ...
+
+    def encode_target_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Target texts (references) -> ids, without special tokens."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Target ids -> text; special tokens are dropped."""
+        ...
+
+    def id_to_token(self, i: int) -> str: ...
+
+    def save(self, directory: Path) -> None:
+        """Write what load_tokenizer reads back into a model directory."""
+        ...
+
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, as ModelConfig's defaults expect
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -23,7 +62,12 @@ ALPHABET += list("‘’‚“”„–—…•€™")
 class Subwords:
     """Text <-> token ids, a thin wrapper over a `tokenizers.Tokenizer`."""
 
-    def __init__(self, tok: Tokenizer):
+    FILE = "tokenizer.json"
+    unk_id = UNK
+    # the ids this tokenizer gives its special tokens, as ModelConfig fields
+    special_ids = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS}
+
+    def __init__(self, tok: HFTokenizer):
         self.tok = tok
         for i, s in enumerate(SPECIALS):
             if tok.token_to_id(s) != i:
@@ -33,7 +77,7 @@ class Subwords:
     def train(
         cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2
     ) -> Subwords:
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok = HFTokenizer(models.BPE(unk_token="<unk>"))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
@@ -49,10 +93,13 @@ class Subwords:
 
     @classmethod
     def load(cls, path: str | Path) -> Subwords:
-        return cls(Tokenizer.from_file(str(path)))
+        return cls(HFTokenizer.from_file(str(path)))
 
-    def save(self, path: str | Path) -> None:
-        self.tok.save(str(path))
+    def to_str(self) -> str:
+        return self.tok.to_str()
+
+    def save(self, directory: Path) -> None:
+        self.tok.save(str(Path(directory) / self.FILE))
 
     @property
     def vocab_size(self) -> int:
@@ -64,8 +111,7 @@ class Subwords:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
-    def tokens(self, text: str) -> list[str]:
-        return self.tok.encode(text, add_special_tokens=False).tokens
+    encode_target_batch = encode_batch  # one joint vocabulary
 
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i) or "<unk>"
@@ -74,5 +120,64 @@ class Subwords:
         ids = [i for i in ids if i >= len(SPECIALS) or i == UNK]  # drop pad/bos/eos, keep unk
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
+
+class MarianVocab:
+    """Marian's tokenization: sentencepiece pieces (source.spm, target.spm) looked up in
+    vocab.json (and target_vocab.json when the target has its own)."""
+
+    DIR = "marian"
+    FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json")
+
+    def __init__(self, directory: str | Path, cfg: ModelConfig):
+        import sentencepiece as spm  # optional: only imported models need it
+
+        d = self.directory = Path(directory)
+        self.src_sp = spm.SentencePieceProcessor(model_file=str(d / "source.spm"))
+        tgt = d / "target.spm"
+        self.tgt_sp = spm.SentencePieceProcessor(
+            model_file=str(tgt if tgt.is_file() else d / "source.spm")
+        )
+        self.vocab: dict[str, int] = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+        tv = d / "target_vocab.json"
+        self.tgt_vocab = json.loads(tv.read_text(encoding="utf-8")) if tv.is_file() else self.vocab
+        self.tgt_pieces = {i: p for p, i in self.tgt_vocab.items()}
+        self.specials = {cfg.pad_id, cfg.eos_id, cfg.bos_id}
+        self.unk_id = self.vocab.get("<unk>", 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @staticmethod
+    def _ids(sp, vocab: dict[str, int], texts: Sequence[str]) -> list[list[int]]:
+        unk = vocab.get("<unk>", 1)
+        return [[vocab.get(p, unk) for p in sp.encode(t, out_type=str)] for t in texts]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._ids(self.src_sp, self.vocab, texts)
+
+    def encode_target_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._ids(self.tgt_sp, self.tgt_vocab, texts)
+
+    def id_to_token(self, i: int) -> str:
+        return self.tgt_pieces.get(i, "<unk>")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        pieces = [self.tgt_pieces.get(i, "<unk>") for i in ids if i not in self.specials]
+        return self.tgt_sp.decode_pieces(pieces)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / self.DIR).mkdir(exist_ok=True)
+        for f in self.FILES:
+            if (self.directory / f).is_file():
+                shutil.copyfile(self.directory / f, Path(directory) / self.DIR / f)
+
+
+def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> Tokenizer | None:
+    """The tokenizer saved in a model directory, or None if it has none."""
+    d = Path(directory)
+    if (d / Subwords.FILE).is_file():
+        return Subwords.load(d / Subwords.FILE)
+    if (d / MarianVocab.DIR / "vocab.json").is_file():
+        return MarianVocab(d / MarianVocab.DIR, cfg)
+    return None

@@ -6,6 +6,7 @@ import torch
 from qkv.config import ModelConfig
 from qkv.models import from_config
 from qkv.presets import PRESETS
+from qkv.tasks import task_for
 from qkv.train import train
 
 
@@ -71,7 +72,7 @@ def tiny_run(corpus, out, **overrides):
         src_file=str(root / "train.de"), tgt_file=str(root / "train.en"), threads=1, **overrides
     )
     logs: list[str] = []
-    trainer = train(model_cfg, cfg, out, log=logs.append)
+    trainer = train(task_for(cfg), model_cfg, cfg, out, log=logs.append)
     return trainer, logs
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from qkv import checkpoint, plot
+from qkv.config import DecodeConfig
 from qkv.explain import explain
-from qkv.inspect import ablate, attention_modules, mask_heads, record_attention
-from qkv.translate import DecodeOptions, Translator
+from qkv.inspect import AttentionKind, ablate, attention_modules, mask_heads, record_attention
+from qkv.translate import Translator
 
 
 @pytest.fixture(scope="module")
@@ -19,32 +20,45 @@ def translator(trained):
 
 def test_greedy_recording_during_generation_equals_teacher_forced(translator, corpus):
     _, src, _ = corpus
-    e = explain(translator, src[0], DecodeOptions(greedy=True))
-    ids = translator.tok.encode(e.translation)
+    e = explain(translator, src[0], DecodeConfig(strategy="greedy"))
+    ids = translator.tokenizer.encode(e.translation)
     model = translator.model
     s = torch.tensor([translator.encode_sources([src[0]])[0]])
     with torch.no_grad(), record_attention(model) as rec:
         model(s, torch.tensor([[1] + ids]))
     kinds = {
-        "encoder self": "encoder.layers.{}.self_attn",
-        "decoder self": "decoder.layers.{}.self_attn",
-        "cross": "decoder.layers.{}.cross_attn",
+        AttentionKind.ENCODER_SELF: "encoder.layers.{}.self_attn",
+        AttentionKind.DECODER_SELF: "decoder.layers.{}.self_attn",
+        AttentionKind.CROSS: "decoder.layers.{}.cross_attn",
     }
     for kind, pattern in kinds.items():
         for layer, w in enumerate(e.attention[kind]):
             torch.testing.assert_close(w, rec.last(pattern.format(layer))[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]), atol=1e-5, rtol=1e-5)
-    assert e.attention["cross"][0].shape[1:] == (len(e.tgt_in), len(e.src_tokens))
+    assert e.attention[AttentionKind.CROSS][0].shape[1:] == (len(e.tgt_in), len(e.src_tokens))
     assert len(e.tgt_in) == len(e.tgt_out) and e.tgt_out[-1] == "</s>"
 
 
 def test_beam_explanation_follows_the_chosen_hypothesis(translator, corpus):
     _, src, _ = corpus
-    opts = DecodeOptions(beam=3)
+    opts = DecodeConfig(beam=3)
     e = explain(translator, src[1], opts)
     assert e.translation == translator.translate_best([src[1]], opts)[0]
     assert e.mode == "beam 3"
-    assert e.attention["decoder self"][0].shape[-1] == len(e.tgt_in)
+    assert e.attention[AttentionKind.DECODER_SELF][0].shape[-1] == len(e.tgt_in)
+
+
+def test_sampled_explanation_samples(translator, corpus):
+    """explain with sampling explains the sampled output (it once silently decoded greedily)."""
+    _, src, _ = corpus
+    outputs = set()
+    for seed in range(6):
+        cfg = DecodeConfig(strategy="sample", seed=seed, temperature=3.0)
+        e = explain(translator, src[2], cfg)
+        assert e.mode == f"sample (seed {seed})"
+        assert e.translation == translator.translate_best([src[2]], cfg)[0]
+        outputs.add(e.translation)
+    assert len(outputs) > 1  # hot sampling varies with the seed; greedy would not
 
 
 def test_masking_no_head_is_exact_and_one_head_is_local(tiny):
@@ -190,7 +204,7 @@ def test_attention_page_draws_the_chosen_head(browser, translator, corpus, tmp_p
 
 def translator_dir(translator, tmp_path):
     path = tmp_path / "model"
-    checkpoint.save(path, translator.model, translator.tok, {})
+    checkpoint.save(path, translator.model, translator.tokenizer, {})
     return path
 
 
@@ -237,23 +251,23 @@ def test_beam_trace_matches_the_search_and_renders(browser, translator, corpus, 
 
 
 def test_probe_report(translator, corpus, tmp_path):
-    from qkv.probe import run_probe
+    from qkv.probe import probe
+    from qkv.probe_report import write_report
 
     _, src, tgt = corpus
     pairs = list(zip(src[:12], tgt[:12], strict=True))
-    report = run_probe(
-        translator, pairs, tmp_path, beam=2, receptive_sentences=4, log=lambda m: None
-    )
+    report = probe(translator, pairs, beam=2, receptive_sentences=4, log=lambda m: None)
     n_heads = len(attention_modules(translator.model)) * 4
-    assert len(report["single_head"]) == n_heads
-    assert report["pruning"][0]["bleu"] == pytest.approx(report["search"]["greedy_bleu"])
-    assert report["pruning"][0]["heads_removed"] == 0
-    rf = report["receptive_field"]["0.01"]
+    assert len(report.single_head) == n_heads
+    assert report.pruning[0].bleu == pytest.approx(report.greedy_bleu)
+    assert report.pruning[0].heads_removed == 0
+    rf = report.receptive_field[0.01]
     assert rf[0] == 1.0  # embeddings: only the position itself
     longest = max(len(ids) for ids in translator.encode_sources(src[:4]))
     assert all(1.0 <= c <= longest for c in rf), rf
-    for ent in report["focus"]["cross"]["entropy"]:
+    for ent in report.focus[AttentionKind.CROSS]["entropy"]:
         assert all(e >= 0 for e in ent)
+    write_report(report, tmp_path)
     for name in (
         "report.md",
         "report.json",
@@ -265,3 +279,5 @@ def test_probe_report(translator, corpus, tmp_path):
     ):
         assert (tmp_path / name).stat().st_size > 0
     assert "## Redundancy" in (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["receptive_field"]["0.01"] == rf and "cross" in data["focus"]

@@ -7,9 +7,10 @@ import torch
 import transformers  # noqa: E402  (a test-only dependency, in the [test] extra)
 
 from qkv import checkpoint
+from qkv.config import DecodeConfig
 from qkv.marian import MarianImportError, convert
 from qkv.packed import pack
-from qkv.search import Limits, beam_search, greedy, model_step
+from qkv.search import decode, model_step
 
 V, PAD, EOS = 60, 59, 0
 MAX_NEW = 24
@@ -119,24 +120,19 @@ def test_search_outputs_identical(hf_model, converted, packed, beam, max_new, pa
             bad_words_ids=[[PAD]],
             min_length=0,
         )
-        limits = Limits(max_len_a=0, max_len_b=max_new, at_max="stop")  # HF's max_new_tokens
-        kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=limits)
+        # the settings `qkv translate --penalty power --alpha 1 --at-max stop` gives
+        cfg = DecodeConfig(
+            strategy="greedy" if beam == 1 else "beam",
+            beam=beam,
+            alpha=1.0,
+            penalty="power",
+            max_len_a=0,
+            max_len_b=max_new,  # HF's max_new_tokens
+            at_max="stop",
+        )
         state = converted.start(src)
-        if beam == 1:
-            ours = [h.tokens for h in greedy(model_step(converted), state, lengths, **kw)]
-        else:
-            ours = [
-                n[0].tokens
-                for n in beam_search(
-                    model_step(converted),
-                    state,
-                    lengths,
-                    beam=beam,
-                    alpha=1.0,
-                    penalty="power",
-                    **kw,
-                )
-            ]
+        hyps = decode(model_step(converted), state, lengths, cfg, bos=PAD, eos=EOS, pad=PAD)
+        ours = [n[0].tokens for n in hyps]
     want = _hf_outputs(hf)
     if max_new == MAX_NEW:
         assert len({len(w) for w in want}) > 1  # varied output lengths
@@ -197,7 +193,8 @@ def test_cli_import_and_translate_text(hf_model, tmp_path, capsys):
     (hf / "vocab.json").write_text(json.dumps(vocab))
     assert main(["import-marian", str(hf), "--out", str(tmp_path / "qkv")]) == 0
     model, tok, _ = checkpoint.load(tmp_path / "qkv")
-    assert tok.decode(tok.encode("noch ein kleiner Satz")) == "noch ein kleiner Satz"
+    (ids,) = tok.encode_target_batch(["noch ein kleiner Satz"])
+    assert tok.decode(ids) == "noch ein kleiner Satz"
     capsys.readouterr()
     (tmp_path / "in.txt").write_text("ein kleiner Test\n")
     assert (
@@ -217,3 +214,46 @@ def test_cli_import_and_translate_text(hf_model, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
     assert main(["import-marian", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+class DigitsTokenizer:
+    """A stand-in for Marian's sentencepiece vocabulary: "5 7 9" <-> ids [5, 7, 9]."""
+
+    vocab_size, unk_id = V, 1
+
+    def encode_batch(self, texts):
+        return [[int(w) for w in t.split()] for t in texts]
+
+    encode_target_batch = encode_batch
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids if i not in (PAD, EOS))
+
+    def id_to_token(self, i):
+        return str(i)
+
+
+def test_probe_uses_marian_ids(hf_model, converted):
+    """The probe's loss on an imported model is HF's loss on the same pairs: Marian's padding,
+    start and end ids (59, 59, 0), not qkv's 0/1/2."""
+    from qkv.probe import Prober
+    from qkv.translate import Translator
+
+    g = torch.Generator().manual_seed(4)
+    pairs = []
+    for n, m in ((5, 3), (2, 6), (7, 7)):
+        src, tgt = (
+            torch.randint(1, V - 1, (n,), generator=g),
+            torch.randint(1, V - 1, (m,), generator=g),
+        )
+        pairs.append((" ".join(map(str, src.tolist())), " ".join(map(str, tgt.tolist()))))
+    prober = Prober(Translator(converted, DigitsTokenizer()), pairs, log=lambda m: None)
+    ours = prober.loss()
+    src = [[int(w) for w in s.split()] + [EOS] for s, _ in pairs]
+    labels = [[int(w) for w in t.split()] + [EOS] for _, t in pairs]
+    width_s, width_t = max(map(len, src)), max(map(len, labels))
+    ids = torch.tensor([s + [PAD] * (width_s - len(s)) for s in src])
+    lab = torch.tensor([t + [-100] * (width_t - len(t)) for t in labels])
+    with torch.no_grad():
+        want = hf_model(input_ids=ids, attention_mask=(ids != PAD).long(), labels=lab).loss
+    assert ours == pytest.approx(want.item(), rel=1e-5)

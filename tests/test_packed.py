@@ -3,10 +3,10 @@ error bound), and a packed model is the same model: same outputs, state dict, ty
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qkv.packed import Packed, PackedLinear, available, pack
+from qkv.attention import MultiHeadAttention
+from qkv.packed import Packed, PackedAttention, PackedLinear, available, pack
 
 pytestmark = pytest.mark.skipif(not available(), reason="PyTorch built without oneDNN")
 
@@ -56,18 +56,15 @@ def test_fused_projections_are_concatenated_outputs():
         Packed([a, _linear(bias=False)])
 
 
-def test_repacks_after_in_place_change_and_keeps_gradients():
+def test_packed_once_refuses_training_and_keeps_gradients():
     lin = _linear()
     packed = PackedLinear(lin)
     x = torch.randn(4, 48)
-    with torch.inference_mode():
-        before = packed(x)
-    with torch.no_grad():
-        lin.weight.mul_(2.0)  # as an optimizer step does
-    with torch.inference_mode():
-        torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
-        assert not torch.allclose(packed(x), before)
-    packed(x).sum().backward()  # with gradients enabled it is nn.Linear's math
+    packed.train()
+    with pytest.raises(RuntimeError, match="inference"):
+        packed(x)
+    packed.eval()
+    packed(x).sum().backward()  # with gradients enabled it is nn.Linear's math, live weights
     torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(40, 48))
 
 
@@ -96,8 +93,11 @@ def test_packed_model_is_the_same_model(tiny, int8):
     torch.testing.assert_close(steps, want, atol=tol, rtol=0)
     if int8:
         assert not torch.allclose(got, want, atol=1e-4, rtol=0)
-    # training a packed model: the gradients are nn.Linear's
-    model.train(), plain.train()
+    # a packed model does not train (its packed copies would go stale) ...
+    with pytest.raises(RuntimeError, match="inference"):
+        model.train()(src, tgt)
+    # ... but gradients through it (e.g. for saliency) are nn.Linear's
+    model.eval()
     model(src, tgt).sum().backward()
     plain(src, tgt).sum().backward()
     name = "decoder.layers.0.self_attn.q_proj.weight"
@@ -110,7 +110,7 @@ def test_small_layers_stay_plain(tiny):
     ff = model.decoder.layers[0].ff
     assert isinstance(ff.fc1, PackedLinear) and isinstance(ff.fc2, PackedLinear)  # 32 x 4096
     attn = model.decoder.layers[0].self_attn
-    assert type(attn.q_proj) is nn.Linear and attn.packed_qkv is None  # 32 x 32
+    assert type(attn.q_proj) is nn.Linear and type(attn) is MultiHeadAttention  # 32 x 32
 
 
 def test_model_built_under_inference_mode():
@@ -118,3 +118,10 @@ def test_model_built_under_inference_mode():
         lin = _linear()
         x = torch.randn(3, 48)
         torch.testing.assert_close(PackedLinear(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pack_swaps_self_attention_for_a_fused_projection(tiny):
+    model = pack(tiny(), min_weights=0)
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attn, PackedAttention)
+    assert type(layer.cross_attn) is MultiHeadAttention  # never projects q/k/v together

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from qkv.config import DecodeConfig
 from qkv.search import (
     BeamTrace,
-    Limits,
     beam_search,
+    decode,
     greedy,
     model_step,
     no_repeat_ngram,
@@ -28,38 +29,43 @@ TABLE = {
 }
 
 
-class PrefixState:
-    """The stub's 'cache': each row's tokens so far. select() reorders rows like a KV cache."""
+# A second sentence's table: another winner ([B, B]), so rows mixed up between sentences show.
+TABLE2 = {
+    (): {B: 0.9, A: 0.1},
+    (B,): {B: 0.8, EOS: 0.2},
+    (B, B): {EOS: 1.0},
+}
 
-    def __init__(self, n: int):
+
+class PrefixState:
+    """The stub's 'cache': each row's sentence and tokens so far. select() reorders rows like a
+    KV cache."""
+
+    def __init__(self, n: int, tables=None):
         self.prefixes: list[tuple[int, ...]] = [()] * n
+        self.tables = list(tables or [TABLE] * n)
         self.selects = 0
 
     def select(self, index: torch.Tensor) -> None:
         self.prefixes = [self.prefixes[i] for i in index.tolist()]
+        self.tables = [self.tables[i] for i in index.tolist()]
         self.selects += 1
 
 
 def table_step(tokens: torch.Tensor, state: PrefixState) -> torch.Tensor:
-    state.prefixes = [p + (t,) for p, t in zip(state.prefixes, tokens[:, 0].tolist(), strict=True)]
+    rows = tokens.tolist()  # (N, L): a whole prefix on the first step, then one token
+    state.prefixes = [p + tuple(t) for p, t in zip(state.prefixes, rows, strict=True)]
     out = torch.full((len(state.prefixes), V), float("-inf"))
-    for row, prefix in enumerate(state.prefixes):
-        for tok, p in TABLE.get(prefix[1:], {EOS: 1.0}).items():  # prefix[0] is bos
+    for row, (prefix, table) in enumerate(zip(state.prefixes, state.tables, strict=True)):
+        for tok, p in table.get(prefix[1:], {EOS: 1.0}).items():  # prefix[0] is bos
             out[row, tok] = math.log(p)
     return out
 
 
-def run_beam(beam=2, alpha=0.0, nbest=2, n=1, **kw):
+def run_beam(beam=2, alpha=0.0, nbest=2, n=1, trace=None, **cfg):
+    cfg = DecodeConfig(beam=beam, alpha=alpha, nbest=nbest, **cfg)
     return beam_search(
-        table_step,
-        PrefixState(n),
-        torch.full((n,), 3),
-        bos=BOS,
-        eos=EOS,
-        beam=beam,
-        alpha=alpha,
-        nbest=nbest,
-        **kw,
+        table_step, PrefixState(n), torch.full((n,), 3), cfg, bos=BOS, eos=EOS, trace=trace
     )
 
 
@@ -86,20 +92,87 @@ def test_length_penalty_flips_the_winner():
 
 def test_beam_one_is_greedy_on_the_table():
     (hyps,) = run_beam(beam=1, nbest=1)
-    (g,) = greedy(table_step, PrefixState(1), torch.tensor([3]), bos=BOS, eos=EOS)
+    greedy_cfg = DecodeConfig(strategy="greedy")
+    (g,) = greedy(table_step, PrefixState(1), torch.tensor([3]), greedy_cfg, bos=BOS, eos=EOS)
     assert hyps[0].tokens == g.tokens == [A]
     assert g.log_prob == pytest.approx(math.log(0.3))
 
 
 def test_batched_beams_are_independent():
-    together = run_beam(n=3)
-    assert together == [run_beam(n=1)[0]] * 3
+    """Sentences with different tables in one batch get what each gets alone."""
+    cfg = DecodeConfig(beam=2, nbest=2, alpha=0.0)
+    tables = [TABLE, TABLE2, TABLE, TABLE2]
+
+    def run(ts):
+        state = PrefixState(len(ts), ts)
+        return beam_search(table_step, state, torch.full((len(ts),), 3), cfg, bos=BOS, eos=EOS)
+
+    together = run(tables)
+    alone = [run([t])[0] for t in tables]
+    assert together == alone
+    assert together[1][0].tokens == [B, B] and together[0][0].tokens == [A]
+
+
+def test_decode_dispatches_on_the_strategy():
+    for strategy, want in (("greedy", [A]), ("beam", [A])):
+        cfg = DecodeConfig(strategy=strategy, beam=2, alpha=0.0)
+        (hyps,) = decode(table_step, PrefixState(1), torch.tensor([3]), cfg, bos=BOS, eos=EOS)
+        assert len(hyps) == 1 and hyps[0].tokens == want
+    with pytest.raises(ValueError, match="beam search"):
+        decode(
+            table_step,
+            PrefixState(1),
+            torch.tensor([3]),
+            DecodeConfig(strategy="greedy"),
+            bos=BOS,
+            eos=EOS,
+            trace=BeamTrace(),
+        )
+
+
+def test_decode_from_a_prefix_continues_it():
+    """A prefix is fed in one step; the output continues it and excludes it."""
+    prefix = torch.tensor([[BOS, B]])
+    for strategy in ("greedy", "beam"):
+        cfg = DecodeConfig(strategy=strategy, beam=2, alpha=0.0)
+        state = PrefixState(1)
+        (hyps,) = decode(table_step, state, torch.tensor([3]), cfg, bos=BOS, eos=EOS, prefix=prefix)
+        assert hyps[0].tokens == [C]  # after [B]: C (0.625) beats eos (0.375)
+        assert hyps[0].log_prob == pytest.approx(math.log(0.625))
+
+
+def _sample_many(cfg, n=400):
+    state = PrefixState(n)
+    hyps = decode(table_step, state, torch.full((n,), 3), cfg, bos=BOS, eos=EOS)
+    return [tuple(h[0].tokens) for h in hyps]
+
+
+def test_sampling_is_reproducible_and_follows_the_table():
+    cfg = DecodeConfig(strategy="sample", seed=7)
+    a, b = _sample_many(cfg), _sample_many(cfg)
+    assert a == b  # same seed, same draws
+    assert a != _sample_many(cfg.replace(seed=8))
+    # every possible output appears, at about its probability: [A] 0.3, [B, C] 0.25, ...
+    assert set(a) == {(A,), (A, C), (A, B), (B, C), (B,)}
+    assert abs(a.count((A,)) / len(a) - 0.3) < 0.08
+
+
+def test_sampling_respects_top_k_and_top_p():
+    # top-k 1 is greedy; top-p 0.5 keeps only A first (0.6 >= 0.5), then only eos after A
+    assert set(_sample_many(DecodeConfig(strategy="sample", top_k=1))) == {(A,)}
+    assert set(_sample_many(DecodeConfig(strategy="sample", top_p=0.5))) == {(A,)}
+    # top-k 2 after A allows eos and C, never B (0.2)
+    outs = set(_sample_many(DecodeConfig(strategy="sample", top_k=2)))
+    assert (A, B) not in outs and {(A,), (A, C)} <= outs
+    # a low temperature sharpens towards greedy
+    cold = _sample_many(DecodeConfig(strategy="sample", temperature=0.05))
+    assert cold.count((A,)) == len(cold)
 
 
 def test_min_and_max_length():
-    (hyps,) = run_beam(beam=2, nbest=1, limits=Limits(min_len=2))
+    (hyps,) = run_beam(beam=2, nbest=1, min_len=2)
     assert hyps[0].tokens == [B, C]  # [A] alone is too short
-    (hyps,) = run_beam(beam=2, nbest=2, limits=Limits(max_len_a=0, max_len_b=1))
+    (hyps,) = run_beam(beam=2, nbest=2, max_len_a=0, max_len_b=1)
     assert all(h.tokens in ([A], [B]) for h in hyps)  # eos forced after one token
     assert {tuple(h.tokens) for h in hyps} == {(A,), (B,)}
     with pytest.raises(ValueError, match="nbest"):
@@ -142,11 +215,11 @@ def test_beam_one_equals_greedy_on_a_model(tiny, no_repeat):
     src[2, 5:] = 0
     src[4, 3:] = 0
     lengths = (src != 0).sum(1)
-    limits = Limits(max_len_a=1.0, max_len_b=4)
-    kw = dict(bos=1, eos=2, limits=limits, no_repeat=no_repeat)
+    cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4, no_repeat_ngram=no_repeat)
+    kw = dict(bos=1, eos=2)
     with torch.no_grad():
-        gr = greedy(model_step(model), model.start(src), lengths, **kw)
-        bs = beam_search(model_step(model), model.start(src), lengths, beam=1, **kw)
+        gr = greedy(model_step(model), model.start(src), lengths, cfg, **kw)
+        bs = beam_search(model_step(model), model.start(src), lengths, cfg, **kw)
     assert [h.tokens for h in gr] == [b[0].tokens for b in bs]
     for h, b in zip(gr, bs, strict=True):
         assert h.log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
@@ -157,15 +230,9 @@ def test_beam_scores_match_the_model(tiny):
     model = tiny()
     src = torch.randint(3, 23, (2, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
+        cfg = DecodeConfig(beam=4, nbest=3, max_len_a=0, max_len_b=6)
         out = beam_search(
-            model_step(model),
-            model.start(src),
-            torch.tensor([7, 7]),
-            bos=1,
-            eos=2,
-            beam=4,
-            nbest=3,
-            limits=Limits(max_len_a=0, max_len_b=6),
+            model_step(model), model.start(src), torch.tensor([7, 7]), cfg, bos=1, eos=2
         )
         for i, hyps in enumerate(out):
             assert len(hyps) == 3
@@ -175,3 +242,23 @@ def test_beam_scores_match_the_model(tiny):
                 lp = model(src[i : i + 1], tgt).log_softmax(-1)[0]
                 want = sum(lp[j, t].item() for j, t in enumerate(h.tokens + [2]))
                 assert h.log_prob == pytest.approx(want, abs=1e-4)
+
+
+def test_a_decode_from_a_prefix_equals_teacher_forcing(tiny):
+    """Greedy from a prompt on a decoder-only model: each chosen token is the argmax of the
+    full forward over prompt + output so far."""
+    model = tiny(arch="decoder-only", n_encoder_layers=0)
+    prompt = torch.tensor([[1, 5, 9, 4], [1, 7, 7, 3]])
+    cfg = DecodeConfig(strategy="greedy", max_len_a=0, max_len_b=6, min_len=6)
+    with torch.no_grad():
+        out = decode(
+            model_step(model), model.start(), torch.tensor([4, 4]), cfg, bos=1, eos=2, prefix=prompt
+        )
+        for row, (h,) in enumerate(out):
+            assert len(h.tokens) == 6
+            full = torch.tensor([prompt[row].tolist() + h.tokens])
+            logits = model(full)[0]  # (T, V)
+            for j, tok in enumerate(h.tokens):
+                lp = logits[prompt.shape[1] - 1 + j].log_softmax(-1)
+                lp[2] = float("-inf")  # eos is forbidden below min_len
+                assert int(lp.argmax()) == tok

@@ -1,39 +1,184 @@
+"""The training loop: any task, bit-identical resume, validation on the training model as it is;
+the translation task: it learns, and its checkpoints decode like the model in memory."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from qkv import checkpoint
+from qkv.config import DecodeConfig, ModelConfig, TrainConfig
+from qkv.loss import smoothed_cross_entropy
+from qkv.models import from_config
 from qkv.presets import PRESETS
-from qkv.train import train
-from qkv.translate import DecodeOptions, Translator
+from qkv.tasks import task_for
+from qkv.train import inverse_sqrt, train
+from qkv.translate import Translator
 
 
-def test_training_lowers_loss_and_learns(trained, corpus):
+def test_training_lowers_loss(trained):
     out, trainer, logs = trained
-    _, src, tgt = corpus
     losses = [float(line.split("loss ")[1].split()[0]) for line in logs if line.startswith("step")]
-    assert losses[-1] < losses[0] / 3, losses
-    assert any("tgt tok/s" in line and "ETA" in line for line in logs)
-    model, tok, meta = checkpoint.load(out)
-    translator = Translator(model, tok)
-    hyps = translator.translate_best(src[:20], DecodeOptions(beam=3))
-    assert sum(h == t for h, t in zip(hyps, tgt[:20], strict=True)) >= 15, hyps
-    assert (out / "metrics.jsonl").read_text().count("valid_bleu") == 2
+    assert losses[-1] < losses[0] / 2, losses
+    assert any("tok/s" in line and "ETA" in line for line in logs)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and all("valid_bleu" in r for r in rows)
 
 
-def test_checkpoint_round_trip_gives_identical_translations(trained, corpus, tmp_path):
+def test_validation_during_training_equals_a_fresh_load(trained):
+    """The scores logged at the last step are those of last/'s weights loaded afresh, and
+    validating never changed the training model's modules (no packing behind its back)."""
+    out, trainer, _ = trained
+    fresh = from_config(trainer.model_cfg)
+    assert [type(m) for m in trainer.model.modules()] == [type(m) for m in fresh.modules()]
+    model, _, _ = checkpoint.load(out / "last")
+    with torch.no_grad():
+        again = trainer.task.validate(model)
+    last = (out / "metrics.jsonl").read_text().splitlines()[-1]
+    import json
+
+    assert json.loads(last)["valid_bleu"] == pytest.approx(again["valid_bleu"], abs=1e-9)
+    assert json.loads(last)["valid_loss"] == pytest.approx(again["valid_loss"], rel=1e-6)
+
+
+def test_checkpoints_decode_like_the_model_in_memory(trained, corpus, tmp_path):
     out, trainer, _ = trained
     _, src, _ = corpus
-    model, tok, _ = checkpoint.load(out / "best")
+    cfg = DecodeConfig(beam=4, nbest=2)
+    model, tok, meta = checkpoint.load(out / "last")
+    assert meta["task"] == "translation" and meta["src_lang"] == "de"
+    in_memory = Translator(trainer.model.eval(), tok).translate(src[:10], cfg)
+    types = [type(m) for m in trainer.model.modules()]
     checkpoint.save(tmp_path / "copy", model, tok, {"note": "copy"})
     again, tok2, meta = checkpoint.load(tmp_path / "copy")
     assert meta == {"note": "copy"}
-    opts = DecodeOptions(beam=4, nbest=2)
-    a = Translator(model, tok).translate(src[:10], opts)
-    b = Translator(again, tok2).translate(src[:10], opts)
-    assert [[(t.text, t.score) for t in n] for n in a] == [
-        [(t.text, t.score) for t in n] for n in b
-    ]
+    loaded = Translator(again, tok2).translate(src[:10], cfg)
+    as_pairs = lambda r: [[(t.text, t.score) for t in n] for n in r]
+    assert as_pairs(in_memory) == as_pairs(loaded)
+    assert [type(m) for m in trainer.model.modules()] == types  # a Translator changes nothing
+
+
+def test_averaged_is_the_mean_of_the_last_checkpoints(corpus, tmp_path):
+    root, _, _ = corpus
+    model_cfg, cfg = PRESETS["tiny"]
+    cfg = cfg.replace(
+        src_file=str(root / "train.de"),
+        tgt_file=str(root / "train.en"),
+        threads=1,
+        max_steps=6,
+        eval_every=2,
+        eval_sentences=2,
+        average_last=2,
+    )
+    snapshots = {}
+
+    def keep(step):
+        if step in (4, 6):
+            snapshots[step] = {k: v.clone() for k, v in trainer_ref[0].model.state_dict().items()}
+
+    trainer_ref = []
+    task = task_for(cfg)
+    from qkv.train import Trainer
+
+    t = Trainer(task, model_cfg, cfg, tmp_path, log=lambda s: None)
+    trainer_ref.append(t)
+    t.prepare(resume=False)
+    t.run(on_step=keep)
+    avg = load_file(str(tmp_path / "averaged" / "model.safetensors"))
+    for k, v in avg.items():
+        if "sinusoids" not in k:
+            torch.testing.assert_close(v, (snapshots[4][k] + snapshots[6][k]) / 2)
+
+
+# --- the loop with a task that is not translation ----------------------------------------------
+
+
+@dataclass
+class CountBatch:
+    ids: torch.Tensor  # (B, T)
+    tokens: int
+
+    def to(self, device):
+        return CountBatch(self.ids.to(device), self.tokens)
+
+
+class Counting:
+    """A stub task: a decoder-only model learns to continue sequences that count up mod 10."""
+
+    name, metric, maximize, tokenizer = "counting", "valid_loss", False, None
+
+    def __init__(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, 10, (64,), generator=g)
+        self.data = (starts[:, None] + torch.arange(9)) % 10 + 3  # ids 3..12
+        self.seed = seed
+
+    def prepare(self, base: ModelConfig, out: Path, resume: bool, log) -> ModelConfig:
+        out.mkdir(parents=True, exist_ok=True)
+        return base.replace(arch="decoder-only", vocab_size=13, n_encoder_layers=0)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return [order[i : i + 16].tolist() for i in range(0, 64, 16)]
+
+    def collate(self, indices):
+        ids = self.data[indices]
+        return CountBatch(ids, ids[:, 1:].numel())
+
+    def loss(self, model, batch):
+        logits = model(batch.ids[:, :-1])
+        return smoothed_cross_entropy(logits.reshape(-1, 13), batch.ids[:, 1:].reshape(-1), 0.0)
+
+    def validate(self, model):
+        batch = self.collate(list(range(64)))
+        return {"valid_loss": self.loss(model, batch).item() / batch.tokens}
+
+    def meta(self):
+        return {"modulus": 10}
+
+
+def test_the_loop_trains_another_task_and_resumes_bit_identically(tmp_path):
+    model_cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.1, max_len=16)
+    cfg = TrainConfig(
+        task="translation",  # the loop never looks at the task name in the config
+        threads=1,
+        lr=3e-3,
+        warmup=10,
+        max_steps=60,
+        save_every=10,
+        eval_every=20,
+        log_every=10,
+    )
+
+    def run(out, **extra):
+        return train(Counting(seed=3), model_cfg, cfg, out, log=lambda s: None, **extra)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_47(step):
+        if step == 47:
+            raise Killed
+
+    straight = run(tmp_path / "straight")
+    rows = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    losses = [json.loads(r)["valid_loss"] for r in rows]
+    assert losses[-1] < 0.5 * losses[0], losses  # it learns to count
+    meta = checkpoint.read_config(tmp_path / "straight" / "best")[1]
+    assert meta["task"] == "counting" and meta["modulus"] == 10
+    assert straight.best == min(losses)
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", on_step=kill_at_47)
+    run(tmp_path / "killed", resume=True)
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(corpus, tmp_path):
@@ -43,7 +188,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     cfg = cfg.replace(
         src_file=str(root / "train.de"),
         tgt_file=str(root / "train.en"),
-        threads=1,
+        threads=1,  # bit-identical needs one thread: reductions are ordered differently across
         max_steps=24,
         save_every=8,
         eval_every=12,
@@ -51,7 +196,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     )
 
     def run(out, **extra):
-        return train(model_cfg, cfg, out, log=lambda s: None, **extra)
+        return train(task_for(cfg), model_cfg, cfg, out, log=lambda s: None, **extra)
 
     class Killed(Exception):
         pass
@@ -83,10 +228,15 @@ def test_atomic_dir_keeps_the_old_checkpoint_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_schedule_warms_up_then_decays():
+    assert inverse_sqrt(50, 100) == pytest.approx(0.5)
+    assert inverse_sqrt(100, 100) == pytest.approx(1.0)
+    assert inverse_sqrt(400, 100) == pytest.approx(0.5)
+    assert inverse_sqrt(4, 0) == pytest.approx(0.5)  # no warmup: decay from the first step
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_smoothed_cross_entropy_matches_torch(eps):
-    from qkv.train import smoothed_cross_entropy
-
     torch.manual_seed(0)
     logits = (torch.randn(37, 50) * 3).requires_grad_()
     target = torch.randint(0, 50, (37,))

@@ -1,0 +1,143 @@
+"""Translation: an encoder-decoder trained on parallel text (a named data set or the user's
+files) with one joint BPE vocabulary, scored on validation by loss and greedy (or beam) BLEU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .. import checkpoint
+from ..config import DecodeConfig, ModelConfig, TrainConfig
+from ..data import (
+    DataError,
+    Example,
+    Pair,
+    Seq2SeqBatch,
+    clean_pairs,
+    collate,
+    multi30k,
+    read_parallel,
+    read_tsv,
+    token_batches,
+)
+from ..evaluate import bleu
+from ..loss import seq2seq_loss
+from ..tokenizer import Subwords, Tokenizer
+from ..translate import Translator
+
+
+@dataclass
+class Corpus:
+    train: list[Pair]
+    valid: list[Pair]
+    skipped_blank: int
+    skipped_long: int
+
+
+def load_corpus(cfg: TrainConfig) -> Corpus:
+    """Training and validation pairs as the config names them; DataError on bad input."""
+    if cfg.tsv_file:
+        train = read_tsv(cfg.tsv_file)
+    elif cfg.src_file and cfg.tgt_file:
+        train = read_parallel(cfg.src_file, cfg.tgt_file)
+    else:
+        train = multi30k("train", cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+    if cfg.valid_src_file and cfg.valid_tgt_file:
+        valid = read_parallel(cfg.valid_src_file, cfg.valid_tgt_file)
+    elif cfg.dataset and not (cfg.tsv_file or cfg.src_file):
+        valid = multi30k("val", cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+    else:  # hold out a deterministic slice of the user's data
+        n = min(1000, max(1, len(train) // 50))
+        train, valid = train[:-n] if len(train) > n else train, train[-n:]
+    kept = clean_pairs(train, cfg.max_chars)
+    if not kept.pairs:
+        raise DataError("no usable training pairs (all blank or too long)")
+    return Corpus(kept.pairs, clean_pairs(valid, cfg.max_chars).pairs, kept.blank, kept.too_long)
+
+
+def encode_pairs(
+    tok: Tokenizer, pairs: list[Pair], max_tokens: int | None = None
+) -> tuple[list[Example], int]:
+    """Pairs as token ids; pairs with an empty side or a side of max_tokens or more dropped and
+    counted."""
+    src = tok.encode_batch([s for s, _ in pairs])
+    tgt = tok.encode_target_batch([t for _, t in pairs])
+    examples = [Example(s, t) for s, t in zip(src, tgt, strict=True)]
+    limit = max_tokens or float("inf")
+    kept = [e for e in examples if 0 < len(e.src) < limit and 0 < len(e.tgt) < limit]
+    return kept, len(examples) - len(kept)
+
+
+class Translation:
+    """The translation task for the training loop."""
+
+    name = "translation"
+    metric = "valid_bleu"
+    maximize = True
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.tokenizer: Tokenizer | None = None
+
+    def prepare(self, base: ModelConfig, out: Path, resume: bool, log) -> ModelConfig:
+        cfg = self.cfg
+        corpus = load_corpus(cfg)  # all input errors surface here, before anything is written
+        tok_path = out / Subwords.FILE
+        if resume and tok_path.is_file():
+            tok = Subwords.load(tok_path)
+        else:
+            texts = [s for s, _ in corpus.train] + [t for _, t in corpus.train]
+            tok = Subwords.train(texts, cfg.vocab_size)
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text_atomic(tok_path, tok.to_str())
+        self.tokenizer = tok
+        self.train_set, too_long = encode_pairs(tok, corpus.train, cfg.max_tokens_per_sentence)
+        self.valid_pairs = corpus.valid
+        self.valid_set, _ = encode_pairs(tok, corpus.valid, cfg.max_tokens_per_sentence)
+        log(
+            f"data: {len(self.train_set):,} training pairs, {len(self.valid_pairs):,} validation; "
+            f"skipped {corpus.skipped_blank} blank, {corpus.skipped_long + too_long} too long; "
+            f"vocabulary {tok.vocab_size:,}"
+        )
+        self.model_cfg = base.replace(
+            arch="encoder-decoder",
+            vocab_size=tok.vocab_size,
+            tgt_vocab_size=None,
+            share_embeddings=True,
+            max_len=max(base.max_len, cfg.max_tokens_per_sentence + 2),
+            **tok.special_ids,
+        )
+        return self.model_cfg
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return token_batches(self.train_set, self.cfg.max_tokens, self.cfg.seed, epoch)
+
+    def _collate(self, examples: list[Example]) -> Seq2SeqBatch:
+        mc = self.model_cfg
+        return collate(examples, mc.pad_id, mc.bos_id, mc.eos_id)
+
+    def collate(self, indices: list[int]) -> Seq2SeqBatch:
+        return self._collate([self.train_set[i] for i in indices])
+
+    def loss(self, model: nn.Module, batch: Seq2SeqBatch) -> Tensor:
+        return seq2seq_loss(model, batch, self.cfg.label_smoothing)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Validation loss per target token, and BLEU of the first eval_sentences."""
+        device = next(model.parameters()).device
+        total, n = 0.0, 0
+        for idx in token_batches(self.valid_set, self.cfg.max_tokens, 0, 0, shuffle=False):
+            batch = self._collate([self.valid_set[i] for i in idx]).to(device)
+            total, n = total + seq2seq_loss(model, batch, 0.0).item(), n + batch.tokens
+        pairs = self.valid_pairs[: self.cfg.eval_sentences or None]
+        assert self.tokenizer is not None
+        beam = self.cfg.eval_beam
+        decoding = DecodeConfig(strategy="greedy" if beam == 1 else "beam", beam=beam)
+        hyps = Translator(model, self.tokenizer).translate_best([s for s, _ in pairs], decoding)
+        return {"valid_loss": total / max(n, 1), "valid_bleu": bleu(hyps, [t for _, t in pairs])}
+
+    def meta(self) -> dict[str, Any]:
+        return {"src_lang": self.cfg.src_lang, "tgt_lang": self.cfg.tgt_lang}
