@@ -14,9 +14,10 @@ import torch._inductor.config as inductor_config
 from translate_speed import EOS, PAD, V, hf_model
 
 from qkv import checkpoint
+from qkv.config import DecodeConfig
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import Limits, greedy, model_step
+from qkv.search import greedy, model_step
 
 
 def main() -> None:
@@ -28,14 +29,15 @@ def main() -> None:
     packed = pack(checkpoint.load(tmp / "qkv")[0])
     src = torch.randint(2, V - 1, (128, 21), generator=torch.Generator().manual_seed(1))
     src[:, -1] = EOS
-    kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=Limits(0, 25, min_len=25, at_max="stop"))
+    cfg = DecodeConfig(strategy="greedy", max_len_a=0, max_len_b=25, min_len=25, at_max="stop")
+    kw = dict(bos=PAD, eos=EOS, pad=PAD)
     compiled = torch.compile(model_step(plain), dynamic=True)
 
     def run(model, step) -> tuple[float, list[list[int]]]:
         out, t0 = [], time.perf_counter()
         with torch.inference_mode():
             for x in src.split(32):
-                hyps = greedy(step, model.start(x), torch.full((32,), 21), **kw)
+                hyps = greedy(step, model.start(x), torch.full((32,), 21), cfg, **kw)
                 out += [h.tokens for h in hyps]
         return 128 / (time.perf_counter() - t0), out
 

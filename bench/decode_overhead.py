@@ -10,25 +10,28 @@ import time
 
 import torch
 
-from qkv.config import ModelConfig
+from qkv.config import DecodeConfig, ModelConfig
 from qkv.models import from_config
 from qkv.packed import pack
-from qkv.search import Limits, beam_search, greedy, model_step
+from qkv.search import beam_search, greedy, model_step
 
 
 def ms_per_step(model, beam: int, steps: int = 25, repeats: int = 3) -> float:
     src = torch.randint(3, model.config.vocab_size, (32, 21), generator=torch.Generator())
     lengths = torch.full((32,), 21)
-    kw = dict(bos=1, eos=2, pad=0, limits=Limits(0, steps, min_len=steps, at_max="stop"))
+    cfg = DecodeConfig(
+        beam=beam, alpha=1.0, max_len_a=0, max_len_b=steps, min_len=steps, at_max="stop"
+    )
+    kw = dict(bos=1, eos=2, pad=0)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first is a warm-up
             t0 = time.perf_counter()
             state = model.start(src)
             if beam == 1:
-                greedy(model_step(model), state, lengths, **kw)
+                greedy(model_step(model), state, lengths, cfg, **kw)
             else:
-                beam_search(model_step(model), state, lengths, beam=beam, alpha=1.0, **kw)
+                beam_search(model_step(model), state, lengths, cfg, **kw)
             best = min(best, (time.perf_counter() - t0) / steps * 1e3)
     return best
 

@@ -1,4 +1,4 @@
-"""PyTorch's CPU dropout vs qkv's (`qkv.layers.dropout`) and a variant of it, forward +
+"""PyTorch's CPU dropout vs qkv's (`qkv.dropout.dropout`) and a variant of it, forward +
 backward, on a tensor the size of one feed-forward activation of a 2048-token batch
 (64 x 32 x 1024), 2 threads, alternated.
 
@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qkv.layers import dropout
+from qkv.dropout import dropout
 
 
 def dropout_by_multiply(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""PyTorch's label-smoothed cross-entropy vs qkv's (`qkv.train.smoothed_cross_entropy`), forward
+"""PyTorch's label-smoothed cross-entropy vs qkv's (`qkv.loss.smoothed_cross_entropy`), forward
 + backward, on the logits of one 2048-token batch's real target tokens (1,800 x 8k vocabulary),
 2 threads, alternated, best of 10.
 
@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qkv.train import smoothed_cross_entropy
+from qkv.loss import smoothed_cross_entropy
 
 
 def main() -> None:

@@ -13,9 +13,10 @@ import torch
 from translate_speed import EOS, PAD, V, ct2_convert, hf_model, token_name
 
 from qkv import checkpoint
+from qkv.config import DecodeConfig
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import Limits, greedy, model_step
+from qkv.search import greedy, model_step
 
 
 def main() -> None:
@@ -26,7 +27,8 @@ def main() -> None:
     model = pack(checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0])
     src = torch.randint(2, V - 1, (128, 21), generator=torch.Generator().manual_seed(1))
     src[:, -1] = EOS
-    kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=Limits(0, 25, min_len=25, at_max="stop"))
+    cfg = DecodeConfig(strategy="greedy", max_len_a=0, max_len_b=25, min_len=25, at_max="stop")
+    kw = dict(bos=PAD, eos=EOS, pad=PAD)
 
     def qkv_rates() -> list[float]:
         rates = []
@@ -34,7 +36,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 for x in src.split(32):
-                    greedy(model_step(model), model.start(x), torch.full((32,), 21), **kw)
+                    greedy(model_step(model), model.start(x), torch.full((32,), 21), cfg, **kw)
             rates.append(round(128 / (time.perf_counter() - t0), 1))
         return rates
 

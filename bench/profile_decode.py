@@ -12,9 +12,10 @@ from torch.profiler import profile
 from translate_speed import EOS, PAD, V, hf_model
 
 from qkv import checkpoint
+from qkv.config import DecodeConfig
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import Limits, beam_search, greedy, model_step
+from qkv.search import beam_search, greedy, model_step
 
 
 def main() -> None:
@@ -25,17 +26,24 @@ def main() -> None:
     src = torch.randint(2, V - 1, (32, 21), generator=torch.Generator().manual_seed(1))
     src[:, -1] = EOS
     lengths = torch.full((32,), 21)
-    kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=Limits(0, 25, min_len=25, at_max="stop"))
+    kw = dict(bos=PAD, eos=EOS, pad=PAD)
 
     def run(beam: int) -> None:
         with torch.inference_mode():
             state = model.start(src)
+            cfg = DecodeConfig(
+                beam=beam,
+                alpha=1.0,
+                penalty="power",
+                max_len_a=0,
+                max_len_b=25,
+                min_len=25,
+                at_max="stop",
+            )
             if beam == 1:
-                greedy(model_step(model), state, lengths, **kw)
+                greedy(model_step(model), state, lengths, cfg, **kw)
             else:
-                beam_search(
-                    model_step(model), state, lengths, beam=beam, alpha=1.0, penalty="power", **kw
-                )
+                beam_search(model_step(model), state, lengths, cfg, **kw)
 
     for beam in (1, 5):
         run(beam)  # warm-up

@@ -7,11 +7,12 @@ preset's model on real Multi30k De-En token batches (2048 tokens), dropout 0.1, 
 import torch
 from torch.profiler import profile
 
-from qkv.data import multi30k, token_batches
+from qkv.data import collate, multi30k, token_batches
+from qkv.loss import seq2seq_loss
 from qkv.models import EncoderDecoder
 from qkv.presets import PRESETS
+from qkv.tasks.translation import encode_pairs
 from qkv.tokenizer import Subwords
-from qkv.train import collate, encode_pairs, loss_sum
 
 
 def main() -> None:
@@ -20,24 +21,25 @@ def main() -> None:
     pairs = multi30k("train", "de", "en")[:6000]
     tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], 8000)
     examples, _ = encode_pairs(tok, pairs, 250)
-    data = [collate([examples[i] for i in b]) for b in token_batches(examples, 2048, 0, 0)[:11]]
+    data = [
+        collate([examples[i] for i in b], 0, 1, 2) for b in token_batches(examples, 2048, 0, 0)[:11]
+    ]
     torch.manual_seed(0)
     model = EncoderDecoder(model_cfg.replace(vocab_size=tok.vocab_size, share_embeddings=True))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-9, fused=True)
 
-    def step(src, tgt_in, tgt_out) -> None:
-        loss, n = loss_sum(model, src, tgt_in, tgt_out, 0.1)
-        (loss / n).backward()
+    def step(batch) -> None:
+        (seq2seq_loss(model, batch, 0.1) / batch.tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for batch in data[:3]:  # warm-up
-        step(*batch)
+        step(batch)
     with profile() as p:
         for batch in data[3:]:
-            step(*batch)
+            step(batch)
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

@@ -23,8 +23,9 @@ import transformers
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.data import Seq2SeqBatch
+from qkv.loss import seq2seq_loss
 from qkv.models import EncoderDecoder
-from qkv.train import loss_sum
 
 V, PAD = 8000, 0
 SIZES = {"small": (256, 3, 1024), "base": (512, 6, 2048)}
@@ -97,7 +98,8 @@ def build(system: str, size: str) -> nn.Module:
 
 def loss_of(system: str, model: nn.Module, src, tgt_in, tgt_out) -> torch.Tensor:
     if system == "qkv":  # `qkv train`'s loss: vocabulary projection on real tokens only
-        return loss_sum(model, src, tgt_in, tgt_out, 0.1)[0]
+        batch = Seq2SeqBatch(src, tgt_in, tgt_out, int((tgt_out != PAD).sum()))
+        return seq2seq_loss(model, batch, 0.1)
     if system == "hf":
         logits = model(
             input_ids=src, attention_mask=(src != PAD).long(), decoder_input_ids=tgt_in
@@ -124,15 +126,16 @@ def synthetic(n: int, b: int, s: int, t: int):
 
 
 def real(n: int):
-    from qkv.data import multi30k, token_batches
+    from qkv.data import collate, multi30k, token_batches
+    from qkv.tasks.translation import encode_pairs
     from qkv.tokenizer import Subwords
-    from qkv.train import collate, encode_pairs
 
     pairs = multi30k("train", "de", "en")[:8000]
     tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], V)
     examples, _ = encode_pairs(tok, pairs, 250)
     batches = token_batches(examples, 2048, 0, 0)[:n]
-    return [collate([examples[i] for i in b]) for b in batches]
+    batches = [collate([examples[i] for i in b], 0, 1, 2) for b in batches]
+    return [(b.src, b.tgt_in, b.tgt_out) for b in batches]
 
 
 def matmul_flops(model: nn.Module, src, tgt_in, d: int, layers: int, ffn: int) -> float:

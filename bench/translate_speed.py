@@ -29,9 +29,10 @@ import torch
 import transformers
 
 from qkv import checkpoint
+from qkv.config import DecodeConfig
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import Limits, beam_search, greedy, model_step
+from qkv.search import beam_search, greedy, model_step
 
 V, EOS, UNK, PAD = 8000, 0, 1, 7999
 SIZES = {
@@ -102,8 +103,7 @@ def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace):
     # as `qkv translate` runs it: linear layers prepacked (or 8-bit with --int8)
     model = pack(checkpoint.load(model_dir)[0], int8=int8)
     batches, n = sources(args), args.out_len
-    limits = Limits(max_len_a=0, max_len_b=n, min_len=n, at_max="stop")
-    kw = dict(bos=PAD, eos=EOS, pad=PAD, limits=limits)
+    kw = dict(bos=PAD, eos=EOS, pad=PAD)
 
     def run(beam: int, n_batches: int) -> list[list[int]]:
         out = []
@@ -111,18 +111,19 @@ def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace):
             for x in batches[:n_batches]:
                 lengths = torch.full((len(x),), x.shape[1])
                 state = model.start(x)
+                cfg = DecodeConfig(
+                    beam=beam,
+                    alpha=1.0,
+                    penalty="power",
+                    max_len_a=0,
+                    max_len_b=n,
+                    min_len=n,
+                    at_max="stop",
+                )
                 if beam == 1:
-                    out += [h.tokens for h in greedy(model_step(model), state, lengths, **kw)]
+                    out += [h.tokens for h in greedy(model_step(model), state, lengths, cfg, **kw)]
                 else:
-                    hyps = beam_search(
-                        model_step(model),
-                        state,
-                        lengths,
-                        beam=beam,
-                        alpha=1.0,
-                        penalty="power",
-                        **kw,
-                    )
+                    hyps = beam_search(model_step(model), state, lengths, cfg, **kw)
                     out += [n[0].tokens for n in hyps]
         return out
 

@@ -31,19 +31,19 @@ class DecoderLayer(nn.Module):
         eps: float = 1e-5,
         cross_attention: bool = True,
         *,
-        attention_dropout: float | None = None,
-        activation_dropout: float | None = None,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
     ):
         super().__init__()
-        p_attn = dropout if attention_dropout is None else attention_dropout
-        p_act = dropout if activation_dropout is None else activation_dropout
-        self.self_attn = MultiHeadAttention(d_model, n_heads, p_attn)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
         self.attn_residual = Residual(d_model, dropout, norm_first, eps)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, p_attn) if cross_attention else None
+        self.cross_attn = (
+            MultiHeadAttention(d_model, n_heads, attention_dropout) if cross_attention else None
+        )
         self.cross_residual = (
             Residual(d_model, dropout, norm_first, eps) if cross_attention else None
         )
-        self.ff = FeedForward(d_model, d_ff, p_act, activation)
+        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.ff_residual = Residual(d_model, dropout, norm_first, eps)
 
     def forward(

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .layers import Dropout
+from .dropout import Dropout
 
 
 def sinusoids(max_len: int, d_model: int) -> Tensor:

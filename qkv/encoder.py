@@ -26,14 +26,12 @@ class EncoderLayer(nn.Module):
         norm_first: bool = True,
         eps: float = 1e-5,
         *,
-        attention_dropout: float | None = None,
-        activation_dropout: float | None = None,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
     ):
         super().__init__()
-        p_attn = dropout if attention_dropout is None else attention_dropout
-        p_act = dropout if activation_dropout is None else activation_dropout
-        self.self_attn = MultiHeadAttention(d_model, n_heads, p_attn)
-        self.ff = FeedForward(d_model, d_ff, p_act, activation)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
+        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
         self.attn_residual = Residual(d_model, dropout, norm_first, eps)
         self.ff_residual = Residual(d_model, dropout, norm_first, eps)
 

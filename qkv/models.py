@@ -39,38 +39,29 @@ def _final_norm(cfg: ModelConfig) -> nn.Module | None:
     return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
 
 
+def _layer_args(cfg: ModelConfig) -> dict:
+    """What every encoder and decoder layer is built from; dropouts resolved here, once."""
+    return dict(
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_ff=cfg.d_ff,
+        dropout=cfg.dropout,
+        activation=cfg.activation,
+        norm_first=cfg.norm_first,
+        eps=cfg.layer_norm_eps,
+        attention_dropout=cfg.attention_dropout_p,
+        activation_dropout=cfg.activation_dropout_p,
+    )
+
+
 def _encoder(cfg: ModelConfig, token: nn.Embedding) -> Encoder:
-    layers = [
-        EncoderLayer(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.d_ff,
-            cfg.dropout,
-            cfg.activation,
-            cfg.norm_first,
-            cfg.layer_norm_eps,
-            attention_dropout=cfg.attention_dropout,
-            activation_dropout=cfg.activation_dropout,
-        )
-        for _ in range(cfg.n_encoder_layers)
-    ]
+    layers = [EncoderLayer(**_layer_args(cfg)) for _ in range(cfg.n_encoder_layers)]
     return Encoder(_embeddings(cfg, token), layers, _final_norm(cfg))
 
 
 def _decoder(cfg: ModelConfig, token: nn.Embedding, cross_attention: bool) -> Decoder:
     layers = [
-        DecoderLayer(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.d_ff,
-            cfg.dropout,
-            cfg.activation,
-            cfg.norm_first,
-            cfg.layer_norm_eps,
-            cross_attention,
-            attention_dropout=cfg.attention_dropout,
-            activation_dropout=cfg.activation_dropout,
-        )
+        DecoderLayer(**_layer_args(cfg), cross_attention=cross_attention)
         for _ in range(cfg.n_decoder_layers)
     ]
     return Decoder(_embeddings(cfg, token), layers, _final_norm(cfg))

@@ -57,16 +57,44 @@ def test_fused_equals_explicit(dtype, tol, case):
         assert (w.masked_select(~mask.expand_as(w)) == 0).all()
 
 
-@pytest.mark.parametrize("rows", [4, 80])  # 80 x 8 heads: the explicit branch for one query
-def test_one_query_steps_equal_sdpa(rows):
+@pytest.mark.parametrize("rows", [4, 80])
+def test_one_query_steps_equal_sdpa(rows, monkeypatch):
+    """Decoding steps (one query per row, a cache slice as keys): whichever branch the CPU rule
+    picks equals SDPA. 4 x 8 heads is under the rule's threshold, 80 x 8 over it; the calls are
+    counted so each size is known to take the branch it should."""
+    import importlib
+
+    qa = importlib.import_module("qkv.attention")  # the module, not the function qkv exports
+
+    calls = {"fused": 0}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls["fused"] += 1
+        return sdpa(*args, **kwargs)
+
     torch.manual_seed(0)
     q = torch.randn(rows, 8, 1, 16)
     k, v = torch.randn(rows, 8, 32, 16)[:, :, :11], torch.randn(rows, 8, 11, 16)  # cache slice
     mask = padding_mask(torch.tensor([[5] * 11, [5] * 6 + [0] * 5] * (rows // 2)), 0)
+    monkeypatch.setattr(qa.F, "scaled_dot_product_attention", counting)
     out, weights = attention(q, k, v, mask)
+    monkeypatch.undo()
     assert weights is None
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    explicit = rows * 8 >= qa.EXPLICIT_MIN_ROWS_X_HEADS
+    assert calls["fused"] == (0 if explicit else 1)
+    want = sdpa(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    # and the explicit math itself, whichever branch ran above
+    got, _ = attention(q, k, v, mask, need_weights=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_causal_with_t_not_s_is_refused_with_its_own_message():
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="is_causal with T != S"):
+        attention(q, k, k, mask, is_causal=True)
 
 
 def test_weights_are_before_dropout():

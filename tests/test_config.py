@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qkv.config import ConfigError, ModelConfig, load_json
+from qkv.config import ConfigError, DecodeConfig, ModelConfig, TrainConfig, load_json
 
 
 def test_json_round_trip():
@@ -44,3 +44,53 @@ def test_unknown_keys_fail_loudly(tmp_path):
         load_json(ModelConfig, path)
     with pytest.raises(ConfigError, match="no such file"):
         load_json(ModelConfig, tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(beam=0), "beam must be >= 1"),
+        (dict(beam=2, nbest=3), "nbest must be between 1 and the beam size"),
+        (dict(strategy="greedy", nbest=2), "nbest > 1 needs beam search"),
+        (dict(strategy="top"), "strategy must be one of"),
+        (dict(penalty="linear"), "penalty must be one of"),
+        (dict(at_max="cut"), "at_max must be one of"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(max_len_a=0, max_len_b=0), "no output could be produced"),
+        (dict(seed="1"), "seed must be int"),
+    ],
+)
+def test_decode_config_bad_values_give_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        DecodeConfig(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lr=0), "lr must be positive"),
+        (dict(max_tokens="4096"), "max_tokens must be int"),
+        (dict(warmup=-1), "warmup must be >= 0"),
+        (dict(betas=(0.9, 1.2)), "betas"),
+        (dict(task="parsing"), "task must be one of"),
+        (dict(eval_beam=0), "eval_beam must be positive"),
+    ],
+)
+def test_train_config_bad_values_give_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_run_config_file_lays_over_the_preset(tmp_path):
+    from qkv.config import apply_file
+    from qkv.presets import PRESETS
+
+    model, train = PRESETS["tiny"]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": {"d_model": 32}, "train": {"lr": 0.01}}))
+    m, t = apply_file(model, train, path)
+    assert (m.d_model, t.lr) == (32, 0.01)
+    assert (m.n_heads, t.warmup) == (model.n_heads, train.warmup)  # the rest from the preset
