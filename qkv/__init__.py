@@ -2,15 +2,17 @@
 
 from .attention import MultiHeadAttention, attention
 from .cache import DecoderCache, KVCache
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, DecodeConfig, ModelConfig, TrainConfig
 from .inspect import record_attention
 from .models import DecoderOnly, EncoderDecoder, EncoderOnly, from_config
 from .packed import pack
+from .search import decode, model_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DecodeConfig",
     "DecoderCache",
     "DecoderOnly",
     "EncoderDecoder",
@@ -18,8 +20,11 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "MultiHeadAttention",
+    "TrainConfig",
     "attention",
+    "decode",
     "from_config",
+    "model_step",
     "pack",
     "record_attention",
 ]

@@ -169,6 +169,15 @@ def _load_translator(args: argparse.Namespace, int8: bool = False):
     return Translator(pack(model, int8), tok, getattr(args, "batch_size", 64)), meta
 
 
+def _model_flags(p: argparse.ArgumentParser, data: bool = False) -> None:
+    """--model (and --device); with data, where the evaluation data comes from."""
+    p.add_argument("--model", required=True, help="model directory (or a training --out)")
+    if data:
+        p.add_argument("--src-lang", help="default: the model's")
+        p.add_argument("--tgt-lang", help="default: the model's")
+        p.add_argument("--data-dir", help="where to look for data sets first")
+
+
 def _read_input(path: str | None) -> list[str]:
     if path is not None:
         return read_lines(path)
@@ -343,7 +352,7 @@ def add_translate(sub) -> None:
             "qkv translate --model opus-de-en --penalty power --alpha 1 --at-max stop  # as HF",
         ],
     )
-    p.add_argument("--model", required=True, help="model directory (or a training --out)")
+    _model_flags(p)
     p.add_argument("--input", help="file to translate (default: stdin)")
     p.add_argument("--output", help="file to write (default: stdout)")
     p.add_argument("--trace", help="also write the beam-search tree to this .html or .json file")
@@ -453,7 +462,7 @@ def add_explain(sub) -> None:
         ],
     )
     p.add_argument("sentence")
-    p.add_argument("--model", required=True, help="model directory (or a training --out)")
+    _model_flags(p)
     p.add_argument("--out", default="explain", help="directory for the pictures and the page")
     p.add_argument("--json", action="store_true", help="also write the raw weights as JSON")
     _add_decode_flags(p, strategy="greedy")
@@ -485,15 +494,12 @@ def add_probe(sub) -> None:
         "absorb, receptive field by depth, beam vs greedy.",
         ["qkv probe --model runs/de-en --out probe/ --sentences 200"],
     )
-    p.add_argument("--model", required=True, help="model directory (or a training --out)")
+    _model_flags(p, data=True)
     p.add_argument("--out", default="probe", help="directory for report.md, report.json, PNGs")
     p.add_argument("--sentences", type=int, default=200, help="validation subsample size")
     p.add_argument("--split", default="val", help="Multi30k split (default val)")
     p.add_argument("--src", help="or your own source file")
     p.add_argument("--tgt", help="and its reference file")
-    p.add_argument("--src-lang", help="default: the model's")
-    p.add_argument("--tgt-lang", help="default: the model's")
-    p.add_argument("--data-dir", help="where to look for data sets first")
     p.add_argument("--beam", type=int, default=5, help="beam size for the beam-vs-greedy line")
     p.add_argument("--seed", type=int, default=0, help="for the subsample")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")

@@ -1,6 +1,7 @@
 """The training loop: any task, bit-identical resume, validation on the training model as it is;
 the translation task: it learns, and its checkpoints decode like the model in memory."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from qkv.loss import smoothed_cross_entropy
 from qkv.models import from_config
 from qkv.presets import PRESETS
 from qkv.tasks import task_for
-from qkv.train import inverse_sqrt, train
+from qkv.train import Trainer, inverse_sqrt, train
 from qkv.translate import Translator
 
 
@@ -37,8 +38,6 @@ def test_validation_during_training_equals_a_fresh_load(trained):
     with torch.no_grad():
         again = trainer.task.validate(model)
     last = (out / "metrics.jsonl").read_text().splitlines()[-1]
-    import json
-
     assert json.loads(last)["valid_bleu"] == pytest.approx(again["valid_bleu"], abs=1e-9)
     assert json.loads(last)["valid_loss"] == pytest.approx(again["valid_loss"], rel=1e-6)
 
@@ -79,10 +78,7 @@ def test_averaged_is_the_mean_of_the_last_checkpoints(corpus, tmp_path):
             snapshots[step] = {k: v.clone() for k, v in trainer_ref[0].model.state_dict().items()}
 
     trainer_ref = []
-    task = task_for(cfg)
-    from qkv.train import Trainer
-
-    t = Trainer(task, model_cfg, cfg, tmp_path, log=lambda s: None)
+    t = Trainer(task_for(cfg), model_cfg, cfg, tmp_path, log=lambda s: None)
     trainer_ref.append(t)
     t.prepare(resume=False)
     t.run(on_step=keep)
@@ -90,6 +86,28 @@ def test_averaged_is_the_mean_of_the_last_checkpoints(corpus, tmp_path):
     for k, v in avg.items():
         if "sinusoids" not in k:
             torch.testing.assert_close(v, (snapshots[4][k] + snapshots[6][k]) / 2)
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_then_resumed(run, tmp_path, kill_at: int) -> None:
+    """Run straight; run again killed after step kill_at, then resume: the same last weights."""
+    run(tmp_path / "straight")
+
+    def kill(step):
+        if step == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", on_step=kill)
+    run(tmp_path / "killed", resume=True)
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # --- the loop with a task that is not translation ----------------------------------------------
@@ -152,33 +170,18 @@ def test_the_loop_trains_another_task_and_resumes_bit_identically(tmp_path):
         log_every=10,
     )
 
+    runs = []
+
     def run(out, **extra):
-        return train(Counting(seed=3), model_cfg, cfg, out, log=lambda s: None, **extra)
+        runs.append(train(Counting(seed=3), model_cfg, cfg, out, log=lambda s: None, **extra))
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_47(step):
-        if step == 47:
-            raise Killed
-
-    straight = run(tmp_path / "straight")
+    killed_then_resumed(run, tmp_path, kill_at=47)
     rows = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
-    import json
-
     losses = [json.loads(r)["valid_loss"] for r in rows]
     assert losses[-1] < 0.5 * losses[0], losses  # it learns to count
     meta = checkpoint.read_config(tmp_path / "straight" / "best")[1]
     assert meta["task"] == "counting" and meta["modulus"] == 10
-    assert straight.best == min(losses)
-    with pytest.raises(Killed):
-        run(tmp_path / "killed", on_step=kill_at_47)
-    run(tmp_path / "killed", resume=True)
-    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert runs[0].best == min(losses)
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(corpus, tmp_path):
@@ -196,25 +199,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(corpus, tmp_path):
     )
 
     def run(out, **extra):
+        if "resume" in extra:  # killed at step 19: the last checkpoint is step 16's
+            assert checkpoint.load_trainer_state(out / "last")["json"]["step"] == 16
         return train(task_for(cfg), model_cfg, cfg, out, log=lambda s: None, **extra)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_19(step):
-        if step == 19:
-            raise Killed
-
-    run(tmp_path / "straight")
-    with pytest.raises(Killed):
-        run(tmp_path / "killed", on_step=kill_at_19)
-    assert checkpoint.load_trainer_state(tmp_path / "killed" / "last")["json"]["step"] == 16
-    run(tmp_path / "killed", resume=True)
-    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    killed_then_resumed(run, tmp_path, kill_at=19)
 
 
 def test_atomic_dir_keeps_the_old_checkpoint_on_failure(tmp_path):
