@@ -3,6 +3,8 @@ the new token's query, key and value.
 
 The caller owns the cache (search creates it with `model.start(...)` and passes it to every
 `model.step(...)`); nothing is stored on modules, so one model can serve many decodes at once.
+
+Shapes: B rows (sentences, or sentences x beams), H heads, S cached positions, Dh d_head.
 """
 
 from __future__ import annotations

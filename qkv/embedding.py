@@ -2,6 +2,8 @@
 
 Attention by itself is blind to order, so each token's vector gets its position added: fixed
 sinusoids (the paper, section 3.5) or a learned vector per position.
+
+Shapes: token ids (B, T) -> vectors (B, T, D), D d_model; positions start at `start` (cached ones).
 """
 
 from __future__ import annotations

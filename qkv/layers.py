@@ -1,5 +1,8 @@
 """The pieces every Transformer layer shares: the position-wise feed-forward network and the
-skip connection with layer norm around each sublayer (the paper, sections 3.1 and 3.3)."""
+skip connection with layer norm around each sublayer (the paper, sections 3.1 and 3.3).
+
+Shapes: x (..., D); every piece maps (..., D) to (..., D), with D d_model and F d_ff inside.
+"""
 
 from __future__ import annotations
 

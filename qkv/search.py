@@ -33,7 +33,7 @@ class State(Protocol):
     def select(self, index: Tensor) -> None: ...
 
 
-StepFn = Callable[[Tensor, Any], Tensor]
+StepFn = Callable[[Tensor, Any], Tensor]  # (tokens (N, L), state) -> log-probs (N, V)
 
 
 @dataclass
@@ -153,7 +153,7 @@ Choose = Callable[[Tensor], Tensor]  # edited log-probs (N, V) -> chosen tokens 
 
 def greedy(
     step: StepFn,
-    state: Any,
+    state: State,
     src_lengths: Tensor,
     cfg: DecodeConfig,
     *,
@@ -180,7 +180,7 @@ def greedy(
 
 def sample(
     step: StepFn,
-    state: Any,
+    state: State,
     src_lengths: Tensor,
     cfg: DecodeConfig,
     *,
@@ -204,7 +204,7 @@ def sample(
 
 def _one_per_row(
     step: StepFn,
-    state: Any,
+    state: State,
     src_lengths: Tensor,
     cfg: DecodeConfig,
     choose: Choose,
@@ -320,7 +320,7 @@ class BeamTrace:
 
 def beam_search(
     step: StepFn,
-    state: Any,
+    state: State,
     src_lengths: Tensor,
     cfg: DecodeConfig,
     *,
@@ -419,7 +419,7 @@ def beam_search(
 
 def decode(
     step: StepFn,
-    state: Any,
+    state: State,
     src_lengths: Tensor,
     cfg: DecodeConfig,
     *,

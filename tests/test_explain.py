@@ -225,7 +225,21 @@ def test_beam_trace_matches_the_search_and_renders(browser, translator, corpus, 
         "--nbest",
         "2",
     ]
-    assert main([*base, "--trace", str(tmp_path / "t.json")]) == 0
+    import qkv.translate
+
+    searches = []
+
+    def counting(*args, **kwargs):
+        searches.append(kwargs.get("trace"))
+        return decode(*args, **kwargs)
+
+    decode = qkv.translate.decode
+    qkv.translate.decode = counting
+    try:
+        assert main([*base, "--trace", str(tmp_path / "t.json")]) == 0
+    finally:
+        qkv.translate.decode = decode
+    assert len(searches) == 1 and searches[0] is not None  # one search, traced, printed
     printed = capsys.readouterr().out.splitlines()
     trace = json.loads((tmp_path / "t.json").read_text())
     got = [

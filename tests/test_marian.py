@@ -196,22 +196,29 @@ def test_cli_import_and_translate_text(hf_model, tmp_path, capsys):
     (ids,) = tok.encode_target_batch(["noch ein kleiner Satz"])
     assert tok.decode(ids) == "noch ein kleiner Satz"
     capsys.readouterr()
-    (tmp_path / "in.txt").write_text("ein kleiner Test\n")
-    assert (
-        main(
-            [
-                "translate",
-                "--model",
-                str(tmp_path / "qkv"),
-                "--input",
-                str(tmp_path / "in.txt"),
-                "--beam",
-                "2",
-            ]
-        )
-        == 0
-    )
-    assert len(capsys.readouterr().out.splitlines()) == 1
+    lines = ["ein kleiner Test", "noch ein Satz", "Satz hier"]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    hf_flags = ["--penalty", "power", "--alpha", "1", "--at-max", "stop", "--max-len-a", "0"]
+    for beam in ("1", "3"):
+        argv = ["translate", "--model", str(tmp_path / "qkv"), "--input", str(tmp_path / "in.txt")]
+        assert main([*argv, "--beam", beam, *hf_flags, "--max-len-b", "8"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        # HF generate on the same ids, with max_new_tokens=8, decoded by the same vocabulary
+        src = [ids + [EOS] for ids in tok.encode_batch(lines)]
+        width = max(map(len, src))
+        ids = torch.tensor([s + [PAD] * (width - len(s)) for s in src])
+        with torch.no_grad():
+            out = hf_model.generate(
+                input_ids=ids,
+                attention_mask=(ids != PAD).long(),
+                num_beams=int(beam),
+                do_sample=False,
+                max_new_tokens=8,
+                length_penalty=1.0,
+                early_stopping=False,
+                bad_words_ids=[[PAD]],
+            )
+        assert printed == [tok.decode(t) for t in _hf_outputs(out)]
     assert main(["import-marian", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
