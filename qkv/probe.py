@@ -248,7 +248,8 @@ class Prober:
             src = torch.tensor([ex.src + [self.config.eos_id]], device=device)
             s = src.shape[1]
             variants = src.repeat(s, 1)
-            variants[torch.arange(s), torch.arange(s)] = unk  # row j: token j replaced
+            diagonal = torch.arange(s, device=device)
+            variants[diagonal, diagonal] = unk  # row j: token j replaced
             with record_hidden(stack) as rec:
                 self.model.encode(src)
                 self.model.encode(variants)
