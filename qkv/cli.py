@@ -1,145 +1,33 @@
 """The `qkv` command line. Each command is a parser (`add_*`) beside a function (`run_*`) that
 parses, makes one library call and prints; bad input ends in one line on stderr and exit code 2,
-never a traceback. Config flags (model, training, decoding) are generated from the config
-dataclasses, with each field's meaning and default in --help.
+never a traceback. Config flags (model, training, decoding) come from qkv/flags.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 from .checkpoint import CheckpointError, write_text_atomic
-from .config import ConfigError, DecodeConfig, ModelConfig, TrainConfig, help_of
+from .config import ConfigError, ModelConfig, TrainConfig
 from .data import DataError, multi30k, read_lines, read_parallel
+from .flags import (
+    Parser,
+    UsageError,
+    add_decode_flags,
+    command,
+    config_flags,
+    decode_config,
+    given,
+)
 from .marian import MarianImportError
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and a hint), not the whole usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _command(sub, name: str, summary: str, description: str, examples: list[str]) -> Parser:
-    return sub.add_parser(
-        name,
-        help=summary,
-        description=description,
-        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-# --- flags generated from the config dataclasses ----------------------------------------------
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.9,0.98, got {text!r}") from None
-
-
-def _config_flags(
-    p: argparse.ArgumentParser,
-    cls: type,
-    prefix: str,
-    title: str,
-    skip: set[str] = frozenset(),  # type: ignore[assignment]
-    shown_defaults: dict[str, Any] | None = None,
-) -> None:
-    """One --flag per config field; the value stays None unless given (the config decides)."""
-    group = p.add_argument_group(title)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp, default = hints[f.name], (shown_defaults or {}).get(f.name, f.default)
-        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "metavar": "X"}
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) is typing.Literal:
-            kwargs.update(choices=typing.get_args(tp), metavar=None)
-        elif tp is bool:
-            kwargs.update(type=_bool, metavar="true|false")
-        elif typing.get_origin(tp) is tuple:
-            kwargs.update(type=_floats, metavar="A,B")
-            default = ",".join(map(str, default))
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        elif args and args[0] in (int, float, str):  # X | None
-            kwargs["type"] = args[0]
-        kwargs["help"] = f"{help_of(f)} (default {default})"
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
-    return {
-        k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None
-    }
-
-
-# --- decoding and inference -------------------------------------------------------------------
-
-SAMPLING = ("temperature", "top_k", "top_p", "seed")
-
-
-def _add_decode_flags(p: argparse.ArgumentParser, strategy: str = "beam") -> None:
-    _config_flags(p, DecodeConfig, "d_", "decoding", shown_defaults={"strategy": strategy})
-    g = p.add_argument_group("decoding shortcuts and inference")
-    g.add_argument("--greedy", action="store_true", help="same as --strategy greedy")
-    g.add_argument("--sample", action="store_true", help="same as --strategy sample")
-    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    g.add_argument(
-        "--int8", action="store_true", help="8-bit weights in the large linear layers (CPU)"
-    )
-    p.set_defaults(default_strategy=strategy)
-
-
-def _decode_config(args: argparse.Namespace) -> DecodeConfig:
-    """The DecodeConfig the flags ask for; contradictions are usage errors, not guesses."""
-    given = _given(args, "d_")
-    chosen = {s for s, on in (("greedy", args.greedy), ("sample", args.sample)) if on}
-    if "strategy" in given:
-        chosen.add(given["strategy"])
-    if len(chosen) > 1:
-        raise UsageError(f"choose one decoding strategy, not {' and '.join(sorted(chosen))}")
-    if not chosen and ("beam" in given or "nbest" in given):
-        chosen.add("beam")  # --beam 5 alone asks for beam search
-    strategy = chosen.pop() if chosen else args.default_strategy
-    for name in ("beam", "nbest"):
-        if name in given and strategy != "beam":
-            raise UsageError(f"--{name} applies to beam search, not {strategy}")
-    for name in SAMPLING:
-        if name in given and strategy != "sample":
-            flag = name.replace("_", "-")
-            raise UsageError(f"--{flag} applies to sampling (--sample), not {strategy}")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
-    return DecodeConfig(**{**given, "strategy": strategy})
 
 
 def _device(name: str) -> torch.device:
@@ -200,7 +88,7 @@ SHADES = " .:-=+*#%@"
 
 
 def add_demo(sub) -> None:
-    p = _command(
+    p = command(
         sub,
         "demo",
         "build a small model and show attention weights of a toy sentence",
@@ -268,7 +156,7 @@ RESUMABLE = {"max_minutes", "max_steps", "max_epochs", "threads"}  # a resumed r
 def add_train(sub) -> None:
     from .presets import PRESETS
 
-    p = _command(
+    p = command(
         sub,
         "train",
         "train a model (translation)",
@@ -292,8 +180,8 @@ def add_train(sub) -> None:
     p.add_argument("--tsv", help="or one file of source<TAB>target lines")
     p.add_argument("--valid-src", help="validation source file (default: held out from --src)")
     p.add_argument("--valid-tgt", help="validation target file")
-    _config_flags(p, TrainConfig, "t_", "training (overrides the preset)", set(DATA_FLAGS.values()))
-    _config_flags(p, ModelConfig, "m_", "model shape (overrides the preset)", DERIVED)
+    config_flags(p, TrainConfig, "t_", "training (overrides the preset)", set(DATA_FLAGS.values()))
+    config_flags(p, ModelConfig, "m_", "model shape (overrides the preset)", DERIVED)
     p.set_defaults(func=run_train)
 
 
@@ -306,7 +194,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         if not (out / "train_config.json").is_file():
             raise UsageError(f"{out}: nothing to resume (no train_config.json)")
         model_cfg, train_cfg = read_run_config(out / "train_config.json")
-        budget = {k: v for k, v in _given(args, "t_").items() if k in RESUMABLE}
+        budget = {k: v for k, v in given(args, "t_").items() if k in RESUMABLE}
         return model_cfg, train_cfg.replace(**budget)
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
@@ -318,8 +206,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         files["dataset"] = None
     if (out / "last").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a training run; use --resume or --overwrite")
-    return model_cfg.replace(**_given(args, "m_")), train_cfg.replace(
-        **{**_given(args, "t_"), **files}
+    return model_cfg.replace(**given(args, "m_")), train_cfg.replace(
+        **{**given(args, "t_"), **files}
     )
 
 
@@ -340,7 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_translate(sub) -> None:
-    p = _command(
+    p = command(
         sub,
         "translate",
         "translate text with a trained model",
@@ -356,14 +244,14 @@ def add_translate(sub) -> None:
     p.add_argument("--input", help="file to translate (default: stdin)")
     p.add_argument("--output", help="file to write (default: stdout)")
     p.add_argument("--trace", help="also write the beam-search tree to this .html or .json file")
-    _add_decode_flags(p)
+    add_decode_flags(p)
     p.set_defaults(func=run_translate)
 
 
 def run_translate(args: argparse.Namespace) -> int:
     from .html import beam_page
 
-    cfg = _decode_config(args)
+    cfg = decode_config(args)
     if args.trace and not args.trace.endswith((".html", ".json")):
         raise UsageError("--trace must name a .html or .json file")
     if args.trace and cfg.strategy != "beam":
@@ -393,7 +281,7 @@ def run_translate(args: argparse.Namespace) -> int:
 
 
 def add_evaluate(sub) -> None:
-    p = _command(
+    p = command(
         sub,
         "evaluate",
         "score a model on a data set split, or hypothesis/reference files",
@@ -414,7 +302,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--output", help="also write the translations here")
     p.add_argument("--hyp", help="hypothesis file (instead of --model)")
     p.add_argument("--ref", help="reference file")
-    _add_decode_flags(p)
+    add_decode_flags(p)
     p.set_defaults(func=run_evaluate)
 
 
@@ -431,7 +319,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise UsageError("give --model DIR (with --split) or --hyp FILE --ref FILE")
-    cfg = _decode_config(args)
+    cfg = decode_config(args)
     translator, meta = _load_translator(args, args.int8)
     src_lang, tgt_lang = _languages(args, meta)
     pairs = multi30k(args.split, src_lang, tgt_lang, args.data_dir)[: args.limit or None]
@@ -449,7 +337,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_explain(sub) -> None:
-    p = _command(
+    p = command(
         sub,
         "explain",
         "translate a sentence and show every head's attention",
@@ -465,7 +353,7 @@ def add_explain(sub) -> None:
     _model_flags(p)
     p.add_argument("--out", default="explain", help="directory for the pictures and the page")
     p.add_argument("--json", action="store_true", help="also write the raw weights as JSON")
-    _add_decode_flags(p, strategy="greedy")
+    add_decode_flags(p, strategy="greedy")
     p.set_defaults(func=run_explain)
 
 
@@ -474,7 +362,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
     if not args.sentence.strip():
         raise UsageError("explain: the sentence is empty")
-    cfg = _decode_config(args)
+    cfg = decode_config(args)
     translator, _ = _load_translator(args, args.int8)
     e = explain(translator, args.sentence, cfg)
     written = write_artifacts(e, Path(args.out), args.json)
@@ -485,7 +373,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def add_probe(sub) -> None:
-    p = _command(
+    p = command(
         sub,
         "probe",
         "measure focus, redundancy, mitigation, receptive field on validation data",
@@ -525,7 +413,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def add_import_marian(sub) -> None:
-    p = _command(
+    p = command(
         sub,
         "import-marian",
         "convert a Hugging Face MarianMTModel (OPUS-MT) directory into a qkv model",

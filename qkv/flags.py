@@ -1,0 +1,131 @@
+"""Command-line flags from the config dataclasses: one --flag per field, with the field's meaning
+and default in --help, and the decoding flags read back into one DecodeConfig (contradictions
+are usage errors, not guesses). Also the parser that prints usage errors in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, NoReturn
+
+from .config import DecodeConfig, help_of
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and a hint), not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def command(sub, name: str, summary: str, description: str, examples: list[str]) -> Parser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# --- flags generated from the config dataclasses ----------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.9,0.98, got {text!r}") from None
+
+
+def config_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    prefix: str,
+    title: str,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    shown_defaults: dict[str, Any] | None = None,
+) -> None:
+    """One --flag per config field; the value stays None unless given (the config decides)."""
+    group = p.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, default = hints[f.name], (shown_defaults or {}).get(f.name, f.default)
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "metavar": "X"}
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs.update(choices=typing.get_args(tp), metavar=None)
+        elif tp is bool:
+            kwargs.update(type=parse_bool, metavar="true|false")
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(type=parse_floats, metavar="A,B")
+            default = ",".join(map(str, default))
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        elif args and args[0] in (int, float, str):  # X | None
+            kwargs["type"] = args[0]
+        kwargs["help"] = f"{help_of(f)} (default {default})"
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    return {
+        k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None
+    }
+
+
+# --- decoding and inference -------------------------------------------------------------------
+
+SAMPLING = ("temperature", "top_k", "top_p", "seed")
+
+
+def add_decode_flags(p: argparse.ArgumentParser, strategy: str = "beam") -> None:
+    config_flags(p, DecodeConfig, "d_", "decoding", shown_defaults={"strategy": strategy})
+    g = p.add_argument_group("decoding shortcuts and inference")
+    g.add_argument("--greedy", action="store_true", help="same as --strategy greedy")
+    g.add_argument("--sample", action="store_true", help="same as --strategy sample")
+    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    g.add_argument(
+        "--int8", action="store_true", help="8-bit weights in the large linear layers (CPU)"
+    )
+    p.set_defaults(default_strategy=strategy)
+
+
+def decode_config(args: argparse.Namespace) -> DecodeConfig:
+    """The DecodeConfig the flags ask for; contradictions are usage errors, not guesses."""
+    values = given(args, "d_")
+    chosen = {s for s, on in (("greedy", args.greedy), ("sample", args.sample)) if on}
+    if "strategy" in values:
+        chosen.add(values["strategy"])
+    if len(chosen) > 1:
+        raise UsageError(f"choose one decoding strategy, not {' and '.join(sorted(chosen))}")
+    if not chosen and ("beam" in values or "nbest" in values):
+        chosen.add("beam")  # --beam 5 alone asks for beam search
+    strategy = chosen.pop() if chosen else args.default_strategy
+    for name in ("beam", "nbest"):
+        if name in values and strategy != "beam":
+            raise UsageError(f"--{name} applies to beam search, not {strategy}")
+    for name in SAMPLING:
+        if name in values and strategy != "sample":
+            flag = name.replace("_", "-")
+            raise UsageError(f"--{flag} applies to sampling (--sample), not {strategy}")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    return DecodeConfig(**{**values, "strategy": strategy})
