@@ -31,6 +31,7 @@ from .inspect import (
     attention_kind,
     attention_modules,
     head_stats,
+    layer_index,
     mask_heads,
     record_attention,
     record_hidden,
@@ -98,7 +99,7 @@ class ProbeReport:
         out: dict[AttentionKind, list[list[float]]] = {}
         for h in self.single_head:
             rows = out.setdefault(h.kind, [])
-            layer = int(h.module.split(".")[2])
+            layer = layer_index(h.module)
             while len(rows) <= layer:
                 rows.append([])
             rows[layer].append(self.greedy_bleu - h.bleu)
@@ -122,20 +123,19 @@ class Prober:
         tgts = tok.encode_target_batch([t for _, t in pairs])
         limit = self.config.max_len - 2
         self.examples = [Example(s[:limit], t[:limit]) for s, t in zip(srcs, tgts, strict=True)]
-        self.decodes = 0
-
-    def batches(self, size: int = 100) -> list[Seq2SeqBatch]:
         c, device = self.config, device_of(self.model)
-        return [
-            collate(self.examples[i : i + size], c.pad_id, c.bos_id, c.eos_id).to(device)
-            for i in range(0, len(self.examples), size)
+        # collated once: every loss pass (one per masked head and ablation) reuses them
+        self.batches: list[Seq2SeqBatch] = [
+            collate(self.examples[i : i + 100], c.pad_id, c.bos_id, c.eos_id).to(device)
+            for i in range(0, len(self.examples), 100)
         ]
+        self.decodes = 0
 
     @torch.inference_mode()
     def loss(self) -> float:
         """Cross-entropy per reference token."""
         total, n = 0.0, 0
-        for batch in self.batches():
+        for batch in self.batches:
             total, n = total + seq2seq_loss(self.model, batch, 0.0).item(), n + batch.tokens
         return total / n
 
@@ -149,7 +149,7 @@ class Prober:
     def focus(self) -> dict[AttentionKind, dict[str, list[list[float]]]]:
         pad = self.config.pad_id
         sums: dict[str, list[Any]] = {}
-        for batch in self.batches():
+        for batch in self.batches:
             with record_attention(self.model) as rec:
                 self.model(batch.src, batch.tgt_in)
             for path, (w,) in rec.items():

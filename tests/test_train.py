@@ -75,11 +75,9 @@ def test_averaged_is_the_mean_of_the_last_checkpoints(corpus, tmp_path):
 
     def keep(step):
         if step in (4, 6):
-            snapshots[step] = {k: v.clone() for k, v in trainer_ref[0].model.state_dict().items()}
+            snapshots[step] = {k: v.clone() for k, v in t.model.state_dict().items()}
 
-    trainer_ref = []
     t = Trainer(task_for(cfg), model_cfg, cfg, tmp_path, log=lambda s: None)
-    trainer_ref.append(t)
     t.prepare(resume=False)
     t.run(on_step=keep)
     avg = load_file(str(tmp_path / "averaged" / "model.safetensors"))

@@ -25,6 +25,7 @@ from ..data import (
 )
 from ..evaluate import bleu
 from ..loss import seq2seq_loss
+from ..models import device_of
 from ..tokenizer import Subwords, Tokenizer
 from ..translate import Translator
 
@@ -127,7 +128,7 @@ class Translation:
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Validation loss per target token, and BLEU of the first eval_sentences."""
-        device = next(model.parameters()).device
+        device = device_of(model)
         total, n = 0.0, 0
         for idx in token_batches(self.valid_set, self.cfg.max_tokens, 0, 0, shuffle=False):
             batch = self._collate([self.valid_set[i] for i in idx]).to(device)
