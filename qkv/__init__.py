@@ -3,6 +3,7 @@
 from .attention import MultiHeadAttention, attention
 from .cache import DecoderCache, KVCache
 from .config import ConfigError, DecodeConfig, ModelConfig, TrainConfig
+from .generate import Generator
 from .inspect import record_attention
 from .models import DecoderOnly, EncoderDecoder, EncoderOnly, from_config
 from .packed import pack
@@ -17,6 +18,7 @@ __all__ = [
     "DecoderOnly",
     "EncoderDecoder",
     "EncoderOnly",
+    "Generator",
     "KVCache",
     "ModelConfig",
     "MultiHeadAttention",

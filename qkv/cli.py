@@ -28,6 +28,7 @@ from .flags import (
     given,
 )
 from .marian import MarianImportError
+from .nanogpt import NanoGPTImportError
 
 
 def _device(name: str) -> torch.device:
@@ -55,6 +56,13 @@ def _load_translator(args: argparse.Namespace, int8: bool = False):
     if tok is None:
         raise UsageError(f"{args.model}: the model directory has no tokenizer")
     return Translator(pack(model, int8), tok, getattr(args, "batch_size", 64)), meta
+
+
+def _task_of(model_dir: str) -> str:
+    """What a model directory's model was trained for (its config.json's meta.task)."""
+    from .checkpoint import read_config
+
+    return read_config(model_dir)[1].get("task", "translation")
 
 
 def _model_flags(p: argparse.ArgumentParser, data: bool = False) -> None:
@@ -149,6 +157,8 @@ DATA_FLAGS = {
     "tsv": "tsv_file",
     "valid_src": "valid_src_file",
     "valid_tgt": "valid_tgt_file",
+    "text": "text_file",
+    "valid_text": "valid_text_file",
 }
 RESUMABLE = {"max_minutes", "max_steps", "max_epochs", "threads"}  # a resumed run's new budget
 
@@ -159,17 +169,23 @@ def add_train(sub) -> None:
     p = command(
         sub,
         "train",
-        "train a model (translation)",
-        "Train a model for a task on a named data set (Multi30k) or your own files. Shows "
-        "loss, lr, tokens/s and ETA; keeps the best checkpoint in OUT/best and a resumable one "
-        "in OUT/last. Values: the preset, then --config, then flags.",
+        "train a model (translation, language model)",
+        "Train a model for a task on a named data set (Multi30k, Tiny Shakespeare) or your own "
+        "files. Shows loss, lr, tokens/s and ETA; keeps the best checkpoint in OUT/best and a "
+        "resumable one in OUT/last. Values: the preset, then --config, then flags.",
         [
             "qkv train --preset multi30k-de-en --out runs/de-en --max-minutes 60",
             "qkv train --preset multi30k-de-en --src my.de --tgt my.en --out runs/mine",
+            "qkv train --preset shakespeare-char --out runs/shakespeare",
+            "qkv train --task lm --text my.txt --tokenizer bpe --vocab-size 4000 --out runs/lm",
             "qkv train --out runs/de-en --resume",
         ],
     )
-    p.add_argument("--preset", default="multi30k-de-en", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--preset",
+        help=f"one of: {', '.join(PRESETS)} (default: multi30k-de-en; shakespeare-char's "
+        "shape for --task lm)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}} over the preset')
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -180,6 +196,8 @@ def add_train(sub) -> None:
     p.add_argument("--tsv", help="or one file of source<TAB>target lines")
     p.add_argument("--valid-src", help="validation source file (default: held out from --src)")
     p.add_argument("--valid-tgt", help="validation target file")
+    p.add_argument("--text", help="lm: your training text (plain or .gz)")
+    p.add_argument("--valid-text", help="lm: validation text (default: the last 10%%)")
     config_flags(p, TrainConfig, "t_", "training (overrides the preset)", set(DATA_FLAGS.values()))
     config_flags(p, ModelConfig, "m_", "model shape (overrides the preset)", DERIVED)
     p.set_defaults(func=run_train)
@@ -196,14 +214,20 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         model_cfg, train_cfg = read_run_config(out / "train_config.json")
         budget = {k: v for k, v in given(args, "t_").items() if k in RESUMABLE}
         return model_cfg, train_cfg.replace(**budget)
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
-    model_cfg, train_cfg = PRESETS[args.preset]
+    lm = args.t_task == "lm" or args.text is not None
+    preset = args.preset or ("shakespeare-char" if lm else "multi30k-de-en")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    model_cfg, train_cfg = PRESETS[preset]
     if args.config:
         model_cfg, train_cfg = apply_file(model_cfg, train_cfg, args.config)
     files = {DATA_FLAGS[k]: getattr(args, k) for k in DATA_FLAGS if getattr(args, k)}
-    if files.get("src_file") or files.get("tsv_file"):
+    if files.get("src_file") or files.get("tsv_file") or files.get("text_file"):
         files["dataset"] = None
+    if lm and train_cfg.task != "lm":
+        if not files.get("text_file"):
+            raise UsageError(f"--task lm with preset {preset} needs --text FILE")
+        files["task"] = "lm"
     if (out / "last").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a training run; use --resume or --overwrite")
     return model_cfg.replace(**given(args, "m_")), train_cfg.replace(
@@ -340,17 +364,20 @@ def add_explain(sub) -> None:
     p = command(
         sub,
         "explain",
-        "translate a sentence and show every head's attention",
+        "translate a sentence (or continue a prompt) and show every head's attention",
         "Translate one sentence and capture all attention (encoder self, decoder self, cross) "
         "for every layer and head along the output: PNG grids, a cross-attention alignment, "
-        "and one self-contained HTML page (works offline, opened from disk).",
+        "and one self-contained HTML page (works offline, opened from disk). With a language "
+        "model: continue the prompt and show the causal self-attention over prompt and output.",
         [
             "qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --out ex/",
             "qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --beam 5 --json",
+            "qkv explain --model runs/shakespeare 'ROMEO:' --max-new-tokens 30 --out ex-lm/",
         ],
     )
-    p.add_argument("sentence")
+    p.add_argument("sentence", help="the sentence to translate, or the prompt to continue")
     _model_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="language models: default 40")
     p.add_argument("--out", default="explain", help="directory for the pictures and the page")
     p.add_argument("--json", action="store_true", help="also write the raw weights as JSON")
     add_decode_flags(p, strategy="greedy")
@@ -363,8 +390,20 @@ def run_explain(args: argparse.Namespace) -> int:
     if not args.sentence.strip():
         raise UsageError("explain: the sentence is empty")
     cfg = decode_config(args)
-    translator, _ = _load_translator(args, args.int8)
-    e = explain(translator, args.sentence, cfg)
+    if _task_of(args.model) == "lm":
+        from .explain import explain_generation
+        from .generate import Generator, PromptError
+
+        model, tok, _ = _load_model(args, "lm", args.int8)
+        if args.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be >= 1")
+        try:
+            e = explain_generation(Generator(model, tok), args.sentence, cfg, args.max_new_tokens)
+        except PromptError as err:
+            raise UsageError(f"prompt: {err}") from None
+    else:
+        translator, _ = _load_translator(args, args.int8)
+        e = explain(translator, args.sentence, cfg)
     written = write_artifacts(e, Path(args.out), args.json)
     print(e.translation)
     for w in written:
@@ -380,7 +419,10 @@ def add_probe(sub) -> None:
         "One report (markdown + PNG + JSON) answering the explainers' claims with numbers: "
         "head focus, head redundancy and pruning, what skip connections and other layers "
         "absorb, receptive field by depth, beam vs greedy.",
-        ["qkv probe --model runs/de-en --out probe/ --sentences 200"],
+        [
+            "qkv probe --model runs/de-en --out probe/ --sentences 200",
+            "qkv probe --model runs/shakespeare --out probe-lm/ --windows 32",
+        ],
     )
     _model_flags(p, data=True)
     p.add_argument("--out", default="probe", help="directory for report.md, report.json, PNGs")
@@ -391,13 +433,41 @@ def add_probe(sub) -> None:
     p.add_argument("--beam", type=int, default=5, help="beam size for the beam-vs-greedy line")
     p.add_argument("--seed", type=int, default=0, help="for the subsample")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    g = p.add_argument_group("language models")
+    g.add_argument("--windows", type=int, default=64, help="validation windows (default 64)")
+    g.add_argument("--text", help="validation text (default: the model's own validation split)")
     p.set_defaults(func=run_probe)
+
+
+def _run_probe_lm(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, from_dict
+    from .data import read_text
+    from .probe_lm import probe_lm, write_lm_report
+    from .tasks.lm import load_texts
+
+    if args.windows < 1:
+        raise UsageError("--windows must be >= 1")
+    model, tok, meta = _load_model(args, "lm")
+    if args.text:
+        text = read_text(args.text)
+    else:
+        text = load_texts(from_dict(TrainConfig, meta["train"], source=args.model)).valid
+    ids = torch.tensor(tok.encode_batch([text])[0])
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    try:
+        report = probe_lm(model, ids, windows=args.windows, log=log)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    log(f"wrote {write_lm_report(report, args.out)} ({report.minutes:.1f} minutes)")
+    return 0
 
 
 def run_probe(args: argparse.Namespace) -> int:
     from .probe import probe
     from .probe_report import write_report
 
+    if _task_of(args.model) == "lm":
+        return _run_probe_lm(args)
     if args.sentences < 1 or args.beam < 1:
         raise UsageError("--sentences and --beam must be >= 1")
     translator, meta = _load_translator(args)
@@ -409,6 +479,100 @@ def run_probe(args: argparse.Namespace) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)
     report = probe(translator, pairs, beam=args.beam, log=log)
     log(f"wrote {write_report(report, args.out)} ({report.minutes:.1f} minutes)")
+    return 0
+
+
+def _load_model(args: argparse.Namespace, task: str, int8: bool = False):
+    """(model packed for inference, tokenizer, meta) of a model directory trained for `task`."""
+    from .checkpoint import load
+    from .packed import available, pack
+
+    device = _device(args.device)
+    if int8 and (device.type != "cpu" or not available(int8=True)):
+        raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
+    model, tok, meta = load(args.model, device)
+    if meta.get("task", "translation") != task:
+        raise UsageError(f"{args.model}: a {meta.get('task', 'translation')} model, not {task}")
+    if tok is None:
+        raise UsageError(f"{args.model}: the model directory has no tokenizer")
+    return pack(model, int8), tok, meta
+
+
+def add_generate(sub) -> None:
+    p = command(
+        sub,
+        "generate",
+        "continue text with a language model (sampling, greedy, beam), streaming",
+        "Continue a prompt, printing tokens as they come. Several prompts (one per line, from "
+        "stdin or --input) are generated as batches. Past the model's context, greedy and "
+        "sampling slide (the last half of the context is read again); beam search stops.",
+        [
+            "qkv generate --model runs/shakespeare 'ROMEO:' --max-new-tokens 300",
+            "qkv generate --model runs/shakespeare 'ROMEO:' --temperature 0.8 --top-k 40 --seed 1",
+            "qkv generate --model runs/shakespeare 'JULIET:' --greedy",
+            "qkv generate --model runs/shakespeare --input prompts.txt --jsonl > out.jsonl",
+        ],
+    )
+    p.add_argument("prompt", nargs="?", help="the text to continue (default: lines of stdin)")
+    _model_flags(p)
+    p.add_argument("--input", help="prompts, one per line (instead of the argument or stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="default 200")
+    p.add_argument("--samples", type=int, default=1, help="outputs per prompt (default 1)")
+    p.add_argument("--jsonl", action="store_true", help="one JSON object per output")
+    add_decode_flags(p, strategy="sample")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import Generator, PromptError
+
+    cfg = decode_config(args)
+    for name in ("max_len_a", "max_len_b", "at_max"):
+        if getattr(args, "d_" + name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} is for translation; use --max-new-tokens")
+    if args.max_new_tokens < 1 or args.samples < 1:
+        raise UsageError("--max-new-tokens and --samples must be >= 1")
+    if cfg.nbest != 1:
+        raise UsageError("generate prints one output per prompt; --nbest is for translate")
+    if args.prompt is not None and args.input:
+        raise UsageError("give the prompt as an argument or --input, not both")
+    model, tok, _ = _load_model(args, "lm", args.int8)
+    gen = Generator(model, tok, args.batch_size)
+    prompts = [args.prompt] if args.prompt is not None else _read_input(args.input)
+    prompts = [p for p in prompts for _ in range(args.samples)]
+    if not prompts:
+        raise UsageError("no prompts (stdin was empty)")
+    try:
+        lengths = {len(gen.encode(p)) for p in prompts}
+    except PromptError as e:
+        raise UsageError(f"prompt: {e}") from None
+    if any(gen.would_slide(n, args.max_new_tokens) for n in lengths):
+        how = "stops there" if cfg.strategy == "beam" else "slides (re-reads the last half)"
+        print(
+            f"qkv: note: prompt + {args.max_new_tokens} new tokens pass the model's context of "
+            f"{gen.context} tokens; {cfg.strategy} {how}",
+            file=sys.stderr,
+        )
+    stream = len(prompts) == 1 and not args.jsonl and cfg.strategy != "beam"
+    shown = [0]
+
+    def on_text(_: int, text: str) -> None:  # print what is new, not a partial character
+        text = text.rstrip("\ufffd")
+        sys.stdout.write(text[shown[0] :])
+        sys.stdout.flush()
+        shown[0] = max(shown[0], len(text))
+
+    if stream:
+        sys.stdout.write(prompts[0])
+    results = gen.generate(prompts, cfg, args.max_new_tokens, on_text if stream else None)
+    for i, g in enumerate(results):
+        if args.jsonl:
+            row = dict(prompt=g.prompt, text=g.text, tokens=len(g.tokens), ended=g.ended)
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        elif stream:
+            sys.stdout.write(g.text[shown[0] :] + "\n")
+        else:
+            sys.stdout.write(("---\n" if i else "") + g.prompt + g.text + "\n")
     return 0
 
 
@@ -435,6 +599,32 @@ def run_import_marian(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_import_nanogpt(sub) -> None:
+    p = command(
+        sub,
+        "import-nanogpt",
+        "convert a nanoGPT character-level checkpoint (ckpt.pt) into a qkv language model",
+        "Read nanoGPT's ckpt.pt with torch.load(weights_only=True) (no code from the file "
+        "runs) and rebuild its character vocabulary from the training text (nanoGPT's meta.pkl "
+        "is a pickle, not opened). The result works with generate and explain.",
+        [
+            "qkv import-nanogpt out-shakespeare-char/ckpt.pt "
+            "--text data/shakespeare_char/input.txt --out models/nanogpt"
+        ],
+    )
+    p.add_argument("ckpt", help="nanoGPT's ckpt.pt")
+    p.add_argument("--text", required=True, help="the text it was trained on (its input.txt)")
+    p.add_argument("--out", required=True, help="the qkv model directory to write")
+    p.set_defaults(func=run_import_nanogpt)
+
+
+def run_import_nanogpt(args: argparse.Namespace) -> int:
+    from .nanogpt import convert
+
+    print(f"wrote {convert(args.ckpt, args.text, args.out)}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = [
     add_demo,
     add_train,
@@ -442,7 +632,9 @@ COMMANDS = [
     add_evaluate,
     add_explain,
     add_probe,
+    add_generate,
     add_import_marian,
+    add_import_nanogpt,
 ]
 
 
@@ -467,7 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except (UsageError, ConfigError, DataError, CheckpointError, MarianImportError) as e:
+    except (
+        UsageError,
+        ConfigError,
+        DataError,
+        CheckpointError,
+        MarianImportError,
+        NanoGPTImportError,
+    ) as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

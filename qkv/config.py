@@ -221,7 +221,10 @@ class ModelConfig:
         return from_dict(cls, json.loads(text))
 
 
-Task = Literal["translation"]
+Task = Literal["translation", "lm"]
+TokenizerKind = Literal["bpe", "char"]
+Schedule = Literal["inverse_sqrt", "cosine"]
+DATASETS = {"multi30k": "translation", "tinyshakespeare": "lm"}
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,12 @@ class TrainConfig:
     valid_src_file: str | None = knob(None, "validation sources (default: held out)")
     valid_tgt_file: str | None = knob(None, "validation targets")
     data_dir: str | None = knob(None, "where named data sets are looked up first")
+    # language model (task lm): one text, cut into windows
+    text_file: str | None = knob(None, "lm: your training text (plain or .gz)")
+    valid_text_file: str | None = knob(None, "lm: validation text (default: the last 10%)")
+    tokenizer: TokenizerKind = knob("bpe", "lm: characters, or byte-level BPE of vocab_size")
+    block_size: int = knob(256, "lm: the context, in tokens, of each training window")
+    eval_tokens: int = knob(0, "lm: validation tokens scored (0: all)")
     max_chars: int = knob(1000, "pairs with a longer side are skipped (and counted)")
     max_tokens_per_sentence: int = knob(128, "sentences with more subwords are skipped")
     # subwords
@@ -248,6 +257,8 @@ class TrainConfig:
     accumulate: int = knob(1, "batches per optimizer step")
     lr: float = knob(1e-3, "peak learning rate, reached after warmup, then 1/sqrt(step) decay")
     warmup: int = knob(800, "warmup steps (0: no warmup, decay from step 1)")
+    schedule: Schedule = knob("inverse_sqrt", "after warmup: 1/sqrt(step), or cosine to min_lr")
+    min_lr: float = knob(0.0, "cosine: the rate at the end of the budget (max_steps/minutes)")
     betas: tuple[float, float] = knob((0.9, 0.98), "AdamW betas")
     weight_decay: float = knob(1e-4, "AdamW weight decay")
     label_smoothing: float = knob(0.1, "probability mass spread over the vocabulary")
@@ -280,10 +291,18 @@ class TrainConfig:
             "max_tokens_per_sentence",
             "max_chars",
             "eval_beam",
+            "block_size",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_steps", "max_epochs", "warmup", "average_last", "eval_sentences"):
+        for name in (
+            "max_steps",
+            "max_epochs",
+            "warmup",
+            "average_last",
+            "eval_sentences",
+            "eval_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.threads < 0:
@@ -296,14 +315,24 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_minutes < 0:
             raise ConfigError(f"max_minutes must be >= 0, got {self.max_minutes}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr], got {self.min_lr!r}")
+        if self.schedule == "cosine" and not (self.max_steps or self.max_minutes):
+            raise ConfigError("the cosine schedule needs a budget: max_steps or max_minutes")
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r} (known: {', '.join(DATASETS)})")
+        if self.dataset is not None and DATASETS[self.dataset] != self.task:
+            raise ConfigError(f"dataset {self.dataset} is for task {DATASETS[self.dataset]}")
+        if self.task == "lm":
+            if self.dataset is None and self.text_file is None:
+                raise ConfigError("no training text: set dataset or text_file")
+            return
         if (self.src_file is None) != (self.tgt_file is None):
             raise ConfigError("give both src_file and tgt_file, or neither")
         if (self.valid_src_file is None) != (self.valid_tgt_file is None):
             raise ConfigError("give both valid_src_file and valid_tgt_file, or neither")
         if self.dataset is None and self.src_file is None and self.tsv_file is None:
             raise ConfigError("no training data: set dataset, src_file/tgt_file or tsv_file")
-        if self.dataset not in (None, "multi30k"):
-            raise ConfigError(f"unknown dataset {self.dataset!r} (known: multi30k)")
         if self.src_lang == self.tgt_lang and self.dataset is not None and self.src_file is None:
             raise ConfigError("src_lang and tgt_lang must differ")
 

@@ -50,6 +50,44 @@ def read_lines(path: str | Path) -> list[str]:
     return out
 
 
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (plain or .gz), line ends kept; DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    return text
+
+
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def tinyshakespeare_file(data_dir: str | Path | None = None) -> Path:
+    """Tiny Shakespeare's input.txt: found locally, else downloaded into the cache and verified."""
+    for d in data_dirs(data_dir):
+        if (d / "tinyshakespeare" / "input.txt").is_file():
+            return d / "tinyshakespeare" / "input.txt"
+    cached = cache_dir() / "tinyshakespeare" / "input.txt"
+    if cached.is_file() and sha256(cached) == TINYSHAKESPEARE_SHA256:
+        return cached
+    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
+
+
 Pair = tuple[str, str]
 
 

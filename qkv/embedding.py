@@ -55,6 +55,9 @@ class Embeddings(nn.Module):
             self.learned = None
         elif positions == "learned":
             self.learned = nn.Embedding(max_len, d_model)
+            # the same scale as the token embeddings it is added to (nn.Embedding's N(0, 1)
+            # would drown unscaled ones)
+            nn.init.normal_(self.learned.weight, std=1.0 if scale else d_model**-0.5)
         else:
             raise ValueError(f"unknown positions {positions!r}")
         self.dropout = Dropout(dropout)

@@ -1,10 +1,12 @@
-"""Attention during a real translation: every layer's and head's weights (encoder self,
-decoder self, cross) for the output the model actually produced.
+"""Attention during a real translation or generation: every layer's and head's weights (encoder
+self, decoder self, cross) for the output the model actually produced.
 
 Greedy and sampled outputs are recorded step by step while they are generated. For beam search
 the weights along the chosen hypothesis are those of one teacher-forced pass over it:
 incremental decoding equals the full forward (tests/test_models.py), so these are the weights the
-search computed for that hypothesis, without following it through every beam reorder.
+search computed for that hypothesis, without following it through every beam reorder. A
+language model's output is likewise read once more, prompt and continuation together, in one
+causal forward pass: the same weights, since future tokens change nothing before them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 from . import plot
 from .checkpoint import write_text_atomic
 from .config import DecodeConfig
+from .generate import Generator
 from .html import attention_page
 from .inspect import AttentionKind, attention_kind, record_attention
 from .models import device_of
@@ -36,10 +39,10 @@ AXES = {
 
 @dataclass
 class Explanation:
-    source: str
-    translation: str
-    src_tokens: list[str]  # subwords of the source, with </s>
-    tgt_in: list[str]  # decoder inputs: <s> + output subwords
+    source: str  # the sentence, or the prompt
+    translation: str  # the output: a translation, or the prompt's continuation
+    src_tokens: list[str]  # subwords of the source, with </s> (none for a language model)
+    tgt_in: list[str]  # decoder inputs: <s> + output subwords (prompt + continuation)
     tgt_out: list[str]  # what each decoder position predicted: output subwords + </s>
     attention: dict[AttentionKind, list[Tensor]]  # per layer (H, T, S)
     mode: str  # how the output was chosen: "greedy", "sample (seed 0)", "beam 5"
@@ -48,7 +51,12 @@ class Explanation:
         """Cross-attention averaged over all layers and heads: (T, S), a soft word alignment."""
         return torch.stack(self.attention[AttentionKind.CROSS]).mean(dim=(0, 1))
 
+    @property
+    def has_cross(self) -> bool:
+        return bool(self.attention.get(AttentionKind.CROSS))
+
     def to_json(self) -> dict[str, Any]:
+        default = AttentionKind.CROSS if self.has_cross else AttentionKind.DECODER_SELF
         return {
             "source": self.source,
             "translation": self.translation,
@@ -57,7 +65,7 @@ class Explanation:
             "tgt_in": self.tgt_in,
             "tgt_out": self.tgt_out,
             "axes": {str(kind): list(AXES[kind]) for kind in self.attention},
-            "default_kind": str(AttentionKind.CROSS),
+            "default_kind": str(default),
             "attention": {
                 str(kind): [
                     [[[round(float(x), 5) for x in row] for row in head] for head in layer.tolist()]
@@ -75,7 +83,7 @@ def _by_kind(recorded: dict[str, Tensor]) -> dict[AttentionKind, list[Tensor]]:
         recorded, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")]
     ):
         out[attention_kind(path)].append(recorded[path])
-    return out
+    return {kind: layers for kind, layers in out.items() if layers}
 
 
 @torch.inference_mode()
@@ -117,6 +125,30 @@ def explain(translator: Translator, sentence: str, cfg: DecodeConfig) -> Explana
     )
 
 
+@torch.inference_mode()
+def explain_generation(
+    generator: Generator, prompt: str, cfg: DecodeConfig, max_new_tokens: int
+) -> Explanation:
+    """Continue `prompt` with a language model and capture its causal self-attention, every
+    layer and head, over the prompt and the continuation (as far as the context reaches)."""
+    model, tok = generator.model, generator.tokenizer
+    (g,) = generator.generate([prompt], cfg, max_new_tokens)
+    ids = (generator.encode(prompt) + g.tokens)[: generator.context]
+    with record_attention(model) as rec:
+        model(torch.tensor([ids], device=device_of(model)))
+    # each token as text, whitespace made visible
+    pieces = [tok.decode([i]).replace("\n", "⏎").replace(" ", "␣") or "·" for i in ids]
+    return Explanation(
+        source=prompt,
+        translation=g.text,
+        src_tokens=[],
+        tgt_in=pieces,
+        tgt_out=pieces[1:] + ["…"],
+        attention=_by_kind({path: steps[0][0] for path, steps in rec.items()}),
+        mode=cfg.describe(),
+    )
+
+
 def _stitch_steps(rec: dict[str, list[Tensor]], t: int) -> dict[str, Tensor]:
     """One (H, T, S) map per module from the per-step weights of a one-row generation."""
     recorded = {}
@@ -143,15 +175,16 @@ def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[
         title = f"{kind} attention"
         path = out / f"{kind.value.replace(' ', '_')}.png"
         written.append(plot.attention_grid(layers, getattr(e, k), getattr(e, q), title, path))
-    written.append(
-        plot.alignment(
-            e.alignment(),
-            e.src_tokens,
-            e.tgt_out,
-            "cross-attention alignment (mean of all layers and heads)",
-            out / "alignment.png",
+    if e.has_cross:
+        written.append(
+            plot.alignment(
+                e.alignment(),
+                e.src_tokens,
+                e.tgt_out,
+                "cross-attention alignment (mean of all layers and heads)",
+                out / "alignment.png",
+            )
         )
-    )
     data = e.to_json()
     write_text_atomic(out / "attention.html", attention_page(data))
     written.append(out / "attention.html")

@@ -120,9 +120,11 @@ class EncoderDecoder(nn.Module):
         memory, mask = self.encode(src)
         return self.decoder.start(memory, mask)
 
-    def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
-        """New target tokens (B, T) -> logits (B, T, V); `cache` grows by T positions."""
-        return self.lm_head(self.decoder(tokens, cache=cache))
+    def step(self, tokens: Tensor, cache: DecoderCache, last: bool = False) -> Tensor:
+        """New target tokens (B, T) -> logits (B, T, V); `cache` grows by T positions. `last`:
+        only the last position's logits (B, 1, V), all that search needs after a prefix."""
+        h = self.decoder(tokens, cache=cache)
+        return self.lm_head(h[:, -1:] if last else h)
 
 
 class DecoderOnly(nn.Module):
@@ -146,9 +148,11 @@ class DecoderOnly(nn.Module):
         """An empty cache; it takes its batch size from the first step (a prompt, or bos)."""
         return self.decoder.start()
 
-    def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
-        """New tokens (B, T) -> logits (B, T, V); `cache` grows by T positions."""
-        return self.lm_head(self.decoder(tokens, cache=cache))
+    def step(self, tokens: Tensor, cache: DecoderCache, last: bool = False) -> Tensor:
+        """New tokens (B, T) -> logits (B, T, V); `cache` grows by T positions. `last`: only the
+        last position's logits (B, 1, V)."""
+        h = self.decoder(tokens, cache=cache)
+        return self.lm_head(h[:, -1:] if last else h)
 
 
 class EncoderOnly(nn.Module):

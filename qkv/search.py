@@ -34,6 +34,9 @@ class State(Protocol):
 
 
 StepFn = Callable[[Tensor, Any], Tensor]  # (tokens (N, L), state) -> log-probs (N, V)
+# Called after each step of greedy or sampling with the (input, token) pairs just produced
+# (eos excluded): what streaming output prints.
+Emit = Callable[[list[tuple[int, int]]], None]
 
 
 @dataclass
@@ -47,7 +50,7 @@ def model_step(model: Any) -> StepFn:
     """A step function over a qkv model's KV cache: last position's log-probabilities."""
 
     def step(tokens: Tensor, cache: Any) -> Tensor:
-        return model.step(tokens, cache)[:, -1].float().log_softmax(-1)
+        return model.step(tokens, cache, last=True)[:, -1].float().log_softmax(-1)
 
     return step
 
@@ -162,6 +165,7 @@ def greedy(
     pad: int | None = None,
     max_positions: int | None = None,
     prefix: Tensor | None = None,
+    emit: Emit | None = None,
 ) -> list[Hypothesis]:
     """Take the most likely token each step: the readable baseline, the oracle for beam size 1."""
     return _one_per_row(
@@ -175,6 +179,7 @@ def greedy(
         pad,
         max_positions,
         prefix,
+        emit,
     )
 
 
@@ -189,6 +194,7 @@ def sample(
     pad: int | None = None,
     max_positions: int | None = None,
     prefix: Tensor | None = None,
+    emit: Emit | None = None,
 ) -> list[Hypothesis]:
     """Draw each token from the model's distribution, sharpened by the temperature and cut to the
     top k tokens and to the top-p nucleus; reproducible for a seed. The score is the model's
@@ -199,7 +205,9 @@ def sample(
         logits = top_p_filter(top_k_filter(log_probs / cfg.temperature, cfg.top_k), cfg.top_p)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
-    return _one_per_row(step, state, src_lengths, cfg, draw, bos, eos, pad, max_positions, prefix)
+    return _one_per_row(
+        step, state, src_lengths, cfg, draw, bos, eos, pad, max_positions, prefix, emit
+    )
 
 
 def _one_per_row(
@@ -213,6 +221,7 @@ def _one_per_row(
     pad: int | None,
     max_positions: int | None,
     prefix: Tensor | None,
+    emit: Emit | None = None,
 ) -> list[Hypothesis]:
     """One row per input; each step appends `choose`'s token. Finished rows leave the batch."""
     device = src_lengths.device
@@ -236,6 +245,14 @@ def _one_per_row(
             log_prob[r] += lp
             if not e:
                 out[r].append(tok)
+        if emit is not None:
+            emit(
+                [
+                    (r, out[r][-1])
+                    for r, e in zip(rows.tolist(), is_eos.tolist(), strict=True)
+                    if not e
+                ]
+            )
         if done.all():
             break
         if done.any():  # drop finished rows from the batch and the state
@@ -429,18 +446,22 @@ def decode(
     max_positions: int | None = None,
     prefix: Tensor | None = None,
     trace: BeamTrace | None = None,
+    emit: Emit | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch as `cfg` says: each input's n-best list (one hypothesis unless beam search
     asks for more). `max_positions` is the model's position limit, prefix included; `trace`
-    (beam search only) receives the search tree of this very search."""
+    (beam search only) receives the search tree of this very search; `emit` (greedy and
+    sampling only) receives each step's new tokens."""
     kw = dict(bos=bos, eos=eos, pad=pad, max_positions=max_positions, prefix=prefix)
     if trace is not None and cfg.strategy != "beam":
         raise ValueError("a search trace needs beam search")
+    if emit is not None and cfg.strategy == "beam":
+        raise ValueError("beam search has no output until it ends: nothing to emit")
     match cfg.strategy:
         case "greedy":
-            return [[h] for h in greedy(step, state, src_lengths, cfg, **kw)]
+            return [[h] for h in greedy(step, state, src_lengths, cfg, emit=emit, **kw)]
         case "sample":
-            return [[h] for h in sample(step, state, src_lengths, cfg, **kw)]
+            return [[h] for h in sample(step, state, src_lengths, cfg, emit=emit, **kw)]
         case "beam":
             return beam_search(step, state, src_lengths, cfg, trace=trace, **kw)
     raise AssertionError(cfg.strategy)  # DecodeConfig validated it

@@ -3,6 +3,8 @@
 - Subwords: one joint BPE vocabulary for source and target, trained with HF `tokenizers`. Text
   is NFC-normalised and split on whitespace the sentencepiece way (a leading '▁' marks a word
   start), so decoding gives back the original text for ordinary input;
+- Subwords.train_bytes: byte-level BPE for language models: any text round-trips, no <unk>;
+- Characters: one token per character (character-level language models);
 - MarianVocab: an imported Marian (OPUS-MT) model's sentencepiece models and vocabulary.
 
 `load_tokenizer(model_dir, config)` finds whichever a model directory holds.
@@ -92,6 +94,22 @@ class Subwords:
         return cls(tok)
 
     @classmethod
+    def train_bytes(cls, texts: Iterable[str], vocab_size: int = 8000) -> Subwords:
+        """Byte-level BPE (GPT-2's scheme): the 256 bytes are the base vocabulary, so any text,
+        newlines and spaces included, encodes without <unk> and decodes back exactly."""
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
     def load(cls, path: str | Path) -> Subwords:
         return cls(HFTokenizer.from_file(str(path)))
 
@@ -119,6 +137,58 @@ class Subwords:
     def decode(self, ids: Sequence[int]) -> str:
         ids = [i for i in ids if i >= len(SPECIALS) or i == UNK]  # drop pad/bos/eos, keep unk
         return self.tok.decode(ids, skip_special_tokens=False)
+
+
+class Characters:
+    """One token per character: the specials (ids 0..3), then the given characters in order."""
+
+    FILE = "characters.json"
+    unk_id = UNK
+    special_ids = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS}
+
+    def __init__(self, chars: Sequence[str]):
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ValueError("characters must be distinct single characters")
+        self.chars = list(chars)
+        self.ids = {c: i for i, c in enumerate(self.chars, len(SPECIALS))}
+
+    @classmethod
+    def of(cls, text: str) -> Characters:
+        """The vocabulary of a text: its distinct characters, sorted (as nanoGPT's char model)."""
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Characters:
+        return cls(json.loads(Path(path).read_text(encoding="utf-8"))["characters"])
+
+    def to_str(self) -> str:
+        return json.dumps({"characters": self.chars}, ensure_ascii=False)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / self.FILE).write_text(self.to_str(), encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIALS) + len(self.chars)
+
+    def unknown(self, text: str) -> list[str]:
+        """The characters of text that are not in the vocabulary, sorted."""
+        return sorted(set(text) - self.ids.keys())
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(c, UNK) for c in text]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    encode_target_batch = encode_batch
+
+    def id_to_token(self, i: int) -> str:
+        return self.chars[i - len(SPECIALS)] if i >= len(SPECIALS) else SPECIALS[i]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        n = len(SPECIALS)
+        return "".join(self.chars[i - n] if i >= n else "\ufffd" for i in ids if i >= UNK)
 
 
 class MarianVocab:
@@ -178,6 +248,8 @@ def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> Tokenizer | None:
     d = Path(directory)
     if (d / Subwords.FILE).is_file():
         return Subwords.load(d / Subwords.FILE)
+    if (d / Characters.FILE).is_file():
+        return Characters.load(d / Characters.FILE)
     if (d / MarianVocab.DIR / "vocab.json").is_file():
         return MarianVocab(d / MarianVocab.DIR, cfg)
     return None

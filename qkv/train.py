@@ -85,6 +85,26 @@ def inverse_sqrt(step: int, warmup: int) -> float:
     return min(step / warmup, math.sqrt(warmup / step))
 
 
+def cosine(progress: float, step: int, warmup: int, floor: float) -> float:
+    """Linear warmup to 1, then a half cosine from 1 down to `floor` as `progress` (the used
+    fraction of the budget) goes from 0 to 1 (Loshchilov & Hutter 2017, without restarts)."""
+    if warmup and step < warmup:
+        return step / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def learning_rate(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """The rate of optimizer step `step` (from 1). The cosine's progress is the larger used
+    fraction of the step and time budgets, so a minutes budget ends at min_lr on time (and
+    then depends on the machine's speed, not only on the step)."""
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * inverse_sqrt(step, cfg.warmup)
+    used = [step / cfg.max_steps] if cfg.max_steps else []
+    if cfg.max_minutes:
+        used.append(elapsed / (cfg.max_minutes * 60))
+    return cfg.lr * cosine(max(used), step, cfg.warmup, cfg.min_lr / cfg.lr)
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -142,8 +162,14 @@ class Trainer:
         self.model_cfg = self.task.prepare(self.model_cfg, out, resume, self.log)
         torch.manual_seed(cfg.seed)
         self.model = from_config(self.model_cfg).to(self.device)
+        # weight decay on matrices only: decaying biases and LayerNorm gains only hurts
+        params = list(self.model.parameters())
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         self.opt = torch.optim.AdamW(
-            self.model.parameters(),
+            groups,
             lr=cfg.lr,
             betas=cfg.betas,
             eps=1e-9,
@@ -176,7 +202,10 @@ class Trainer:
             raise ConfigError(f"{last}: the saved model config differs from this run's")
         load_model(self.model, str(last / "model.safetensors"), device=str(self.device))
         meta, tensors = state["json"], state["tensors"]
-        checkpoint.optimizer_from_flat(self.opt, meta["optimizer"], tensors)
+        try:
+            checkpoint.optimizer_from_flat(self.opt, meta["optimizer"], tensors)
+        except (ValueError, KeyError) as e:
+            raise DataError(f"{last}: the optimizer state does not fit this model ({e})") from None
         self.step, self.epoch = meta["step"], meta["epoch"]
         self.batch_in_epoch, self.best = meta["batch_in_epoch"], meta["best"]
         self.elapsed = meta["elapsed"]
@@ -265,7 +294,6 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model.train()
-        schedule = lambda s: cfg.lr * inverse_sqrt(s, cfg.warmup)
         t0, elapsed0 = time.monotonic(), self.elapsed
         progress = Progress()
         stop = False
@@ -275,13 +303,14 @@ class Trainer:
             batches = self.task.batches(self.epoch)
             while self.batch_in_epoch < len(batches):
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.accumulate]
-                loss, tokens = self._step(group, schedule(self.step + 1))
+                lr = learning_rate(cfg, self.step + 1, self.elapsed)
+                loss, tokens = self._step(group, lr)
                 self.step += 1
                 self.batch_in_epoch += len(group)
                 self.elapsed = elapsed0 + time.monotonic() - t0
                 progress.add(loss, tokens)
                 if self.step % cfg.log_every == 0:
-                    self.log(progress.line(self, schedule(self.step), len(batches)))
+                    self.log(progress.line(self, lr, len(batches)))
                 if on_step is not None:
                     on_step(self.step)
                 stop = self._should_stop(len(batches))

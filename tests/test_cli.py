@@ -18,7 +18,17 @@ def test_demo_prints_size_and_weights(capsys):
     assert "parameters" in out and "head 0" in out and "encoder.layers.0.self_attn" in out
 
 
-COMMANDS = ["demo", "train", "translate", "evaluate", "explain", "probe", "import-marian"]
+COMMANDS = [
+    "demo",
+    "train",
+    "translate",
+    "evaluate",
+    "explain",
+    "probe",
+    "generate",
+    "import-marian",
+    "import-nanogpt",
+]
 
 
 def test_top_level_help_has_an_example():

@@ -17,4 +17,8 @@ def task_for(cfg: TrainConfig) -> Task:
             from .translation import Translation
 
             return Translation(cfg)
+        case "lm":
+            from .lm import LanguageModel
+
+            return LanguageModel(cfg)
     raise AssertionError(cfg.task)  # TrainConfig validated it
