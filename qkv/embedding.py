@@ -71,4 +71,7 @@ class Embeddings(nn.Module):
             pos = self.learned.weight[start : start + t]
         else:
             pos = self.sinusoids[start : start + t]
-        return self.dropout(self.token(ids) * self.scale + pos)  # (B, T, D)
+        x = self.token(ids)
+        if self.scale != 1.0:
+            x = x * self.scale
+        return self.dropout(x + pos)  # (B, T, D)

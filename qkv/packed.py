@@ -10,7 +10,7 @@ arithmetic, at a small accuracy cost that bench/README.md measures in BLEU.
 
 `pack(model)` is an explicit inference step, called by the commands that serve inference, never
 on a model that is training. It swaps each large nn.Linear for a PackedLinear, and each
-MultiHeadAttention whose fused q/k/v matrix is large for a PackedAttention; both share the
+self-attention for a PackedAttention (one stacked q/k/v matrix, packed when large); both share the
 original parameters, so state dicts, checkpoints, weight tying and inspection see the same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
 number of decodes at once. Small layers stay as they are: the packed kernels cost about 50 us
@@ -53,15 +53,20 @@ class Packed:
     """y = x W^T + b where W (and b) stack the weights of `linears` (their outputs concatenated),
     computed on a packed copy made once, at construction."""
 
-    def __init__(self, linears: Sequence[nn.Linear], int8: bool = False):
+    def __init__(self, linears: Sequence[nn.Linear], int8: bool = False, reorder: bool = True):
+        """reorder=False keeps the stacked copy as it is (plain F.linear): for matrices too small
+        to gain from the packed kernels, stacking alone still saves work on every call."""
         self.linears = tuple(linears)  # a tuple, so nn.Module does not register them twice
         if len({m.bias is None for m in self.linears}) > 1:
             raise ValueError("Packed: the linear layers must all have a bias or all have none")
-        self.int8 = int8
+        self.int8, self.reorder = int8, reorder or int8
         with torch.no_grad():
             w, b = self._weights()
             w = w.detach().float().contiguous()
             self._bias = None if b is None else b.detach().float().contiguous()
+            self._stacked = w
+            if not self.reorder:
+                return
             if int8:
                 # per output row: the largest |w| maps to 127
                 scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
@@ -85,6 +90,8 @@ class Packed:
     def __call__(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, *self._weights())
+        if not self.reorder:
+            return F.linear(x, self._stacked, self._bias)
         x2 = x.reshape(-1, x.shape[-1])  # the kernels' fast path is 2-D
         if self.int8:
             # reduce_range: 7-bit activations, so int8 products cannot saturate without VNNI
@@ -123,13 +130,13 @@ class PackedAttention(MultiHeadAttention):
     """A MultiHeadAttention (same submodules and parameters) whose self-attention q/k/v
     projection runs as one packed matrix: one matmul per decoding step for q, k and v."""
 
-    def __init__(self, attn: MultiHeadAttention, int8: bool = False):
+    def __init__(self, attn: MultiHeadAttention, int8: bool = False, reorder: bool = True):
         nn.Module.__init__(self)
         self.n_heads, self.d_head, self.dropout = attn.n_heads, attn.d_head, attn.dropout
         self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
         self.out_proj = attn.out_proj
         self.recorder, self.head_mask = attn.recorder, attn.head_mask
-        self.packed_qkv = Packed([self.q_proj, self.k_proj, self.v_proj], int8)
+        self.packed_qkv = Packed([self.q_proj, self.k_proj, self.v_proj], int8, reorder)
         self.eval()
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,13 +155,13 @@ def pack(model: nn.Module, int8: bool = False, min_weights: int | None = None) -
         return model
     # self-attention first (cross-attention never projects q/k/v together), then the linears,
     # including those inside the new PackedAttentions
+    # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);
+    # only large ones are reordered for the packed kernels
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            big = (
-                type(child) is MultiHeadAttention and 3 * child.q_proj.weight.numel() >= min_weights
-            )
-            if big and name == "self_attn":
-                setattr(parent, name, PackedAttention(child, int8))
+            if type(child) is MultiHeadAttention and name == "self_attn":
+                big = 3 * child.q_proj.weight.numel() >= min_weights
+                setattr(parent, name, PackedAttention(child, int8 and big, reorder=big))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:

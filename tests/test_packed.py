@@ -109,8 +109,10 @@ def test_small_layers_stay_plain(tiny):
     model = pack(tiny(d_model=32, d_ff=4096), min_weights=2**17)
     ff = model.decoder.layers[0].ff
     assert isinstance(ff.fc1, PackedLinear) and isinstance(ff.fc2, PackedLinear)  # 32 x 4096
-    attn = model.decoder.layers[0].self_attn
-    assert type(attn.q_proj) is nn.Linear and type(attn) is MultiHeadAttention  # 32 x 32
+    attn = model.decoder.layers[0].self_attn  # 32 x 32: q/k/v stacked, not reordered
+    assert type(attn.q_proj) is nn.Linear and isinstance(attn, PackedAttention)
+    assert not attn.packed_qkv.reorder
+    assert type(model.decoder.layers[0].cross_attn) is MultiHeadAttention
 
 
 def test_model_built_under_inference_mode():
