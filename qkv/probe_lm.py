@@ -35,6 +35,7 @@ from .inspect import (
     record_hidden,
 )
 from .models import DecoderOnly, device_of
+from .tasks.lm import spread
 from .tokenizer import SPECIALS
 
 FRACTIONS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
@@ -181,14 +182,15 @@ def probe_lm(
     receptive_windows: int = 8,
     log: Callable[[str], None] = print,
 ) -> LMProbeReport:
-    """Probe `model` on validation token ids (1-D), cut into `windows` consecutive windows of
-    the model's context."""
+    """Probe `model` on validation token ids (1-D): `windows` windows of the model's context,
+    spread evenly over the text."""
     t0 = time.monotonic()
     t = model.config.max_len
-    n = min(windows, (len(ids) - 1) // t)
-    if n < 1:
+    starts = spread(list(range(0, len(ids) - t, t)), windows)
+    if not starts:
         raise ValueError(f"the validation text has {len(ids)} tokens: less than one window of {t}")
-    rows = torch.stack([ids[i * t : i * t + t + 1] for i in range(n)])
+    n = len(starts)
+    rows = torch.stack([ids[s : s + t + 1] for s in starts])
     p = LMProber(model, rows, log)
     r = LMProbeReport(n, t, p.loss())
     log(f"probing on {n} windows of {t} tokens: loss {r.loss:.3f} nats/token")

@@ -169,6 +169,14 @@ def test_lm_batches_are_random_windows_fixed_per_epoch(tmp_path):
     assert len(task.valid_ids) == len(TEXT) - int(len(TEXT) * 0.9)  # nanoGPT's 90/10 split
 
 
+def test_validation_subsets_spread_over_the_whole_text():
+    from qkv.tasks.lm import spread
+
+    assert spread(list(range(10)), 0) == list(range(10)) == spread(list(range(10)), 12)
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread(list(range(100)), 4) == [0, 25, 50, 75]
+
+
 def test_cosine_schedule_ends_at_min_lr():
     assert cosine(0.0, 1, 0, 0.1) == 1.0 and cosine(1.0, 50, 0, 0.1) == pytest.approx(0.1)
     assert cosine(0.5, 50, 0, 0.0) == pytest.approx(0.5)

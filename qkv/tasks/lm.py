@@ -64,6 +64,13 @@ def lm_loss(model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0
     return smoothed_cross_entropy(logits.flatten(0, 1).float(), y.flatten(), label_smoothing)
 
 
+def spread(items: list[int], k: int) -> list[int]:
+    """k items evenly spaced over the list (all of them when k is 0 or too large)."""
+    if k <= 0 or k >= len(items):
+        return items
+    return [items[i * len(items) // k] for i in range(k)]
+
+
 class LanguageModel:
     """The language-model task for the training loop."""
 
@@ -153,11 +160,12 @@ class LanguageModel:
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Cross-entropy of the validation text, scored in consecutive windows of block_size
-        (the first token of each window has no context, as in training)."""
+        (the first token of each window has no context, as in training). With eval_tokens, a
+        subset of the windows spread evenly over the whole text (its beginning alone can be
+        easier or harder than the rest)."""
         device, t = device_of(model), self.cfg.block_size
-        n_eval = self.cfg.eval_tokens
-        ids = self.valid_ids[: n_eval + 1] if n_eval else self.valid_ids
-        starts = list(range(0, len(ids) - t, t))
+        starts = spread(list(range(0, len(self.valid_ids) - t, t)), self.cfg.eval_tokens // t)
+        ids = self.valid_ids
         total, n = 0.0, 0
         for i in range(0, len(starts), self.windows_per_batch):
             w = self._windows(ids, starts[i : i + self.windows_per_batch]).to(device)
