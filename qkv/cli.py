@@ -52,7 +52,7 @@ def _load_translator(args: argparse.Namespace, int8: bool = False):
     model, tok, meta = load(args.model, device)
     task = meta.get("task", "translation")
     if task != "translation" or not hasattr(model, "step") or not hasattr(model, "encode"):
-        raise UsageError(f"{args.model}: a {task} model, not a translation model")
+        raise UsageError(f"{args.model}: a model for {task}, not for translation")
     if tok is None:
         raise UsageError(f"{args.model}: the model directory has no tokenizer")
     return Translator(pack(model, int8), tok, getattr(args, "batch_size", 64)), meta
@@ -492,7 +492,7 @@ def _load_model(args: argparse.Namespace, task: str, int8: bool = False):
         raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
     model, tok, meta = load(args.model, device)
     if meta.get("task", "translation") != task:
-        raise UsageError(f"{args.model}: a {meta.get('task', 'translation')} model, not {task}")
+        raise UsageError(f"{args.model}: a model for {meta.get('task', 'translation')}, not {task}")
     if tok is None:
         raise UsageError(f"{args.model}: the model directory has no tokenizer")
     return pack(model, int8), tok, meta

@@ -350,6 +350,9 @@ def test_generate_from_the_command_line(tmp_path, capsys):
     assert "does not know: ['€']" in capsys.readouterr().err
     assert main(["generate", "--model", model, "ab", "--beam", "3", "--top-k", "4"]) == 2
     assert main(["generate", "--model", model, "ab", "--max-len-b", "4"]) == 2
+    capsys.readouterr()
+    assert main(["translate", "--model", model]) == 2  # a language model does not translate
+    assert "a model for lm, not for translation" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("ab\nfgh\n")
     argv = ["generate", "--model", model, "--input", str(tmp_path / "p.txt"), "--jsonl"]
     assert main([*argv, "--greedy", "--max-new-tokens", "3"]) == 0
