@@ -83,6 +83,7 @@ class DecoderCache:
     cross_attn: list[KVCache] | None = None
     memory_mask: Tensor | None = None  # (B, 1, 1, S)
     source: Tensor | None = None  # (B,)
+    offsets: Tensor | None = None  # (B,) left pads before each row's first token (prompts)
 
     @property
     def length(self) -> int:
@@ -92,6 +93,8 @@ class DecoderCache:
     def select(self, index: Tensor) -> None:
         for c in self.self_attn:
             c.select(index)
+        if self.offsets is not None:
+            self.offsets = self.offsets[index]
         if self.source is not None:
             source = self.source[index]
             if torch.equal(source, self.source):  # rows moved only among equal sources

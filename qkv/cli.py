@@ -504,8 +504,9 @@ def add_generate(sub) -> None:
         "generate",
         "continue text with a language model (sampling, greedy, beam), streaming",
         "Continue a prompt, printing tokens as they come. Several prompts (one per line, from "
-        "stdin or --input) are generated as batches. Past the model's context, greedy and "
-        "sampling slide (the last half of the context is read again); beam search stops.",
+        "stdin or --input; any lengths) are generated as one batch (--batch-size). Past the "
+        "model's context, greedy and sampling slide (the last half of the context is read "
+        "again); beam search stops.",
         [
             "qkv generate --model runs/shakespeare 'ROMEO:' --max-new-tokens 300",
             "qkv generate --model runs/shakespeare 'ROMEO:' --temperature 0.8 --top-k 40 --seed 1",

@@ -14,7 +14,7 @@ from .attention import MultiHeadAttention
 from .cache import DecoderCache, KVCache
 from .embedding import Embeddings
 from .layers import FeedForward, Residual
-from .masks import causal_mask, combine
+from .masks import causal_mask, combine, left_padding_mask
 
 
 class DecoderLayer(nn.Module):
@@ -77,9 +77,13 @@ class Decoder(nn.Module):
         self.norm = final_norm if final_norm is not None else nn.Identity()
 
     def start(
-        self, memory: Tensor | None = None, memory_mask: Tensor | None = None
+        self,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> DecoderCache:
-        """An empty cache; cross-attention keys/values are projected here, once."""
+        """An empty cache; cross-attention keys/values are projected here, once. `offsets` (B,):
+        the first step's tokens are left-padded by that many pads per row."""
         cross, source = None, None
         if memory is not None:
             source = torch.arange(memory.shape[0], device=memory.device)
@@ -88,7 +92,7 @@ class Decoder(nn.Module):
                 c = KVCache(static=True)
                 c.append(*layer.cross_attn.project_kv(memory))
                 cross.append(c)
-        return DecoderCache([KVCache() for _ in self.layers], cross, memory_mask, source)
+        return DecoderCache([KVCache() for _ in self.layers], cross, memory_mask, source, offsets)
 
     def forward(
         self,
@@ -102,17 +106,21 @@ class Decoder(nn.Module):
 
         Without a cache, position i sees positions <= i. With a cache holding P positions, the T
         new tokens sit at positions P..P+T-1 and see the cache plus the new tokens up to their own.
-        `tgt_mask` (B, 1, 1, P+T) optionally hides target padding keys.
+        `tgt_mask` (B, 1, 1, P+T) optionally hides target padding keys; a cache with `offsets`
+        hides each row's left padding and counts its positions from its first real token.
         """
         past = cache.length if cache is not None else 0
         t = tgt.shape[1]
-        x = self.embed(tgt, start=past)
+        offsets = cache.offsets if cache is not None else None
+        x = self.embed(tgt, start=past, offsets=offsets)
         # One new token may see every cached key: no causal mask at all. SDPA's is_causal is
         # right only without a cache; with a cache and several tokens, an explicit aligned mask.
-        is_causal = past == 0 and tgt_mask is None and t > 1
+        is_causal = past == 0 and tgt_mask is None and offsets is None and t > 1
         self_mask = None
         if t > 1 and not is_causal:
             self_mask = causal_mask(t, past + t, device=tgt.device)
+        if offsets is not None:  # left-padded rows: their pads are never keys
+            tgt_mask = combine(tgt_mask, left_padding_mask(offsets, t, past + t))
         self_mask = combine(self_mask, tgt_mask)
         if cache is not None:
             memory_mask = cache.memory_mask

@@ -62,15 +62,21 @@ class Embeddings(nn.Module):
             raise ValueError(f"unknown positions {positions!r}")
         self.dropout = Dropout(dropout)
 
-    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
-        """`start`: position of ids[:, 0] (the number of tokens already in a KV cache)."""
+    def forward(self, ids: Tensor, start: int = 0, offsets: Tensor | None = None) -> Tensor:
+        """`start`: position of ids[:, 0] (the number of tokens already in a KV cache).
+        `offsets` (B,): rows left-padded by that many pads, whose positions count from their
+        first real token (pads get position 0)."""
         t = ids.shape[1]
-        if start + t > self.max_len:
+        table = self.learned.weight if self.learned is not None else self.sinusoids
+        if offsets is not None:
+            pos_ids = torch.arange(start, start + t, device=ids.device)[None, :] - offsets[:, None]
+            if int(pos_ids.max()) >= self.max_len:
+                raise ValueError(f"position {int(pos_ids.max())} exceeds max_len {self.max_len}")
+            pos = table[pos_ids.clamp_min(0)]  # (B, T, D)
+        elif start + t > self.max_len:
             raise ValueError(f"sequence of {start + t} positions exceeds max_len {self.max_len}")
-        if self.learned is not None:
-            pos = self.learned.weight[start : start + t]
         else:
-            pos = self.sinusoids[start : start + t]
+            pos = table[start : start + t]
         x = self.token(ids)
         if self.scale != 1.0:
             x = x * self.scale

@@ -2,6 +2,10 @@
 step, then each new token is chosen from the next-token probabilities (greedy, sampling or beam
 search, as a DecodeConfig says: qkv.search.decode) and fed back, one position at a time.
 
+Prompts of different lengths share a batch left-padded: the cache's `offsets` tell the model how
+many pads each row starts with, so it hides them and counts positions from the first real token
+(tests/test_lm.py checks that a padded row's logits equal the row's alone).
+
 The context: a model has `max_len` positions. When the prompt plus the output would pass them,
 greedy and sampling *slide*: the last half of the context is read again as a new prompt (one
 forward pass) and generation goes on, so later tokens see between half and all of the context.
@@ -70,28 +74,22 @@ class Generator:
         max_new_tokens: int,
         on_text: OnText | None = None,
     ) -> list[Generation]:
-        """A continuation of each prompt, up to max_new_tokens or end-of-sequence. Prompts of the
-        same token length are decoded as one batch. `on_text` (greedy and sampling) is called
-        as tokens arrive."""
+        """A continuation of each prompt, up to max_new_tokens or end-of-sequence, batch_size
+        prompts at a time (of any lengths). `on_text` (greedy and sampling) is called as tokens
+        arrive."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if cfg.nbest != 1:
             raise ValueError("generate gives one output per prompt (nbest 1)")
         ids = [self.encode(p) for p in prompts]
-        results: list[Generation | None] = [None] * len(prompts)
-        by_length: dict[int, list[int]] = {}
-        for i, x in enumerate(ids):
-            by_length.setdefault(len(x), []).append(i)
-        for group in by_length.values():
-            for j in range(0, len(group), self.batch_size):
-                rows = group[j : j + self.batch_size]
-                for i, g in zip(
-                    rows,
-                    self._batch([ids[i] for i in rows], cfg, max_new_tokens, on_text, rows),
-                    strict=True,
-                ):
-                    results[i] = Generation(prompts[i], self.tokenizer.decode(g[0]), *g)
-        return [r for r in results if r is not None]
+        results: list[Generation] = []
+        for j in range(0, len(ids), self.batch_size):
+            rows = list(range(j, min(j + self.batch_size, len(ids))))
+            done = self._batch([ids[i] for i in rows], cfg, max_new_tokens, on_text, rows)
+            for i, (tokens, log_prob, ended, slid) in zip(rows, done, strict=True):
+                text = self.tokenizer.decode(tokens)
+                results.append(Generation(prompts[i], text, tokens, log_prob, ended, slid))
+        return results
 
     def _batch(
         self,
@@ -101,38 +99,43 @@ class Generator:
         on_text: OnText | None,
         names: list[int],
     ) -> list[tuple[list[int], float, bool, int]]:
-        """Prompts of one length -> (tokens, log_prob, ended, slides) each, sliding as needed."""
+        """One batch of prompts -> (tokens, log_prob, ended, slides) each. Prompts of different
+        lengths are left-padded (the model hides the pads and counts each row's positions from
+        its first token); past the context, the rows still going slide."""
         mc, device = self.config, device_of(self.model)
         n = len(prompts)
         out: list[list[int]] = [[] for _ in range(n)]
         log_prob, ended, slides = [0.0] * n, [False] * n, [0] * n
-        live = list(range(n))  # rows still generating
         half = max(self.context // 2, 1)
         context = [list(p) for p in prompts]  # what the next segment reads as its prompt
-        if len(prompts[0]) >= self.context:  # a prompt longer than the context: its end
-            if cfg.strategy == "beam":
-                raise PromptError(f"the prompt passes the model's context of {self.context}")
-            context = [p[-half:] for p in prompts]
-            slides = [1] * n
+        for r, p in enumerate(prompts):
+            if len(p) >= self.context:  # a prompt longer than the context: its end
+                if cfg.strategy == "beam":
+                    raise PromptError(f"the prompt passes the model's context of {self.context}")
+                context[r], slides[r] = p[-half:], 1
+        live = list(range(n))  # rows still generating; each has produced the same count
         segment = 0
-        while live:
-            room = self.context - len(context[live[0]])
-            if cfg.strategy == "beam" and segment > 0:
-                break
+        while live and not (cfg.strategy == "beam" and segment > 0):
+            width = max(len(context[r]) for r in live)
             want = max_new_tokens - len(out[live[0]])
             seg_cfg = cfg.replace(
                 max_len_a=0.0,
-                max_len_b=min(want, room),
+                max_len_b=min(want, self.context - width),
                 at_max="stop",
                 seed=cfg.seed + segment,
             )
             emit = None
             if on_text is not None and cfg.strategy != "beam":
                 emit = self._emitter(live, out, on_text, names)
-            prefix = torch.tensor([context[r] for r in live], device=device)
+            pads = [width - len(context[r]) for r in live]
+            prefix = torch.tensor(
+                [[mc.pad_id] * k + context[r] for k, r in zip(pads, live, strict=True)],
+                device=device,
+            )
+            offsets = torch.tensor(pads, device=device) if any(pads) else None
             hyps = decode(
                 model_step(self.model),
-                self.model.start(),
+                self.model.start(offsets),
                 torch.zeros(len(live), dtype=torch.long, device=device),
                 seg_cfg,
                 bos=mc.bos_id,

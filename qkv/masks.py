@@ -39,3 +39,14 @@ def combine(*masks: Tensor | None) -> Tensor | None:
         if m is not None:
             out = m if out is None else out & m
     return out
+
+
+def left_padding_mask(offsets: Tensor, t: int, s: int) -> Tensor:
+    """(B, 1, T, S) for rows left-padded by `offsets` (B,) pads: the last T of S positions attend
+    to real keys (position >= the row's offset), and a padding query to itself as well, so that
+    no row is fully masked (its output is never used: padding is never a key for a real query).
+    """
+    k_pos = torch.arange(s, device=offsets.device)
+    real = k_pos[None, :] >= offsets[:, None]  # (B, S)
+    own = k_pos[None, :] == torch.arange(s - t, s, device=offsets.device)[:, None]  # (T, S)
+    return (real[:, None, :] | own[None, :, :])[:, None]  # (B, 1, T, S)

@@ -144,9 +144,10 @@ class DecoderOnly(nn.Module):
         """ids (B, T) -> logits (B, T, V). `pad_mask` (B, 1, 1, T) hides padding keys."""
         return self.lm_head(self.decoder(ids, tgt_mask=pad_mask))
 
-    def start(self) -> DecoderCache:
-        """An empty cache; it takes its batch size from the first step (a prompt, or bos)."""
-        return self.decoder.start()
+    def start(self, offsets: Tensor | None = None) -> DecoderCache:
+        """An empty cache; it takes its batch size from the first step (a prompt, or bos).
+        `offsets` (B,): prompts of different lengths, left-padded by that many pads each."""
+        return self.decoder.start(offsets=offsets)
 
     def step(self, tokens: Tensor, cache: DecoderCache, last: bool = False) -> Tensor:
         """New tokens (B, T) -> logits (B, T, V); `cache` grows by T positions. `last`: only the

@@ -65,6 +65,24 @@ def test_cached_generation_equals_the_full_forward_token_by_token(model):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_left_padded_prompts_equal_unpadded_ones(model):
+    """Prompts of different lengths in one batch: the pads change nothing, step after step."""
+    long, short = [5, 6, 7, 8, 9], [10, 11]
+    cache = model.start(torch.tensor([0, 3]))
+    first = model.step(torch.tensor([long, [0, 0, 0] + short]), cache)[:, -1]
+    second = model.step(torch.tensor([[12], [13]]), cache)[:, -1]
+    cache.select(torch.tensor([1, 1, 0]))  # beam search reorders rows: the pads follow
+    third = model.step(torch.tensor([[14], [14], [15]]), cache)[:, -1]
+    for row, (prompt, nxt, after) in enumerate([(long, 12, 15), (short, 13, 14)]):
+        alone = model.start()
+        want = [model.step(torch.tensor([prompt]), alone)[:, -1]]
+        want.append(model.step(torch.tensor([[nxt]]), alone)[:, -1])
+        want.append(model.step(torch.tensor([[after]]), alone)[:, -1])
+        got = [first[row], second[row], third[2 if row == 0 else 0]]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w[0], atol=1e-5, rtol=1e-5)
+
+
 # --- tokenizers -------------------------------------------------------------------------------
 
 
