@@ -103,7 +103,10 @@ def convert(ckpt: str | Path, text: str | Path, out: str | Path) -> Path:
     except FileNotFoundError:
         raise NanoGPTImportError(f"{ckpt}: no such file") from None
     except Exception as e:  # a pickle with code in it, or not a checkpoint at all
-        raise NanoGPTImportError(f"{ckpt}: not a plain nanoGPT checkpoint ({e})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise NanoGPTImportError(
+            f"{ckpt}: not a checkpoint torch.load(weights_only=True) can read ({reason})"
+        ) from None
     if not isinstance(saved, dict) or "model" not in saved or "model_args" not in saved:
         raise NanoGPTImportError(f"{ckpt}: not a nanoGPT checkpoint (no model / model_args)")
     chars = Characters.of(read_text(text))

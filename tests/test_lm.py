@@ -309,6 +309,15 @@ def test_nanogpt_import_matches_hf_gpt2(tmp_path):
     assert meta["task"] == "lm"
 
 
+def test_nanogpt_import_refuses_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "c.pt").write_text("not a checkpoint\n")
+    (tmp_path / "t.txt").write_text("abc")
+    argv = ["import-nanogpt", str(tmp_path / "c.pt"), "--text", str(tmp_path / "t.txt")]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "weights_only=True" in err
+
+
 def test_nanogpt_import_refuses_the_wrong_text(tmp_path):
     torch.save({"model": {}, "model_args": dict(vocab_size=65)}, tmp_path / "c.pt")
     (tmp_path / "t.txt").write_text("abc")
