@@ -25,18 +25,21 @@ class DataError(Exception):
     """Unusable input data; the message is one line naming the file."""
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Lines of a UTF-8 text file (plain or .gz), without line ends."""
-    path = Path(path)
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes (gunzipped for .gz), without a UTF-8 byte order mark."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
-        raw = raw[3:]
-    lines = raw.split(b"\n")
+    return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a byte order mark is not text
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file (plain or .gz), without line ends."""
+    path = Path(path)
+    lines = _read_bytes(path).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     out = []
@@ -53,14 +56,7 @@ def read_lines(path: str | Path) -> list[str]:
 def read_text(path: str | Path) -> str:
     """A whole UTF-8 text file (plain or .gz), line ends kept; DataError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
