@@ -295,3 +295,37 @@ def test_probe_report(translator, corpus, tmp_path):
     assert "## Redundancy" in (tmp_path / "report.md").read_text()
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["receptive_field"]["0.01"] == rf and "cross" in data["focus"]
+
+
+def test_attention_page_of_a_language_model(browser, tmp_path):
+    """A language model's page: one kind (causal self-attention), drawn as its weights say."""
+    from qkv.cli import main
+    from qkv.models import DecoderOnly
+    from qkv.presets import PRESETS
+    from qkv.tokenizer import Characters
+
+    tok = Characters.of("abcdefgh ")
+    shape, _ = PRESETS["shakespeare-char"]
+    cfg = shape.replace(vocab_size=tok.vocab_size, d_model=32, d_ff=64, n_decoder_layers=2)
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "lm", DecoderOnly(cfg).eval(), tok, {"task": "lm"})
+    argv = ["explain", "--model", str(tmp_path / "lm"), "abc d", "--out", str(tmp_path / "ex")]
+    assert main([*argv, "--json", "--max-new-tokens", "4", "--sample", "--seed", "1"]) == 0
+    data = json.loads((tmp_path / "ex" / "attention.json").read_text())
+    assert list(data["attention"]) == ["decoder self"] and len(data["tgt_in"]) == 9
+    page, errors = open_page(browser, tmp_path / "ex" / "attention.html")
+    assert page.eval_on_selector_all("#kind option", "os => os.map(o => o.value)") == [
+        "decoder self"
+    ]
+    page.select_option("#layer", "1")
+    page.select_option("#head", "3")
+    page.locator("#heatmap").screenshot(path=str(tmp_path / "shot.png"))
+    img = (matplotlib.image.imread(tmp_path / "shot.png")[..., :3] * 255).round()
+    weights = np.array(data["attention"]["decoder self"][1][3])  # (T, T), causal
+    assert np.triu(weights, 1).max() == 0
+    cell, pad = 22, 110
+    for i in range(9):
+        for j in range(9):
+            red = img[pad + i * cell + cell // 2, pad + j * cell + cell // 2, 0]
+            assert abs(red - 255 * (1 - weights[i, j])) <= 3, (i, j, red, weights[i, j])
+    assert errors == []
