@@ -38,7 +38,9 @@ NANO_RECIPE = shlex.split(
     "--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 "
     "--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0"
 )
-QKV_SHAPE = shlex.split("--d-model 128 --d-ff 512 --n-heads 4 --n-decoder-layers 4 --block-size 64")
+QKV_SHAPE = shlex.split(
+    "--d-model 128 --d-ff 512 --n-heads 4 --n-decoder-layers 4 --block-size 64 --bias false"
+)
 QKV_RECIPE = shlex.split(
     "--max-tokens 768 --lr 3e-3 --min-lr 1e-4 --warmup 50 --max-minutes 1.3 "
     "--eval-every 100 --eval-tokens 16384 --log-every 100"
@@ -169,7 +171,7 @@ def qkv_stepper(block: int = 64, batch: int = 12):
     from qkv.train import Trainer
 
     shape, recipe = PRESETS["shakespeare-char"]
-    shape = shape.replace(d_model=128, d_ff=512, n_heads=4, n_decoder_layers=4)
+    shape = shape.replace(d_model=128, d_ff=512, n_heads=4, n_decoder_layers=4, bias=False)
     recipe = recipe.replace(
         block_size=block, max_tokens=block * batch, lr=1e-3, max_minutes=0.0, max_steps=10**6
     )

@@ -158,6 +158,7 @@ class ModelConfig:
     tie_output: bool = knob(True, "the output projection is the decoder's input embedding")
     share_embeddings: bool = knob(False, "source and target embeddings are one matrix")
     output_bias: bool = knob(False, "a bias on the final logits (Marian has one)")
+    bias: bool = knob(True, "biases in the linear layers and LayerNorms (nanoGPT: none)")
     layer_norm_eps: float = knob(1e-5, "LayerNorm epsilon")
     n_classes: int | None = knob(None, "encoder-only: classes of a head on the pooled embedding")
     pad_id: int = knob(0, "padding token id")

@@ -33,18 +33,21 @@ class DecoderLayer(nn.Module):
         *,
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
+        bias: bool = True,
     ):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
-        self.attn_residual = Residual(d_model, dropout, norm_first, eps)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, bias)
+        self.attn_residual = Residual(d_model, dropout, norm_first, eps, bias)
         self.cross_attn = (
-            MultiHeadAttention(d_model, n_heads, attention_dropout) if cross_attention else None
+            MultiHeadAttention(d_model, n_heads, attention_dropout, bias)
+            if cross_attention
+            else None
         )
         self.cross_residual = (
-            Residual(d_model, dropout, norm_first, eps) if cross_attention else None
+            Residual(d_model, dropout, norm_first, eps, bias) if cross_attention else None
         )
-        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
-        self.ff_residual = Residual(d_model, dropout, norm_first, eps)
+        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation, bias)
+        self.ff_residual = Residual(d_model, dropout, norm_first, eps, bias)
 
     def forward(
         self,

@@ -28,12 +28,13 @@ class EncoderLayer(nn.Module):
         *,
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
+        bias: bool = True,
     ):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
-        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation)
-        self.attn_residual = Residual(d_model, dropout, norm_first, eps)
-        self.ff_residual = Residual(d_model, dropout, norm_first, eps)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, bias)
+        self.ff = FeedForward(d_model, d_ff, activation_dropout, activation, bias)
+        self.attn_residual = Residual(d_model, dropout, norm_first, eps, bias)
+        self.ff_residual = Residual(d_model, dropout, norm_first, eps, bias)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x (B, S, D), mask (B, 1, 1, S) True on real tokens -> (B, S, D)."""

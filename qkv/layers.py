@@ -24,12 +24,19 @@ class FeedForward(nn.Module):
     """Two linear maps with a nonlinearity between, applied to each position alone. `dropout`
     acts on the hidden activations (fairseq's activation_dropout)."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu"):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        bias: bool = True,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
         self.activation = ACTIVATIONS[activation]
         self.dropout = Dropout(dropout)
 
@@ -48,10 +55,15 @@ class Residual(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, dropout: float = 0.0, norm_first: bool = True, eps: float = 1e-5
+        self,
+        d_model: int,
+        dropout: float = 0.0,
+        norm_first: bool = True,
+        eps: float = 1e-5,
+        bias: bool = True,
     ):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.norm = nn.LayerNorm(d_model, eps=eps, bias=bias)
         self.dropout = Dropout(dropout)
         self.norm_first = norm_first
         self.skip = True

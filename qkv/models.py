@@ -36,7 +36,9 @@ def _embeddings(cfg: ModelConfig, token: nn.Embedding) -> Embeddings:
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module | None:
-    return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+    if not cfg.norm_first:
+        return None
+    return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
 
 def _layer_args(cfg: ModelConfig) -> dict:
@@ -51,6 +53,7 @@ def _layer_args(cfg: ModelConfig) -> dict:
         eps=cfg.layer_norm_eps,
         attention_dropout=cfg.attention_dropout_p,
         activation_dropout=cfg.activation_dropout_p,
+        bias=cfg.bias,
     )
 
 

@@ -2,7 +2,8 @@
 model, so that both run on identical weights.
 
 nanoGPT's GPT is qkv's DecoderOnly with learned positions, exact GELU, pre-LN, a tied output
-and no embedding scale; its linear layers and LayerNorms may lack biases (then qkv's are zero).
+and no embedding scale; with `bias=False` (nanoGPT's default) its linear layers and LayerNorms
+have no biases, and neither has the imported model (ModelConfig.bias).
 Its character vocabulary (meta.pkl, a pickle we do not open) is the sorted set of characters of
 the training text, so it is rebuilt from that text. qkv's vocabulary puts four special tokens
 first; nanoGPT has none, so their embeddings are zero and an output bias of -1e4 keeps them from
@@ -50,20 +51,19 @@ def model_config(args: dict) -> ModelConfig:
         scale_embedding=False,
         tie_output=True,
         output_bias=True,
+        bias=bool(args.get("bias", True)),
     )
 
 
 def convert_state(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """nanoGPT's state dict -> qkv DecoderOnly's (missing biases as zeros)."""
+    """nanoGPT's state dict -> qkv DecoderOnly's."""
     sd = {k.removeprefix("_orig_mod."): v.float() for k, v in sd.items()}  # torch.compile'd
     d, n = cfg.d_model, len(SPECIALS)
 
-    def get(key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if key in sd:
-            return sd[key]
-        if shape is None:
-            raise NanoGPTImportError(f"not a nanoGPT checkpoint: no {key}")
-        return torch.zeros(shape)  # a bias nanoGPT was trained without
+    def get(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise NanoGPTImportError(f"not a nanoGPT checkpoint (or bias wrong): no {key}")
+        return sd[key]
 
     wte = get("transformer.wte.weight")
     token = torch.cat([torch.zeros(n, d), wte])
@@ -71,17 +71,17 @@ def convert_state(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         "decoder.embed.token.weight": token,
         "decoder.embed.learned.weight": get("transformer.wpe.weight"),
         "decoder.norm.weight": get("transformer.ln_f.weight"),
-        "decoder.norm.bias": get("transformer.ln_f.bias", (d,)),
         "lm_head.weight": token,
         "lm_head.bias": torch.cat([torch.full((n,), NEVER), torch.zeros(len(wte))]),
     }
     for i in range(cfg.n_decoder_layers):
         src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
         qkv_w = get(src + "attn.c_attn.weight")  # (3D, D): q, k, v stacked
-        qkv_b = get(src + "attn.c_attn.bias", (3 * d,))
+        qkv_b = get(src + "attn.c_attn.bias") if cfg.bias else None
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
             out[f"{dst}self_attn.{name}.weight"] = qkv_w[j * d : (j + 1) * d]
-            out[f"{dst}self_attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
+            if qkv_b is not None:
+                out[f"{dst}self_attn.{name}.bias"] = qkv_b[j * d : (j + 1) * d]
         pairs = {
             "attn.c_proj": "self_attn.out_proj",
             "mlp.c_fc": "ff.fc1",
@@ -90,9 +90,11 @@ def convert_state(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
             "ln_2": "ff_residual.norm",
         }
         for a, b in pairs.items():
-            w = get(f"{src}{a}.weight")
-            out[f"{dst}{b}.weight"] = w
-            out[f"{dst}{b}.bias"] = get(f"{src}{a}.bias", (w.shape[0],))
+            out[f"{dst}{b}.weight"] = get(f"{src}{a}.weight")
+            if cfg.bias:
+                out[f"{dst}{b}.bias"] = get(f"{src}{a}.bias")
+    if cfg.bias:
+        out["decoder.norm.bias"] = get("transformer.ln_f.bias")
     return out
 
 

@@ -267,7 +267,8 @@ def test_generation_past_the_context_slides(model):
 # --- the nanoGPT importer, against Hugging Face's GPT-2 (the same architecture) ----------------
 
 
-def test_nanogpt_import_matches_hf_gpt2(tmp_path):
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_import_matches_hf_gpt2(tmp_path, bias):
     transformers = pytest.importorskip("transformers")
     from qkv.checkpoint import load
     from qkv.nanogpt import convert
@@ -287,14 +288,18 @@ def test_nanogpt_import_matches_hf_gpt2(tmp_path):
     )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # GPT-2 starts with zero biases: random ones test their mapping
+        for name, p in hf.transformer.named_parameters():
+            if name.endswith(".bias"):  # none in nanoGPT's default: zero ones compute the same
+                p.normal_(0, 0.1) if bias else p.zero_()
     # nanoGPT's layout: nn.Linear (out, in) where GPT-2 has Conv1D (in, out)
     sd = {}
     for k, v in hf.transformer.state_dict().items():
-        if k.endswith("attn.bias") or k.endswith("masked_bias"):
+        if k.endswith((".attn.bias", ".masked_bias")) or (not bias and "bias" in k):
             continue
         conv = any(k.endswith(f"{m}.weight") for m in ("c_attn", "c_proj", "c_fc"))
         sd["transformer." + k] = v.t().contiguous() if conv else v
-    args = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, bias=True, vocab_size=n_chars)
+    args = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, bias=bias, vocab_size=n_chars)
     ckpt, text_file = tmp_path / "ckpt.pt", tmp_path / "input.txt"
     torch.save({"model": sd, "model_args": args, "iter_num": 0}, ckpt)
     text_file.write_text(text)
@@ -307,6 +312,8 @@ def test_nanogpt_import_matches_hf_gpt2(tmp_path):
     torch.testing.assert_close(ours[..., 4:], theirs, atol=1e-4, rtol=1e-4)
     assert ours[..., :4].max() < -1000  # the special tokens are never predicted
     assert meta["task"] == "lm"
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias") and "lm_head" not in n]
+    assert bool(biases) == bias
 
 
 def test_nanogpt_import_refuses_a_file_that_is_no_checkpoint(tmp_path, capsys):
