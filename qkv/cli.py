@@ -543,10 +543,13 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = [p for p in prompts for _ in range(args.samples)]
     if not prompts:
         raise UsageError("no prompts (stdin was empty)")
-    try:
-        lengths = {len(gen.encode(p)) for p in prompts}
-    except PromptError as e:
-        raise UsageError(f"prompt: {e}") from None
+    lengths = set()
+    for i, p in enumerate(prompts):
+        try:
+            lengths.add(len(gen.encode(p)))
+        except PromptError as e:
+            where = "prompt" if args.prompt is not None else f"prompt {i // args.samples + 1}"
+            raise UsageError(f"{where}: {e}") from None
     if any(gen.would_slide(n, args.max_new_tokens) for n in lengths):
         how = "stops there" if cfg.strategy == "beam" else "slides (re-reads the last half)"
         print(

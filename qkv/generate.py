@@ -85,7 +85,9 @@ class Generator:
         results: list[Generation] = []
         for j in range(0, len(ids), self.batch_size):
             rows = list(range(j, min(j + self.batch_size, len(ids))))
-            done = self._batch([ids[i] for i in rows], cfg, max_new_tokens, on_text, rows)
+            # each batch its own random stream, so a prompt repeated in two batches differs
+            batch_cfg = cfg.replace(seed=cfg.seed + 100_003 * (j // self.batch_size))
+            done = self._batch([ids[i] for i in rows], batch_cfg, max_new_tokens, on_text, rows)
             for i, (tokens, log_prob, ended, slid) in zip(rows, done, strict=True):
                 text = self.tokenizer.decode(tokens)
                 results.append(Generation(prompts[i], text, tokens, log_prob, ended, slid))

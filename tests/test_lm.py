@@ -244,6 +244,8 @@ def test_sampling_is_reproducible_for_a_seed(model):
     assert a == [g.text for g in gen.generate(["ab"] * 4, cfg, 30)]
     assert a != [g.text for g in gen.generate(["ab"] * 4, cfg.replace(seed=6), 30)]
     assert len(set(a)) > 1  # rows of one batch draw independently
+    two_batches = Generator(model, tok, batch_size=2).generate(["ab"] * 4, cfg, 30)
+    assert two_batches[0].text != two_batches[2].text  # and so do rows of different batches
 
 
 def test_generation_past_the_context_slides(model):
@@ -392,6 +394,9 @@ def test_generate_from_the_command_line(tmp_path, capsys):
     assert main([*argv, "--greedy", "--max-new-tokens", "3"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in rows] == ["cde", "ija"]
+    (tmp_path / "p.txt").write_text("ab\n\nfgh\n")  # a blank line: named, nothing generated
+    assert main([*argv, "--greedy"]) == 2
+    assert "prompt 2: the prompt is empty" in capsys.readouterr().err
 
 
 # --- attention visible: explain and probe ------------------------------------------------------
