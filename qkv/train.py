@@ -296,7 +296,9 @@ class Trainer:
         self.model.train()
         t0, elapsed0 = time.monotonic(), self.elapsed
         progress = Progress()
-        stop = False
+        stop = self._budget_spent()  # a resumed run that had already finished
+        if stop:
+            self.log("the step or time budget is already spent: nothing to train (raise it)")
         while not stop:
             if cfg.max_epochs and self.epoch >= cfg.max_epochs:
                 break
@@ -325,12 +327,18 @@ class Trainer:
                 self.batch_in_epoch = 0
         self.finish()
 
+    def _budget_spent(self) -> bool:
+        cfg = self.cfg
+        return bool(
+            (cfg.max_steps and self.step >= cfg.max_steps)
+            or (cfg.max_minutes and self.elapsed >= cfg.max_minutes * 60)
+        )
+
     def _should_stop(self, n_batches: int) -> bool:
         cfg = self.cfg
-        if cfg.max_steps and self.step >= cfg.max_steps:
-            return True
-        if cfg.max_minutes and self.elapsed >= cfg.max_minutes * 60:
-            self.log(f"time budget of {cfg.max_minutes:g} minutes reached")
+        if self._budget_spent():
+            if not (cfg.max_steps and self.step >= cfg.max_steps):
+                self.log(f"time budget of {cfg.max_minutes:g} minutes reached")
             return True
         return bool(
             cfg.max_epochs and self.batch_in_epoch >= n_batches and self.epoch + 1 >= cfg.max_epochs

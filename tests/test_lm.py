@@ -166,6 +166,23 @@ def generator(path) -> Generator:
     return Generator(model, tok)
 
 
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    trainer = lm_run(tmp_path, max_steps=20, eval_every=10)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    weights = (tmp_path / "run" / "last" / "model.safetensors").read_bytes()
+    again = train_task(
+        task_for(trainer.cfg),
+        trainer.model_cfg,
+        trainer.cfg,
+        tmp_path / "run",
+        resume=True,
+        log=lambda m: None,
+    )
+    assert again.step == 20
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == weights
+
+
 def test_validation_reports_nats_per_token_and_per_character(tmp_path):
     lm_run(tmp_path, tokenizer="bpe", vocab_size=300, max_steps=20, eval_every=20)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
