@@ -40,22 +40,32 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"--device: {e}") from None
 
 
-def _load_translator(args: argparse.Namespace, int8: bool = False):
-    """A Translator over a model directory, on --device, packed for CPU inference."""
+def _load_model(args: argparse.Namespace, task: str, int8: bool = False):
+    """(model on --device packed for inference, tokenizer, meta) of a model directory trained
+    for `task`."""
     from .checkpoint import load
     from .packed import available, pack
-    from .translate import Translator
 
     device = _device(args.device)
     if int8 and (device.type != "cpu" or not available(int8=True)):
         raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
     model, tok, meta = load(args.model, device)
-    task = meta.get("task", "translation")
-    if task != "translation" or not hasattr(model, "step") or not hasattr(model, "encode"):
-        raise UsageError(f"{args.model}: a model for {task}, not for translation")
+    trained_for = meta.get("task", "translation")
+    if trained_for != task:
+        raise UsageError(f"{args.model}: a model for {trained_for}, not for {task}")
     if tok is None:
         raise UsageError(f"{args.model}: the model directory has no tokenizer")
-    return Translator(pack(model, int8), tok, getattr(args, "batch_size", 64)), meta
+    return pack(model, int8), tok, meta
+
+
+def _load_translator(args: argparse.Namespace, int8: bool = False):
+    """A Translator over a model directory, on --device, packed for CPU inference."""
+    from .translate import Translator
+
+    model, tok, meta = _load_model(args, "translation", int8)
+    if not hasattr(model, "step") or not hasattr(model, "encode"):
+        raise UsageError(f"{args.model}: not an encoder-decoder model")
+    return Translator(model, tok, getattr(args, "batch_size", 64)), meta
 
 
 def _task_of(model_dir: str) -> str:
@@ -480,22 +490,6 @@ def run_probe(args: argparse.Namespace) -> int:
     report = probe(translator, pairs, beam=args.beam, log=log)
     log(f"wrote {write_report(report, args.out)} ({report.minutes:.1f} minutes)")
     return 0
-
-
-def _load_model(args: argparse.Namespace, task: str, int8: bool = False):
-    """(model packed for inference, tokenizer, meta) of a model directory trained for `task`."""
-    from .checkpoint import load
-    from .packed import available, pack
-
-    device = _device(args.device)
-    if int8 and (device.type != "cpu" or not available(int8=True)):
-        raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
-    model, tok, meta = load(args.model, device)
-    if meta.get("task", "translation") != task:
-        raise UsageError(f"{args.model}: a model for {meta.get('task', 'translation')}, not {task}")
-    if tok is None:
-        raise UsageError(f"{args.model}: the model directory has no tokenizer")
-    return pack(model, int8), tok, meta
 
 
 def add_generate(sub) -> None:
