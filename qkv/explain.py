@@ -24,7 +24,7 @@ from .checkpoint import write_text_atomic
 from .config import DecodeConfig
 from .generate import Generator
 from .html import attention_page
-from .inspect import AttentionKind, attention_kind, record_attention
+from .inspect import AttentionKind, attention_kind, module_order, record_attention
 from .models import device_of
 from .search import decode, model_step
 from .translate import Translator
@@ -78,10 +78,7 @@ class Explanation:
 
 def _by_kind(recorded: dict[str, Tensor]) -> dict[AttentionKind, list[Tensor]]:
     out: dict[AttentionKind, list[Tensor]] = {kind: [] for kind in AttentionKind}
-    # module paths sort by layer number within each kind (numerically: layer 10 after 9)
-    for path in sorted(
-        recorded, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")]
-    ):
+    for path in sorted(recorded, key=module_order):  # by layer number within each kind
         out[attention_kind(path)].append(recorded[path])
     return {kind: layers for kind, layers in out.items() if layers}
 

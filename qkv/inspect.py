@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,11 @@ def attention_kind(path: str) -> AttentionKind:
     if path.endswith("cross_attn"):
         return AttentionKind.CROSS
     return AttentionKind.DECODER_SELF
+
+
+def module_order(path: str) -> list[Any]:
+    """A sort key for module paths that orders layers by number (layer 10 after layer 9)."""
+    return [int(x) if x.isdigit() else x for x in path.split(".")]
 
 
 def layer_index(path: str) -> int:

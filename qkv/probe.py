@@ -16,7 +16,7 @@ markdown. Special ids come from the model's config, so imported (Marian) models 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -242,23 +242,47 @@ class Prober:
             self.translator.tokenizer.unk_id,
             device_of(self.model),
         )
-        stack = [enc.embed, *enc.layers]  # depth 0..L
-        per_depth: dict[float, list[list[float]]] = {t: [[] for _ in stack] for t in thresholds}
-        for ex in self.examples[:n_sentences]:
-            src = torch.tensor([ex.src + [self.config.eos_id]], device=device)
-            s = src.shape[1]
-            variants = src.repeat(s, 1)
-            diagonal = torch.arange(s, device=device)
-            variants[diagonal, diagonal] = unk  # row j: token j replaced
-            with record_hidden(stack) as rec:
-                self.model.encode(src)
-                self.model.encode(variants)
-            for depth, (b, c) in enumerate(rec):  # b (1, S, D), c (S_j, S_i, D)
-                delta = (c - b).norm(dim=-1)  # change at i when j is replaced
-                rel = delta / b[0].norm(dim=-1).clamp_min(1e-9)[None, :]
-                for t in thresholds:
-                    per_depth[t][depth].append((rel > t).float().sum(0).mean().item())
-        return {t: [sum(v) / len(v) for v in per_depth[t]] for t in thresholds}
+        sources = [
+            torch.tensor(ex.src + [self.config.eos_id], device=device)
+            for ex in self.examples[:n_sentences]
+        ]
+        return positions_that_matter(
+            [enc.embed, *enc.layers],
+            self.model.encode,
+            sources,
+            lambda ids: torch.full_like(ids, unk),
+            thresholds,
+        )
+
+
+@torch.inference_mode()
+def positions_that_matter(
+    stack: Sequence[torch.nn.Module],
+    forward: Callable[[torch.Tensor], Any],
+    sequences: Iterable[torch.Tensor],
+    substitute: Callable[[torch.Tensor], torch.Tensor],
+    thresholds: Sequence[float],
+) -> dict[float, list[float]]:
+    """The receptive field by depth. Each sequence (S,) of token ids is run once as it is and
+    once with each token replaced by its `substitute` (variant j: token j replaced); for each
+    position and each module of `stack` (depth 0: the embeddings), count the replacements that
+    change that position's output by more than `threshold` of its norm. Mean over positions,
+    then over sequences."""
+    per: dict[float, list[list[float]]] = {t: [[] for _ in stack] for t in thresholds}
+    for ids in sequences:
+        s = len(ids)
+        variants = ids.repeat(s, 1)
+        diagonal = torch.arange(s, device=ids.device)
+        variants[diagonal, diagonal] = substitute(ids)  # row j: token j replaced
+        with record_hidden(stack) as rec:
+            forward(ids[None])
+            forward(variants)
+        for depth, (b, c) in enumerate(rec):  # b (1, S, D), c (S_j, S_i, D)
+            delta = (c - b).norm(dim=-1)  # change at i when j is replaced
+            rel = delta / b[0].norm(dim=-1).clamp_min(1e-9)[None, :]
+            for t in thresholds:
+                per[t][depth].append((rel > t).float().sum(0).mean().item())
+    return {t: [sum(v) / len(v) for v in per[t]] for t in thresholds}
 
 
 def probe(

@@ -31,10 +31,11 @@ from .inspect import (
     attention_modules,
     head_stats,
     mask_heads,
+    module_order,
     record_attention,
-    record_hidden,
 )
 from .models import DecoderOnly, device_of
+from .probe import positions_that_matter
 from .tasks.lm import spread
 from .tokenizer import SPECIALS
 
@@ -96,7 +97,7 @@ class LMProber:
         n = len(self.windows)
         out: dict[str, list[list[float]]] = {k: [] for k in ("entropy", "max_weight")}
         out.update(distance=[], previous=[])
-        for path in sorted(sums, key=_layer_order):
+        for path in sorted(sums, key=module_order):
             for name, row in zip(out, (sums[path] / n).tolist(), strict=True):
                 out[name].append(row)
         return out
@@ -104,7 +105,7 @@ class LMProber:
     def heads(self) -> list[tuple[str, int]]:
         modules = attention_modules(self.model)
         return [
-            (p, h) for p in sorted(modules, key=_layer_order) for h in range(modules[p].n_heads)
+            (p, h) for p in sorted(modules, key=module_order) for h in range(modules[p].n_heads)
         ]
 
     def single_heads(self) -> list[dict[str, Any]]:
@@ -150,28 +151,15 @@ class LMProber:
         position the earlier positions whose replacement changes its vector at each depth by
         more than `threshold` of its norm. Averaged over positions and windows."""
         dec = self.model.decoder
-        stack = [dec.embed, *dec.layers]
-        per: dict[float, list[list[float]]] = {t: [[] for _ in stack] for t in thresholds}
         vocab = self.model.config.vocab_size
         first = len(SPECIALS)  # ordinary tokens: ids first .. vocab - 1
-        for w in self.windows[:n, :-1]:
-            t = len(w)
-            variants = w.repeat(t, 1)
-            diag = torch.arange(t, device=w.device)
-            # row j: token j changed to the next ordinary token
-            variants[diag, diag] = first + (w + 1 - first) % (vocab - first)
-            with record_hidden(stack) as rec:
-                self.model(w[None])
-                self.model(variants)
-            for depth, (b, c) in enumerate(rec):  # b (1, T, D), c (T_j, T_i, D)
-                rel = (c - b).norm(dim=-1) / b[0].norm(dim=-1).clamp_min(1e-9)[None, :]
-                for th in thresholds:
-                    per[th][depth].append((rel > th).float().sum(0).mean().item())
-        return {th: [sum(v) / len(v) for v in per[th]] for th in thresholds}
-
-
-def _layer_order(path: str) -> list[Any]:
-    return [int(x) if x.isdigit() else x for x in path.split(".")]
+        return positions_that_matter(
+            [dec.embed, *dec.layers],
+            self.model,
+            self.windows[:n, :-1],
+            lambda w: first + (w + 1 - first) % (vocab - first),  # the next ordinary token
+            thresholds,
+        )
 
 
 def probe_lm(
