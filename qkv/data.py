@@ -75,13 +75,9 @@ TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca5
 
 def tinyshakespeare_file(data_dir: str | Path | None = None) -> Path:
     """Tiny Shakespeare's input.txt: found locally, else downloaded into the cache and verified."""
-    for d in data_dirs(data_dir):
-        if (d / "tinyshakespeare" / "input.txt").is_file():
-            return d / "tinyshakespeare" / "input.txt"
-    cached = cache_dir() / "tinyshakespeare" / "input.txt"
-    if cached.is_file() and sha256(cached) == TINYSHAKESPEARE_SHA256:
-        return cached
-    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
+    return dataset_file(
+        "tinyshakespeare/input.txt", TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, data_dir
+    )
 
 
 Pair = tuple[str, str]
@@ -207,13 +203,21 @@ def multi30k_file(
             f"multi30k has no language {lang!r} (choose from {', '.join(MULTI30K_LANGS)})"
         )
     name = f"{split}.{lang}.gz"
+    return dataset_file(f"multi30k/{name}", base_url + name, MULTI30K_SHA256[name], data_dir)
+
+
+def dataset_file(
+    relative: str, url: str, expected_sha256: str, data_dir: str | Path | None = None
+) -> Path:
+    """A data set's file: `relative` under the first data directory that has it, else the copy
+    in the cache if its checksum is right, else downloaded from `url` into the cache."""
     for d in data_dirs(data_dir):
-        if (d / "multi30k" / name).is_file():
-            return d / "multi30k" / name
-    cached = cache_dir() / "multi30k" / name
-    if cached.is_file() and sha256(cached) == MULTI30K_SHA256[name]:
+        if (d / relative).is_file():
+            return d / relative
+    cached = cache_dir() / relative
+    if cached.is_file() and sha256(cached) == expected_sha256:
         return cached
-    return download(base_url + name, cached, MULTI30K_SHA256[name])
+    return download(url, cached, expected_sha256)
 
 
 def multi30k(split: str, src: str, tgt: str, data_dir: str | Path | None = None) -> list[Pair]:
