@@ -327,18 +327,21 @@ class Trainer:
                 self.batch_in_epoch = 0
         self.finish()
 
+    def _steps_spent(self) -> bool:
+        return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps)
+
+    def _time_spent(self) -> bool:
+        return bool(self.cfg.max_minutes and self.elapsed >= self.cfg.max_minutes * 60)
+
     def _budget_spent(self) -> bool:
-        cfg = self.cfg
-        return bool(
-            (cfg.max_steps and self.step >= cfg.max_steps)
-            or (cfg.max_minutes and self.elapsed >= cfg.max_minutes * 60)
-        )
+        return self._steps_spent() or self._time_spent()
 
     def _should_stop(self, n_batches: int) -> bool:
         cfg = self.cfg
-        if self._budget_spent():
-            if not (cfg.max_steps and self.step >= cfg.max_steps):
-                self.log(f"time budget of {cfg.max_minutes:g} minutes reached")
+        if self._steps_spent():
+            return True
+        if self._time_spent():
+            self.log(f"time budget of {cfg.max_minutes:g} minutes reached")
             return True
         return bool(
             cfg.max_epochs and self.batch_in_epoch >= n_batches and self.epoch + 1 >= cfg.max_epochs
