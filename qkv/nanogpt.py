@@ -32,6 +32,10 @@ class NanoGPTImportError(ValueError):
     """A checkpoint that is not a nanoGPT character model; one line."""
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+
+
 def model_config(args: dict) -> ModelConfig:
     """qkv's config for nanoGPT's `model_args`."""
     d = int(args["n_embd"])
@@ -105,21 +109,27 @@ def convert(ckpt: str | Path, text: str | Path, out: str | Path) -> Path:
     except FileNotFoundError:
         raise NanoGPTImportError(f"{ckpt}: no such file") from None
     except Exception as e:  # a pickle with code in it, or not a checkpoint at all
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         raise NanoGPTImportError(
-            f"{ckpt}: not a checkpoint torch.load(weights_only=True) can read ({reason})"
+            f"{ckpt}: not a checkpoint torch.load(weights_only=True) can read ({_first_line(e)})"
         ) from None
     if not isinstance(saved, dict) or "model" not in saved or "model_args" not in saved:
         raise NanoGPTImportError(f"{ckpt}: not a nanoGPT checkpoint (no model / model_args)")
     chars = Characters.of(read_text(text))
     args = saved["model_args"]
-    if len(chars.chars) != int(args["vocab_size"]):
+    try:
+        if len(chars.chars) != int(args["vocab_size"]):
+            raise NanoGPTImportError(
+                f"{text} has {len(chars.chars)} distinct characters but the checkpoint's "
+                f"vocabulary is {args['vocab_size']}: not the text it was trained on"
+            )
+        cfg = model_config(args)
+        model = DecoderOnly(cfg)
+        model.load_state_dict(convert_state(saved["model"], cfg))
+    except NanoGPTImportError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # missing or mis-shaped entries
         raise NanoGPTImportError(
-            f"{text} has {len(chars.chars)} distinct characters but the checkpoint's vocabulary "
-            f"is {args['vocab_size']}: not the text it was trained on"
-        )
-    cfg = model_config(args)
-    model = DecoderOnly(cfg)
-    model.load_state_dict(convert_state(saved["model"], cfg))
+            f"{ckpt}: not a nanoGPT character model ({_first_line(e)})"
+        ) from None
     meta = {"task": "lm", "tokenizer": "char", "block_size": cfg.max_len, "source": str(ckpt)}
     return checkpoint.save(out, model, chars, meta)

@@ -344,6 +344,19 @@ def test_nanogpt_import_refuses_a_file_that_is_no_checkpoint(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "weights_only=True" in err
 
 
+def test_nanogpt_import_refuses_an_incomplete_checkpoint(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("abc")
+    args = dict(vocab_size=3, n_layer=1, n_head=2, n_embd=8, block_size=4, bias=False)
+    cases = [{"model": {}, "model_args": dict(vocab_size=3)}, {"model": {}, "model_args": args}]
+    for i, saved in enumerate(cases):  # no shape at all; a shape but no weights
+        torch.save(saved, tmp_path / f"c{i}.pt")
+        argv = ["import-nanogpt", str(tmp_path / f"c{i}.pt"), "--text", str(tmp_path / "t.txt")]
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "nanoGPT" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_nanogpt_import_refuses_the_wrong_text(tmp_path):
     torch.save({"model": {}, "model_args": dict(vocab_size=65)}, tmp_path / "c.pt")
     (tmp_path / "t.txt").write_text("abc")
