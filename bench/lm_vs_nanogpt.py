@@ -86,13 +86,20 @@ def race_nanogpt() -> dict:
     for t, line in lines:  # "step 250: train loss 2.4293, val loss 2.4447"
         if line.startswith("step ") and "val loss" in line:
             evals.append((t, int(line.split()[1].rstrip(":")), float(line.split()[-1])))
+    return race_result("nanoGPT", lines, evals)
+
+
+def race_result(system: str, lines: list[tuple[float, str]], evals: list[tuple]) -> dict:
+    """A run's wall time, last validation, and the first validation at or below TARGET;
+    `evals` holds (seconds since launch, step, validation loss)."""
     hit = next(((t, s, v) for t, s, v in evals if v <= TARGET), None)
     return {
-        "system": "nanoGPT",
+        "system": system,
         "wall_s": lines[-1][0],
         "final_val": evals[-1][2],
         "final_step": evals[-1][1],
         "reached_at_s": hit[0] if hit else None,
+        "reached_at_step": hit[1] if hit else None,
         "evals": evals,
     }
 
@@ -108,16 +115,7 @@ def race_qkv() -> dict:
         if line.startswith("validation at step"):
             step = int(line.split()[3].rstrip(":"))
             evals.append((t, step, float(line.split("valid_loss ")[1].split(",")[0])))
-    hit = next(((t, s, v) for t, s, v in evals if v <= TARGET), None)
-    return {
-        "system": "qkv",
-        "wall_s": lines[-1][0],
-        "final_val": evals[-1][2],
-        "final_step": evals[-1][1],
-        "reached_at_s": hit[0] if hit else None,
-        "reached_at_step": hit[1] if hit else None,
-        "evals": evals,
-    }
+    return race_result("qkv", lines, evals)
 
 
 def race(rounds: int = 2) -> dict:
