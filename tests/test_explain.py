@@ -306,9 +306,14 @@ def test_attention_page_of_a_language_model(browser, tmp_path):
 
     tok = Characters.of("abcdefgh ")
     shape, _ = PRESETS["shakespeare-char"]
-    cfg = shape.replace(vocab_size=tok.vocab_size, d_model=32, d_ff=64, n_decoder_layers=2)
+    cfg = shape.replace(
+        vocab_size=tok.vocab_size, d_model=32, d_ff=64, n_decoder_layers=2, output_bias=True
+    )
     torch.manual_seed(0)
-    checkpoint.save(tmp_path / "lm", DecoderOnly(cfg).eval(), tok, {"task": "lm"})
+    model = DecoderOnly(cfg).eval()
+    with torch.no_grad():  # untrained: never end (eos) early, whatever the seed draws
+        model.lm_head.bias[:4] = -1e4
+    checkpoint.save(tmp_path / "lm", model, tok, {"task": "lm"})
     argv = ["explain", "--model", str(tmp_path / "lm"), "abc d", "--out", str(tmp_path / "ex")]
     assert main([*argv, "--json", "--max-new-tokens", "4", "--sample", "--seed", "1"]) == 0
     data = json.loads((tmp_path / "ex" / "attention.json").read_text())
