@@ -8,6 +8,7 @@ from .inspect import record_attention
 from .models import DecoderOnly, EncoderDecoder, EncoderOnly, from_config
 from .packed import pack
 from .search import decode, model_step
+from .sentences import SentenceEncoder, embed, semantic_search, similarity
 
 __version__ = "0.1.0"
 
@@ -21,12 +22,16 @@ __all__ = [
     "Generator",
     "KVCache",
     "ModelConfig",
+    "SentenceEncoder",
     "MultiHeadAttention",
     "TrainConfig",
     "attention",
     "decode",
+    "embed",
     "from_config",
     "model_step",
     "pack",
     "record_attention",
+    "semantic_search",
+    "similarity",
 ]

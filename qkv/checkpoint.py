@@ -183,3 +183,22 @@ def optimizer_from_flat(
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def copy_matching(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy into `model` every tensor of the model directory at `path` whose name and shape
+    match (a translation model's `encoder.*` into an encoder-only model, say); the names copied.
+    CheckpointError when nothing matches."""
+    path = resolve(path)
+    try:
+        saved = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path}/model.safetensors: cannot load ({e})") from None
+    own = model.state_dict()
+    copied = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
+    if not copied:
+        raise CheckpointError(f"{path}: no tensor fits this model (names or shapes differ)")
+    with torch.no_grad():
+        for k in copied:
+            own[k].copy_(saved[k])
+    return copied

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, write_text_atomic
+from .cli_sentences import add_classify, add_embed, add_search
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import DataError, multi30k, read_lines, read_parallel
 from .flags import (
@@ -25,72 +26,16 @@ from .flags import (
     command,
     config_flags,
     decode_config,
+    device_of_flag,
     given,
+    load_model_dir,
+    load_translator,
+    model_flags,
+    read_input,
+    task_of,
 )
 from .marian import MarianImportError
 from .nanogpt import NanoGPTImportError
-
-
-def _device(name: str) -> torch.device:
-    from .models import pick_device
-
-    try:
-        return pick_device(name)
-    except ValueError as e:
-        raise UsageError(f"--device: {e}") from None
-
-
-def _load_model(args: argparse.Namespace, task: str, int8: bool = False):
-    """(model on --device packed for inference, tokenizer, meta) of a model directory trained
-    for `task`."""
-    from .checkpoint import load
-    from .packed import available, pack
-
-    device = _device(args.device)
-    if int8 and (device.type != "cpu" or not available(int8=True)):
-        raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
-    model, tok, meta = load(args.model, device)
-    trained_for = meta.get("task", "translation")
-    if trained_for != task:
-        raise UsageError(f"{args.model}: a model for {trained_for}, not for {task}")
-    if tok is None:
-        raise UsageError(f"{args.model}: the model directory has no tokenizer")
-    return pack(model, int8), tok, meta
-
-
-def _load_translator(args: argparse.Namespace, int8: bool = False):
-    """A Translator over a model directory, on --device, packed for CPU inference."""
-    from .translate import Translator
-
-    model, tok, meta = _load_model(args, "translation", int8)
-    if not hasattr(model, "step") or not hasattr(model, "encode"):
-        raise UsageError(f"{args.model}: not an encoder-decoder model")
-    return Translator(model, tok, getattr(args, "batch_size", 64)), meta
-
-
-def _task_of(model_dir: str) -> str:
-    """What a model directory's model was trained for (its config.json's meta.task)."""
-    from .checkpoint import read_config
-
-    return read_config(model_dir)[1].get("task", "translation")
-
-
-def _model_flags(p: argparse.ArgumentParser, data: bool = False) -> None:
-    """--model (and --device); with data, where the evaluation data comes from."""
-    p.add_argument("--model", required=True, help="model directory (or a training --out)")
-    if data:
-        p.add_argument("--src-lang", help="default: the model's")
-        p.add_argument("--tgt-lang", help="default: the model's")
-        p.add_argument("--data-dir", help="where to look for data sets first")
-
-
-def _read_input(path: str | None) -> list[str]:
-    if path is not None:
-        return read_lines(path)
-    try:
-        return sys.stdin.read().splitlines()
-    except UnicodeDecodeError:
-        raise UsageError("stdin: invalid UTF-8") from None
 
 
 def _languages(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, str]:
@@ -169,6 +114,7 @@ DATA_FLAGS = {
     "valid_tgt": "valid_tgt_file",
     "text": "text_file",
     "valid_text": "valid_text_file",
+    "valid_tsv": "valid_tsv_file",
 }
 RESUMABLE = {"max_minutes", "max_steps", "max_epochs", "threads"}  # a resumed run's new budget
 
@@ -203,11 +149,15 @@ def add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--src", help="your source file, one sentence per line (plain or .gz)")
     p.add_argument("--tgt", help="your target file, line-aligned with --src")
-    p.add_argument("--tsv", help="or one file of source<TAB>target lines")
+    p.add_argument(
+        "--tsv",
+        help="source<TAB>target lines; classify: text<TAB>label; similarity: a<TAB>b<TAB>score",
+    )
     p.add_argument("--valid-src", help="validation source file (default: held out from --src)")
     p.add_argument("--valid-tgt", help="validation target file")
     p.add_argument("--text", help="lm: your training text (plain or .gz)")
     p.add_argument("--valid-text", help="lm: validation text (default: the last 10%%)")
+    p.add_argument("--valid-tsv", help="classify/similarity: validation TSV (default: held out)")
     config_flags(p, TrainConfig, "t_", "training (overrides the preset)", set(DATA_FLAGS.values()))
     config_flags(p, ModelConfig, "m_", "model shape (overrides the preset)", DERIVED)
     p.set_defaults(func=run_train)
@@ -225,7 +175,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         budget = {k: v for k, v in given(args, "t_").items() if k in RESUMABLE}
         return model_cfg, train_cfg.replace(**budget)
     lm = args.t_task == "lm" or args.text is not None
-    preset = args.preset or ("shakespeare-char" if lm else "multi30k-de-en")
+    by_task = {"lm": "shakespeare-char", "classify": "sst2", "similarity": "stsb"}
+    preset = args.preset or by_task.get("lm" if lm else args.t_task, "multi30k-de-en")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     model_cfg, train_cfg = PRESETS[preset]
@@ -256,7 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
         train_cfg,
         args.out,
         resume=args.resume,
-        device=_device(args.device),
+        device=device_of_flag(args.device),
     )
     return 0
 
@@ -274,7 +225,7 @@ def add_translate(sub) -> None:
             "qkv translate --model opus-de-en --penalty power --alpha 1 --at-max stop  # as HF",
         ],
     )
-    _model_flags(p)
+    model_flags(p)
     p.add_argument("--input", help="file to translate (default: stdin)")
     p.add_argument("--output", help="file to write (default: stdout)")
     p.add_argument("--trace", help="also write the beam-search tree to this .html or .json file")
@@ -290,8 +241,8 @@ def run_translate(args: argparse.Namespace) -> int:
         raise UsageError("--trace must name a .html or .json file")
     if args.trace and cfg.strategy != "beam":
         raise UsageError(f"--trace records beam search, not {cfg.strategy}")
-    translator, _ = _load_translator(args, args.int8)
-    lines = _read_input(args.input)
+    translator, _ = load_translator(args, args.int8)
+    lines = read_input(args.input)
     if args.trace:
         results, trace = translator.traced(lines, cfg)
         write_text_atomic(
@@ -324,10 +275,19 @@ def add_evaluate(sub) -> None:
         [
             "qkv evaluate --model runs/de-en --split test_2016_flickr",
             "qkv evaluate --hyp out.en --ref ref.en",
+            "qkv evaluate --model runs/sst2 --plot confusion.png",
+            "qkv evaluate --model runs/stsb --split test",
+            "qkv evaluate --model runs/mine --tsv test.tsv",
         ],
     )
     p.add_argument("--model", help="model directory (or a training --out)")
-    p.add_argument("--split", default="test_2016_flickr", help="train, val or test_2016_flickr")
+    p.add_argument(
+        "--split",
+        help="translation: train, val or test_2016_flickr (default); sst2: glue/dev, "
+        "sentence/test (default both); stsb: dev, test (default both)",
+    )
+    p.add_argument("--tsv", help="classifier: text<TAB>label; bi-encoder: a<TAB>b<TAB>score")
+    p.add_argument("--plot", help="classifier: write the confusion matrix as this PNG")
     p.add_argument("--src-lang", help="default: the model's")
     p.add_argument("--tgt-lang", help="default: the model's")
     p.add_argument("--data-dir", help="where to look for data sets first")
@@ -353,8 +313,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise UsageError("give --model DIR (with --split) or --hyp FILE --ref FILE")
+    task = task_of(args.model)
+    if task in ("classify", "similarity"):
+        from .cli_sentences import evaluate_sentences
+
+        return evaluate_sentences(args, task)
+    if args.tsv or args.plot:
+        raise UsageError("--tsv and --plot are for classifiers and bi-encoders")
+    args.split = args.split or "test_2016_flickr"
     cfg = decode_config(args)
-    translator, meta = _load_translator(args, args.int8)
+    translator, meta = load_translator(args, args.int8)
     src_lang, tgt_lang = _languages(args, meta)
     pairs = multi30k(args.split, src_lang, tgt_lang, args.data_dir)[: args.limit or None]
     result = evaluate_translations(lambda s: translator.translate_best(s, cfg), pairs)
@@ -383,10 +351,13 @@ def add_explain(sub) -> None:
             "qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --out ex/",
             "qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --beam 5 --json",
             "qkv explain --model runs/shakespeare 'ROMEO:' --max-new-tokens 30 --out ex-lm/",
+            "qkv explain --model runs/sst2 'a gorgeous , witty , seductive movie .' --out ex/",
+            "qkv explain --model runs/stsb 'A man plays a guitar.' --pair 'A man plays music.'",
         ],
     )
     p.add_argument("sentence", help="the sentence to translate, or the prompt to continue")
-    _model_flags(p)
+    p.add_argument("--pair", help="bi-encoders: the second sentence of the pair")
+    model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=40, help="language models: default 40")
     p.add_argument("--out", default="explain", help="directory for the pictures and the page")
     p.add_argument("--json", action="store_true", help="also write the raw weights as JSON")
@@ -400,11 +371,16 @@ def run_explain(args: argparse.Namespace) -> int:
     if not args.sentence.strip():
         raise UsageError("explain: the sentence is empty")
     cfg = decode_config(args)
-    if _task_of(args.model) == "lm":
+    task = task_of(args.model)
+    if task in ("classify", "similarity"):
+        return _explain_encoder(args, task)
+    if args.pair:
+        raise UsageError("--pair is for bi-encoders (models trained for similarity)")
+    if task == "lm":
         from .explain import explain_generation
         from .generate import Generator, PromptError
 
-        model, tok, _ = _load_model(args, "lm", args.int8)
+        model, tok, _ = load_model_dir(args, "lm", args.int8)
         if args.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be >= 1")
         try:
@@ -412,10 +388,34 @@ def run_explain(args: argparse.Namespace) -> int:
         except PromptError as err:
             raise UsageError(f"prompt: {err}") from None
     else:
-        translator, _ = _load_translator(args, args.int8)
+        translator, _ = load_translator(args, args.int8)
         e = explain(translator, args.sentence, cfg)
     written = write_artifacts(e, Path(args.out), args.json)
     print(e.translation)
+    for w in written:
+        print(f"wrote {w}", file=sys.stderr)
+    return 0
+
+
+def _explain_encoder(args: argparse.Namespace, task: str) -> int:
+    from .explain import explain_classification, explain_similarity, write_artifacts
+
+    model, tok, meta = load_model_dir(args, task)
+    out = Path(args.out)
+    if task == "classify":
+        if args.pair:
+            raise UsageError("--pair is for bi-encoders; a classifier reads one sentence")
+        e = explain_classification(model, tok, args.sentence, meta["labels"])
+        written = write_artifacts(e, out, args.json)
+        print(e.translation)
+    else:
+        if not (args.pair and args.pair.strip()):
+            raise UsageError("a bi-encoder compares two sentences: give the second with --pair")
+        a, b, cos = explain_similarity(model, tok, args.sentence, args.pair)
+        written = write_artifacts(a, out / "a", args.json) + write_artifacts(
+            b, out / "b", args.json
+        )
+        print(f"cosine {cos:.4f}")
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
     return 0
@@ -434,7 +434,7 @@ def add_probe(sub) -> None:
             "qkv probe --model runs/shakespeare --out probe-lm/ --windows 32",
         ],
     )
-    _model_flags(p, data=True)
+    model_flags(p, data=True)
     p.add_argument("--out", default="probe", help="directory for report.md, report.json, PNGs")
     p.add_argument("--sentences", type=int, default=200, help="validation subsample size")
     p.add_argument("--split", default="val", help="Multi30k split (default val)")
@@ -457,7 +457,7 @@ def _run_probe_lm(args: argparse.Namespace) -> int:
 
     if args.windows < 1:
         raise UsageError("--windows must be >= 1")
-    model, tok, meta = _load_model(args, "lm")
+    model, tok, meta = load_model_dir(args, "lm")
     if args.text:
         text = read_text(args.text)
     else:
@@ -476,11 +476,11 @@ def run_probe(args: argparse.Namespace) -> int:
     from .probe import probe
     from .probe_report import write_report
 
-    if _task_of(args.model) == "lm":
+    if task_of(args.model) == "lm":
         return _run_probe_lm(args)
     if args.sentences < 1 or args.beam < 1:
         raise UsageError("--sentences and --beam must be >= 1")
-    translator, meta = _load_translator(args)
+    translator, meta = load_translator(args)
     if args.src and args.tgt:
         pairs = read_parallel(args.src, args.tgt)
     else:
@@ -509,7 +509,7 @@ def add_generate(sub) -> None:
         ],
     )
     p.add_argument("prompt", nargs="?", help="the text to continue (default: lines of stdin)")
-    _model_flags(p)
+    model_flags(p)
     p.add_argument("--input", help="prompts, one per line (instead of the argument or stdin)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="default 200")
     p.add_argument("--samples", type=int, default=1, help="outputs per prompt (default 1)")
@@ -531,9 +531,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError("generate prints one output per prompt; --nbest is for translate")
     if args.prompt is not None and args.input:
         raise UsageError("give the prompt as an argument or --input, not both")
-    model, tok, _ = _load_model(args, "lm", args.int8)
+    model, tok, _ = load_model_dir(args, "lm", args.int8)
     gen = Generator(model, tok, args.batch_size)
-    prompts = [args.prompt] if args.prompt is not None else _read_input(args.input)
+    prompts = [args.prompt] if args.prompt is not None else read_input(args.input)
     prompts = [p for p in prompts for _ in range(args.samples)]
     if not prompts:
         raise UsageError("no prompts (stdin was empty)")
@@ -631,6 +631,9 @@ COMMANDS = [
     add_explain,
     add_probe,
     add_generate,
+    add_classify,
+    add_embed,
+    add_search,
     add_import_marian,
     add_import_nanogpt,
 ]

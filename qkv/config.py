@@ -18,6 +18,7 @@ Positions = Literal["sinusoidal", "learned"]
 Strategy = Literal["greedy", "sample", "beam"]
 Penalty = Literal["gnmt", "power"]
 AtMax = Literal["eos", "stop"]
+Pooling = Literal["mean", "weighted", "max", "first"]
 
 
 class ConfigError(ValueError):
@@ -161,6 +162,9 @@ class ModelConfig:
     bias: bool = knob(True, "biases in the linear layers and LayerNorms (nanoGPT: none)")
     layer_norm_eps: float = knob(1e-5, "LayerNorm epsilon")
     n_classes: int | None = knob(None, "encoder-only: classes of a head on the pooled embedding")
+    pooling: Pooling = knob(
+        "mean", "encoder-only: sentence vector: mean, frequency-weighted mean, max, or first token"
+    )
     pad_id: int = knob(0, "padding token id")
     bos_id: int = knob(1, "start-of-sequence token id (the decoder's first input)")
     eos_id: int = knob(2, "end-of-sequence token id")
@@ -222,10 +226,15 @@ class ModelConfig:
         return from_dict(cls, json.loads(text))
 
 
-Task = Literal["translation", "lm"]
+Task = Literal["translation", "lm", "classify", "similarity"]
 TokenizerKind = Literal["bpe", "char"]
 Schedule = Literal["inverse_sqrt", "cosine"]
-DATASETS = {"multi30k": "translation", "tinyshakespeare": "lm"}
+DATASETS = {
+    "multi30k": "translation",
+    "tinyshakespeare": "lm",
+    "sst2": "classify",
+    "stsb": "similarity",
+}
 
 
 @dataclass(frozen=True)
@@ -249,6 +258,16 @@ class TrainConfig:
     tokenizer: TokenizerKind = knob("bpe", "lm: characters, or byte-level BPE of vocab_size")
     block_size: int = knob(256, "lm: the context, in tokens, of each training window")
     eval_tokens: int = knob(0, "lm: validation tokens scored (0: all)")
+    # sentence tasks (classify, similarity)
+    valid_tsv_file: str | None = knob(
+        None, "classify/similarity: validation TSV (default: held out)"
+    )
+    score_range: tuple[float, float] = knob((0.0, 5.0), "similarity: the lowest and highest score")
+    paraphrases: bool = knob(
+        False, "similarity: also learn from Multi30k's captions paired with their translations"
+    )
+    token_dropout: float = knob(0.0, "classify: training tokens hidden as <unk> (rate)")
+    init_from: str | None = knob(None, "start from this model directory's encoder and tokenizer")
     max_chars: int = knob(1000, "pairs with a longer side are skipped (and counted)")
     max_tokens_per_sentence: int = knob(128, "sentences with more subwords are skipped")
     # subwords
@@ -279,8 +298,9 @@ class TrainConfig:
     log_every: int = knob(20, "steps between progress lines")
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, list):  # from JSON
-            object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("betas", "score_range"):
+            if isinstance(getattr(self, name), list):  # from JSON
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_types(self)
         for name in (
             "vocab_size",
@@ -312,6 +332,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ConfigError(f"token_dropout must be in [0, 1), got {self.token_dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_minutes < 0:
@@ -327,6 +349,17 @@ class TrainConfig:
         if self.task == "lm":
             if self.dataset is None and self.text_file is None:
                 raise ConfigError("no training text: set dataset or text_file")
+            return
+        if self.paraphrases and self.task != "similarity":
+            raise ConfigError("paraphrases are for the similarity task")
+        if self.task in ("classify", "similarity"):
+            if self.dataset is None and self.tsv_file is None:
+                raise ConfigError(f"no training data for {self.task}: set dataset or tsv_file")
+            low, high = (self.score_range + (0.0, 0.0))[:2]
+            if len(self.score_range) != 2 or not low < high:
+                raise ConfigError(
+                    f"score_range must be two numbers, low < high: {self.score_range}"
+                )
             return
         if (self.src_file is None) != (self.tgt_file is None):
             raise ConfigError("give both src_file and tgt_file, or neither")

@@ -220,6 +220,18 @@ def dataset_file(
     return download(url, cached, expected_sha256)
 
 
+def local_dataset_file(relative: str, data_dir: str | Path | None = None) -> Path:
+    """A data set that is not downloaded (its labelled splits come from several releases):
+    `relative` under the first data directory that has it, else DataError saying where."""
+    for d in data_dirs(data_dir):
+        if (d / relative).is_file():
+            return d / relative
+    raise DataError(
+        f"{relative}: not found under the data directories (--data-dir, $QKV_DATA, "
+        "../shared/data); it is not downloaded: give your copy's parent with --data-dir"
+    )
+
+
 def multi30k(split: str, src: str, tgt: str, data_dir: str | Path | None = None) -> list[Pair]:
     return read_parallel(multi30k_file(split, src, data_dir), multi30k_file(split, tgt, data_dir))
 
@@ -288,3 +300,21 @@ def collate(examples: Sequence[Example], pad: int, bos: int, eos: int) -> Seq2Se
         tgt_in[i, : len(e.tgt) + 1] = torch.tensor([bos] + e.tgt)
         tgt_out[i, : len(e.tgt) + 1] = torch.tensor(e.tgt + [eos])
     return Seq2SeqBatch(src, tgt_in, tgt_out, sum(len(e.tgt) + 1 for e in examples))
+
+
+def pad_batch(seqs: list[list[int]], pad: int, eos: int) -> Tensor:
+    """Token id lists, each followed by eos, right-padded into (B, S)."""
+    s = max(len(x) for x in seqs) + 1
+    out = torch.full((len(seqs), s), pad, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, : len(x) + 1] = torch.tensor(x + [eos])
+    return out
+
+
+def hide_tokens(ids: Tensor, rate: float, unk: int, pad: int, eos: int) -> Tensor:
+    """Word dropout: each real token (not padding, not eos) replaced by `unk` with probability
+    `rate`, so a classifier cannot lean on one word alone (Iyyer et al. 2015)."""
+    if rate <= 0:
+        return ids
+    hide = (torch.rand(ids.shape) < rate) & (ids != pad) & (ids != eos)
+    return ids.masked_fill(hide, unk)

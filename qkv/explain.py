@@ -25,7 +25,8 @@ from .config import DecodeConfig
 from .generate import Generator
 from .html import attention_page
 from .inspect import AttentionKind, attention_kind, module_order, record_attention
-from .models import device_of
+from .masks import padding_mask
+from .models import device_of, pool
 from .search import decode, model_step
 from .translate import Translator
 
@@ -46,6 +47,9 @@ class Explanation:
     tgt_out: list[str]  # what each decoder position predicted: output subwords + </s>
     attention: dict[AttentionKind, list[Tensor]]  # per layer (H, T, S)
     mode: str  # how the output was chosen: "greedy", "sample (seed 0)", "beam 5"
+    # encoders: each source token's share of the output score (class logit or cosine)
+    contributions: list[float] | None = None
+    contribution_of: str = ""  # what the contributions add up to
 
     def alignment(self) -> Tensor:
         """Cross-attention averaged over all layers and heads: (T, S), a soft word alignment."""
@@ -66,6 +70,8 @@ class Explanation:
             "tgt_out": self.tgt_out,
             "axes": {str(kind): list(AXES[kind]) for kind in self.attention},
             "default_kind": str(default),
+            "contributions": self.contributions,
+            "contribution_of": self.contribution_of,
             "attention": {
                 str(kind): [
                     [[[round(float(x), 5) for x in row] for row in head] for head in layer.tolist()]
@@ -74,6 +80,94 @@ class Explanation:
                 for kind, layers in self.attention.items()
             },
         }
+
+
+@torch.inference_mode()
+def _encode_recorded(model, ids: list[int]) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Per-token vectors (S, D), the pooled vector (D,), the tokens' pooling weights (S,) and
+    the encoder's self-attention."""
+    x = torch.tensor([ids], device=device_of(model))
+    mask = padding_mask(x, model.config.pad_id)
+    with record_attention(model) as rec:
+        tokens = model.encoder(x, mask)
+    weights = model.token_weight[x] if hasattr(model, "token_weight") else torch.ones_like(x)
+    pooled = pool(tokens, mask, model.config.pooling, weights)[0]
+    attention = _by_kind({path: steps[0][0] for path, steps in rec.items()})
+    return tokens[0].float(), pooled.float(), weights[0].float(), attention
+
+
+def _shares(model, tokens: Tensor, weights: Tensor, direction: Tensor) -> list[float]:
+    """Each token's exact share of pooled . direction: with mean pooling the pooled vector is
+    the (weighted) mean of the token vectors, so the score splits into one term per token; with max
+    pooling each dimension is one token's; with first-token pooling all is the first token's."""
+    how = model.config.pooling
+    if how == "first":
+        return [float(tokens[0] @ direction)] + [0.0] * (len(tokens) - 1)
+    if how == "max":  # each dimension comes from one token: credit that token with it
+        winner = tokens.argmax(0)  # (D,)
+        terms = tokens.max(0).values * direction
+        return [float(terms[winner == i].sum()) for i in range(len(tokens))]
+    if how == "weighted":
+        return [
+            float(w * (t @ direction) / weights.sum()) for t, w in zip(tokens, weights, strict=True)
+        ]
+    return [float(t @ direction) / len(tokens) for t in tokens]
+
+
+@torch.inference_mode()
+def explain_classification(model, tok, sentence: str, labels: list[str]) -> Explanation:
+    """Classify one sentence; capture the encoder's self-attention (every layer and head) and
+    how much each token adds to the chosen class's logit (the pooled embedding is the mean of
+    the token vectors and the head is linear, so the logit splits exactly into one term per
+    token, plus the bias)."""
+    ids = tok.encode_batch([sentence])[0][: model.config.max_len - 1] + [model.config.eos_id]
+    tokens, pooled, weights, attention = _encode_recorded(model, ids)
+    head = model.classifier
+    probs = head(pooled).float().softmax(-1)
+    best = int(probs.argmax())
+    shares = _shares(model, tokens, weights, head.weight[best].float())
+    return Explanation(
+        source=sentence,
+        translation=f"{labels[best]} ({float(probs[best]):.3f})",
+        src_tokens=[tok.id_to_token(i) for i in ids],
+        tgt_in=[],
+        tgt_out=[],
+        attention=attention,
+        mode="classify",
+        contributions=shares,
+        contribution_of=f"the {labels[best]!r} logit (minus the bias {float(head.bias[best]):.2f})",
+    )
+
+
+@torch.inference_mode()
+def explain_similarity(model, tok, a: str, b: str) -> tuple[Explanation, Explanation, float]:
+    """A bi-encoder's view of a pair: each sentence's self-attention, and how much each of its
+    tokens adds to the cosine (cos = mean of token vectors . the other's unit vector / own
+    length: one term per token); the cosine last."""
+    sides = []
+    for text in (a, b):
+        ids = tok.encode_batch([text])[0][: model.config.max_len - 1] + [model.config.eos_id]
+        sides.append((text, ids, *_encode_recorded(model, ids)))
+    cos = float(torch.nn.functional.cosine_similarity(sides[0][3], sides[1][3], dim=0))
+    out = []
+    for (text, ids, tokens, pooled, weights, attention), other in zip(
+        sides, sides[::-1], strict=True
+    ):
+        direction = other[3] / other[3].norm() / pooled.norm()
+        out.append(
+            Explanation(
+                source=text,
+                translation=f"cosine {cos:.3f} with: {other[0]}",
+                src_tokens=[tok.id_to_token(i) for i in ids],
+                tgt_in=[],
+                tgt_out=[],
+                attention=attention,
+                mode="similarity",
+                contributions=_shares(model, tokens, weights, direction),
+                contribution_of="the cosine similarity with the other sentence",
+            )
+        )
+    return out[0], out[1], cos
 
 
 def _by_kind(recorded: dict[str, Tensor]) -> dict[AttentionKind, list[Tensor]]:
@@ -172,6 +266,13 @@ def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[
         title = f"{kind} attention"
         path = out / f"{kind.value.replace(' ', '_')}.png"
         written.append(plot.attention_grid(layers, getattr(e, k), getattr(e, q), title, path))
+    if e.contributions is not None:
+        shares = {
+            f"{i}:{t}": c
+            for i, (t, c) in enumerate(zip(e.src_tokens, e.contributions, strict=True))
+        }
+        title = f"each token's share of {e.contribution_of}"
+        written.append(plot.bars(shares, title, "share", out / "contributions.png"))
     if e.has_cross:
         written.append(
             plot.alignment(

@@ -1,16 +1,21 @@
 """Command-line flags from the config dataclasses: one --flag per field, with the field's meaning
 and default in --help, and the decoding flags read back into one DecodeConfig (contradictions
-are usage errors, not guesses). Also the parser that prints usage errors in one line.
+are usage errors, not guesses). Also the parser that prints usage errors in one line, and what
+every command shares: --model and --device, loading a model directory, reading input lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any, NoReturn
 
+import torch
+
 from .config import DecodeConfig, help_of
+from .data import read_lines
 
 
 class UsageError(Exception):
@@ -129,3 +134,68 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     return DecodeConfig(**{**values, "strategy": strategy})
+
+
+# --- what the commands share: a model directory, its device, the input lines ---------------
+
+
+def device_of_flag(name: str) -> torch.device:
+    from .models import pick_device
+
+    try:
+        return pick_device(name)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
+def load_model_dir(args: argparse.Namespace, task: str, int8: bool = False):
+    """(model on --device packed for inference, tokenizer, meta) of a model directory trained
+    for `task`."""
+    from .checkpoint import load
+    from .packed import available, pack
+
+    device = device_of_flag(args.device)
+    if int8 and (device.type != "cpu" or not available(int8=True)):
+        raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
+    model, tok, meta = load(args.model, device)
+    trained_for = meta.get("task", "translation")
+    if trained_for != task:
+        raise UsageError(f"{args.model}: a model for {trained_for}, not for {task}")
+    if tok is None:
+        raise UsageError(f"{args.model}: the model directory has no tokenizer")
+    return pack(model, int8), tok, meta
+
+
+def load_translator(args: argparse.Namespace, int8: bool = False):
+    """A Translator over a model directory, on --device, packed for CPU inference."""
+    from .translate import Translator
+
+    model, tok, meta = load_model_dir(args, "translation", int8)
+    if not hasattr(model, "step") or not hasattr(model, "encode"):
+        raise UsageError(f"{args.model}: not an encoder-decoder model")
+    return Translator(model, tok, getattr(args, "batch_size", 64)), meta
+
+
+def task_of(model_dir: str) -> str:
+    """What a model directory's model was trained for (its config.json's meta.task)."""
+    from .checkpoint import read_config
+
+    return read_config(model_dir)[1].get("task", "translation")
+
+
+def model_flags(p: argparse.ArgumentParser, data: bool = False) -> None:
+    """--model (and --device); with data, where the evaluation data comes from."""
+    p.add_argument("--model", required=True, help="model directory (or a training --out)")
+    if data:
+        p.add_argument("--src-lang", help="default: the model's")
+        p.add_argument("--tgt-lang", help="default: the model's")
+        p.add_argument("--data-dir", help="where to look for data sets first")
+
+
+def read_input(path: str | None) -> list[str]:
+    if path is not None:
+        return read_lines(path)
+    try:
+        return sys.stdin.read().splitlines()
+    except UnicodeDecodeError:
+        raise UsageError("stdin: invalid UTF-8") from None

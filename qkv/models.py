@@ -88,6 +88,21 @@ def _init_linear(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def pool(x: Tensor, mask: Tensor, how: str = "mean", weights: Tensor | None = None) -> Tensor:
+    """One vector per sentence from per-token embeddings x (B, S, D) and the padding mask
+    (B, 1, 1, S): the mean over real tokens (padding never counts), their element-wise max, the
+    first token's, or ("weighted") the mean weighted by `weights` (B, S)."""
+    if how == "first":
+        return x[:, 0]
+    if how == "max":
+        return x.masked_fill(~mask[:, 0, 0, :, None], float("-inf")).amax(1)
+    keep = mask[:, 0, 0, :, None].to(x.dtype)  # (B, S, 1)
+    if how == "weighted":
+        assert weights is not None, "weighted pooling needs per-token weights"
+        keep = keep * weights[..., None].to(x.dtype)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
 class EncoderDecoder(nn.Module):
     """Encoder over the source, decoder over the target with cross-attention to the encoder."""
 
@@ -169,6 +184,9 @@ class EncoderOnly(nn.Module):
         tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         self.encoder = _encoder(cfg, tok)
         _init_linear(self.encoder.layers)
+        # a weight per vocabulary entry for "weighted" pooling: set from the training text's
+        # token frequencies (rare tokens say more about meaning, as IDF or SIF weights)
+        self.register_buffer("token_weight", torch.ones(cfg.vocab_size))
         self.classifier: nn.Linear | None = None
         self.lm_head: nn.Linear | None = None
         if cfg.n_classes:
@@ -179,13 +197,11 @@ class EncoderOnly(nn.Module):
                 nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """src (B, S) -> per-token embeddings (B, S, D) and the pooled sentence embedding (B, D):
-        the mean over real (non-padding) tokens."""
+        """src (B, S) -> per-token embeddings (B, S, D) and the pooled sentence embedding (B, D)
+        (config.pooling: the mean, weighted mean or max over real tokens, or the first token's)."""
         mask = padding_mask(src, self.config.pad_id)
         x = self.encoder(src, mask)
-        keep = mask[:, 0, 0, :, None].to(x.dtype)  # (B, S, 1)
-        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
-        return x, pooled
+        return x, pool(x, mask, self.config.pooling, self.token_weight[src])
 
     def forward(self, src: Tensor) -> Tensor:
         x, pooled = self.encode(src)

@@ -149,3 +149,22 @@ def bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def confusion(matrix: np.ndarray, labels: Sequence[str], title: str, path: str | Path) -> Path:
+    """A confusion matrix: rows the true class, columns the predicted one, cells the counts
+    (shaded by each row's share, so a small class's errors show as clearly as a large one's)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    size = max(3.2, 0.7 * len(labels) + 1.6)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (i, j), x in np.ndenumerate(m):
+        color = "white" if share[i, j] > 0.5 else "black"
+        ax.text(j, i, f"{int(x)}", ha="center", va="center", fontsize=9, color=color)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -57,6 +57,10 @@ class Task(Protocol):
         reload the tokenizer in `out`; return `base` fitted to them (vocabulary, special ids)."""
         ...
 
+    def init_model(self, model: nn.Module) -> None:
+        """Anything the task sets in a freshly built model from its data (or nothing)."""
+        ...
+
     def batches(self, epoch: int) -> list[list[int]]:
         """This epoch's training batches as example indices; the same for the same epoch."""
         ...
@@ -134,10 +138,11 @@ class Progress:
             left = (cfg.max_epochs - t.epoch) * n_batches - t.batch_in_epoch
             remaining.append(left / cfg.accumulate * per_step)
         eta = _fmt_time(min(remaining)) if remaining else "?"
+        unit = getattr(t.task, "unit", "tok")  # what a batch's `tokens` counts
         return (
             f"step {t.step} | epoch {t.epoch + 1} "
             f"{100 * t.batch_in_epoch / n_batches:3.0f}% | loss {loss:.3f} | lr {lr:.2e} | "
-            f"{tps:,.0f} tok/s | elapsed {_fmt_time(t.elapsed)} | ETA {eta}"
+            f"{tps:,.0f} {unit}/s | elapsed {_fmt_time(t.elapsed)} | ETA {eta}"
         )
 
 
@@ -162,6 +167,10 @@ class Trainer:
         self.model_cfg = self.task.prepare(self.model_cfg, out, resume, self.log)
         torch.manual_seed(cfg.seed)
         self.model = from_config(self.model_cfg).to(self.device)
+        self.task.init_model(self.model)
+        if cfg.init_from and not resume:
+            copied = checkpoint.copy_matching(self.model, cfg.init_from)
+            self.log(f"started from {cfg.init_from}: {len(copied)} tensors copied")
         # weight decay on matrices only: decaying biases and LayerNorm gains only hurts
         params = list(self.model.parameters())
         groups = [

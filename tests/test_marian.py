@@ -86,6 +86,18 @@ def test_logits_agree(hf_model, converted):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_sentence_embeddings_of_an_imported_model_match_hf_encoder_mean_pooled(hf_model, converted):
+    from qkv.sentences import embed
+
+    src, _ = batch()
+    mask = (src != PAD).long()
+    with torch.no_grad():
+        hidden = hf_model.get_encoder()(input_ids=src, attention_mask=mask).last_hidden_state
+        want = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        got = embed(converted, src, "mean")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def _hf_outputs(seqs: torch.Tensor) -> list[list[int]]:
     out = []
     for row in seqs.tolist():

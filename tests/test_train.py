@@ -135,6 +135,9 @@ class Counting:
         out.mkdir(parents=True, exist_ok=True)
         return base.replace(arch="decoder-only", vocab_size=13, n_encoder_layers=0)
 
+    def init_model(self, model) -> None:
+        pass
+
     def batches(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(64, generator=torch.Generator().manual_seed(self.seed + epoch))
         return [order[i : i + 16].tolist() for i in range(0, 64, 16)]

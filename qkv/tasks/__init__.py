@@ -6,8 +6,28 @@ Adding a task: one new module, a `Task` literal in config.py, and a case in `tas
 
 from __future__ import annotations
 
-from ..config import TrainConfig
+from pathlib import Path
+
+from .. import checkpoint
+from ..config import ModelConfig, TrainConfig
+from ..tokenizer import Subwords, Tokenizer, load_tokenizer
 from ..train import Task
+
+# what an encoder started from another model (init_from) takes of its shape
+ENCODER_SHAPE = (
+    "d_model",
+    "n_heads",
+    "d_ff",
+    "n_encoder_layers",
+    "activation",
+    "norm_first",
+    "positions",
+    "max_len",
+    "scale_embedding",
+    "bias",
+    "layer_norm_eps",
+)
+SPECIAL = ("pad_id", "bos_id", "eos_id")
 
 
 def task_for(cfg: TrainConfig) -> Task:
@@ -21,4 +41,39 @@ def task_for(cfg: TrainConfig) -> Task:
             from .lm import LanguageModel
 
             return LanguageModel(cfg)
+        case "classify":
+            from .classify import Classification
+
+            return Classification(cfg)
+        case "similarity":
+            from .similarity import Similarity
+
+            return Similarity(cfg)
     raise AssertionError(cfg.task)  # TrainConfig validated it
+
+
+def encoder_start(
+    cfg: TrainConfig, base: ModelConfig, texts: list[str], out: Path, resume: bool
+) -> tuple[Tokenizer, ModelConfig]:
+    """The tokenizer and shape of an encoder task's model. From scratch: a BPE vocabulary of
+    cfg.vocab_size trained on `texts`. With cfg.init_from: that model's tokenizer and encoder
+    shape (the loop then copies its encoder's weights in). The shape comes back with the
+    vocabulary size and special ids filled in."""
+    if cfg.init_from:
+        init_cfg, _ = checkpoint.read_config(cfg.init_from)
+        source = checkpoint.resolve(cfg.init_from)
+        tok = load_tokenizer(out if resume else source, init_cfg)
+        if tok is None:
+            raise checkpoint.CheckpointError(f"{source}: the model directory has no tokenizer")
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(out)
+        shape = {k: getattr(init_cfg, k) for k in ("vocab_size", *ENCODER_SHAPE, *SPECIAL)}
+        return tok, base.replace(**shape)
+    path = out / Subwords.FILE
+    if resume and path.is_file():
+        tok = Subwords.load(path)
+    else:
+        tok = Subwords.train(texts, cfg.vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(path, tok.to_str())
+    return tok, base.replace(vocab_size=tok.vocab_size, **tok.special_ids)

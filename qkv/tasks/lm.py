@@ -135,6 +135,9 @@ class LanguageModel:
             )
         return ids
 
+    def init_model(self, model: nn.Module) -> None:
+        pass
+
     @property
     def windows_per_batch(self) -> int:
         return max(1, self.cfg.max_tokens // self.cfg.block_size)

@@ -113,6 +113,9 @@ class Translation:
         )
         return self.model_cfg
 
+    def init_model(self, model: nn.Module) -> None:
+        pass
+
     def batches(self, epoch: int) -> list[list[int]]:
         return token_batches(self.train_set, self.cfg.max_tokens, self.cfg.seed, epoch)
 
