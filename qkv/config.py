@@ -266,6 +266,9 @@ class TrainConfig:
     paraphrases: bool = knob(
         False, "similarity: also learn from Multi30k's captions paired with their translations"
     )
+    paraphrase_tsv: str | None = knob(
+        None, "similarity: also learn from your pairs that mean the same, a<TAB>b per line"
+    )
     token_dropout: float = knob(0.0, "classify: training tokens hidden as <unk> (rate)")
     init_from: str | None = knob(None, "start from this model directory's encoder and tokenizer")
     max_chars: int = knob(1000, "pairs with a longer side are skipped (and counted)")
@@ -350,7 +353,7 @@ class TrainConfig:
             if self.dataset is None and self.text_file is None:
                 raise ConfigError("no training text: set dataset or text_file")
             return
-        if self.paraphrases and self.task != "similarity":
+        if (self.paraphrases or self.paraphrase_tsv) and self.task != "similarity":
             raise ConfigError("paraphrases are for the similarity task")
         if self.task in ("classify", "similarity"):
             if self.dataset is None and self.tsv_file is None:

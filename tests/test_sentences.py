@@ -384,6 +384,29 @@ def test_a_label_unseen_in_training_at_evaluation_is_one_line_exit_2(
     assert len(err.strip().splitlines()) == 1
 
 
+def test_paraphrase_pairs_join_training_and_bad_ones_are_one_line(tmp_path, capsys):
+    write(tmp_path / "train.tsv", toy_pairs(40, 0))
+    para = write(tmp_path / "para.tsv", ["good film\tgreat film", "bad plot\tpoor plot"] * 40)
+    cfg = toy_train_config(
+        task="similarity",
+        tsv_file=str(tmp_path / "train.tsv"),
+        score_range=(0.0, 3.0),
+        paraphrase_tsv=str(para),
+        max_steps=4,
+    )
+    lines = []
+    t = train(task_for(cfg), encoder_config(d_model=32), cfg, tmp_path / "run", log=lines.append)
+    assert "80 paraphrase pairs" in lines[0] and len(t.task.para_set) == 80
+    kinds = {t.task.collate(b).scores is None for b in t.task.batches(0)}
+    assert kinds == {True, False}  # both kinds of batch in an epoch
+    write(para, ["good film\tgreat film", "no second sentence"])
+    args = ["train", "--task", "similarity", "--tsv", str(tmp_path / "train.tsv")]
+    args += ["--score-range", "0,3", "--paraphrase-tsv", str(para), "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "para.tsv:2: expected sentence1<TAB>sentence2" in err and not (tmp_path / "x").exists()
+
+
 def test_read_scored_names_the_line(tmp_path):
     path = write(tmp_path / "p.tsv", ["a\tb\t1", "c\td\tx"])
     with pytest.raises(Exception, match=r"p\.tsv:2: score 'x' is not a number"):

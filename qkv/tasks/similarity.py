@@ -6,7 +6,9 @@ the loss pushes their cosines into the same order, log(1 + sum exp(scale * (cos_
 It needs no mapping of scores onto cosines, only their order, which is what Spearman measures.
 With `paraphrases`, batches of (English caption, its German/French/Czech
 translation) pairs are mixed in, learned with in-batch negatives: each caption should be closer
-to its own translation than to the batch's other ones (a free source of meaning-preserving pairs).
+to its own translation than to the batch's other ones (a free source of meaning-preserving pairs);
+`paraphrase_tsv` adds the user's own pairs the same way (bench/backtranslate.sh makes English
+ones from Multi30k with the two translation models).
 
 Validation: Spearman (the metric that picks best/) and Pearson x 100, overall and per genre.
 """
@@ -71,6 +73,17 @@ def read_scored(path: str | Path, score_range: tuple[float, float]) -> list[Scor
         if not rows[-1].a or not rows[-1].b:
             raise DataError(f"{path}:{i}: empty sentence")
     return rows
+
+
+def read_paraphrases(path: str | Path) -> list[tuple[str, str]]:
+    """`a<TAB>b` lines of sentences that mean the same; DataError naming the file and line."""
+    pairs = []
+    for i, line in enumerate(read_lines(path), 1):
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) < 2 or not cols[0] or not cols[1]:
+            raise DataError(f"{path}:{i}: expected sentence1<TAB>sentence2")
+        pairs.append((cols[0], cols[1]))
+    return pairs
 
 
 def _pair(a: str, b: str, score: str, genre: str, low: float, high: float) -> ScoredPair:
@@ -181,6 +194,8 @@ class Similarity:
         if len({r.score for r in train}) < 2:
             raise DataError("the training pairs all have the same score: nothing to learn")
         para = paraphrase_pairs(cfg.data_dir) if cfg.paraphrases else []
+        if cfg.paraphrase_tsv:
+            para += read_paraphrases(cfg.paraphrase_tsv)
         texts = [s for r in train for s in (r.a, r.b)] + [s for p in para for s in p]
         tok, base = encoder_start(cfg, base, texts, out, resume)
         self.tokenizer = tok
@@ -195,7 +210,7 @@ class Similarity:
         self.valid_set = self._examples(tok, [(r.a, r.b) for r in valid])
         log(
             f"data: {len(self.train_set):,} scored training pairs, {len(self.para_set):,} "
-            f"translation pairs, {len(valid):,} validation ({valid_name}); "
+            f"paraphrase pairs, {len(valid):,} validation ({valid_name}); "
             f"vocabulary {tok.vocab_size:,}"
         )
         self.model_cfg = base.replace(
