@@ -17,24 +17,20 @@ import numpy as np
 import torch
 
 from .data import sha256
-from .flags import UsageError, command, device_of_flag, model_flags, read_input, task_of
+from .flags import UsageError, command, load_model_dir, model_flags, read_input
 
 
-def _encoder(args: argparse.Namespace, pooling: str | None = None):
+def _encoder(args: argparse.Namespace, pooling: str | None = None, task: str | None = None):
     """A SentenceEncoder over --model: any model with an encoder (classifier, bi-encoder,
-    translation model), on --device, packed for inference."""
-    from .checkpoint import load
-    from .packed import pack
+    translation model), or one trained for `task`; on --device, packed for inference."""
     from .sentences import SentenceEncoder
 
-    model, tok, meta = load(args.model, device_of_flag(args.device))
-    if tok is None:
-        raise UsageError(f"{args.model}: the model directory has no tokenizer")
-    if model.config.arch == "decoder-only":
-        raise UsageError(f"{args.model}: a decoder-only model has no encoder to embed with")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    return SentenceEncoder(pack(model), tok, args.batch_size, pooling), meta
+    model, tok, meta = load_model_dir(args, task)
+    if model.config.arch == "decoder-only":
+        raise UsageError(f"{args.model}: a decoder-only model has no encoder to embed with")
+    return SentenceEncoder(model, tok, args.batch_size, pooling), meta
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
@@ -82,9 +78,7 @@ def add_classify(sub) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    if task_of(args.model) != "classify":
-        raise UsageError(f"{args.model}: a model for {task_of(args.model)}, not a classifier")
-    enc, meta = _encoder(args)
+    enc, meta = _encoder(args, task="classify")
     labels, lines = meta["labels"], _lines(args)
     probs = enc.probabilities(lines)
     for text, p in zip(lines, probs, strict=True):
@@ -267,7 +261,7 @@ def evaluate_sentences(args: argparse.Namespace, task: str) -> int:
     matrix) or a bi-encoder (Spearman and Pearson x 100, overall and per genre)."""
     if task == "similarity" and args.plot:
         raise UsageError("--plot draws a classifier's confusion matrix; this is a bi-encoder")
-    enc, meta = _encoder(args)
+    enc, meta = _encoder(args, task=task)
     sets = []
     if args.tsv:
         sets.append((args.tsv, None))

@@ -290,13 +290,11 @@ class Seq2SeqBatch:
 def collate(examples: Sequence[Example], pad: int, bos: int, eos: int) -> Seq2SeqBatch:
     """Pad a list of examples into tensors, with the model's special ids (ModelConfig's)."""
     b = len(examples)
-    s = max(len(e.src) for e in examples) + 1
     t = max(len(e.tgt) for e in examples) + 1
-    src = torch.full((b, s), pad, dtype=torch.long)
+    src = pad_batch([e.src for e in examples], pad, eos)
     tgt_in = torch.full((b, t), pad, dtype=torch.long)
     tgt_out = torch.full((b, t), pad, dtype=torch.long)
     for i, e in enumerate(examples):
-        src[i, : len(e.src) + 1] = torch.tensor(e.src + [eos])
         tgt_in[i, : len(e.tgt) + 1] = torch.tensor([bos] + e.tgt)
         tgt_out[i, : len(e.tgt) + 1] = torch.tensor(e.tgt + [eos])
     return Seq2SeqBatch(src, tgt_in, tgt_out, sum(len(e.tgt) + 1 for e in examples))

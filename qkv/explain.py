@@ -25,9 +25,9 @@ from .config import DecodeConfig
 from .generate import Generator
 from .html import attention_page
 from .inspect import AttentionKind, attention_kind, module_order, record_attention
-from .masks import padding_mask
-from .models import device_of, pool
+from .models import device_of
 from .search import decode, model_step
+from .sentences import encode_tokens
 from .translate import Translator
 
 # The tokens along each kind's (query, key) axes, as Explanation field names.
@@ -82,18 +82,21 @@ class Explanation:
         }
 
 
+def _sentence_ids(model, tok, text: str) -> list[int]:
+    """A sentence's ids as the encoder reads them: cut to its positions, ending in eos."""
+    return tok.encode_batch([text])[0][: model.config.max_len - 1] + [model.config.eos_id]
+
+
 @torch.inference_mode()
 def _encode_recorded(model, ids: list[int]) -> tuple[Tensor, Tensor, Tensor, dict]:
     """Per-token vectors (S, D), the pooled vector (D,), the tokens' pooling weights (S,) and
     the encoder's self-attention."""
     x = torch.tensor([ids], device=device_of(model))
-    mask = padding_mask(x, model.config.pad_id)
     with record_attention(model) as rec:
-        tokens = model.encoder(x, mask)
-    weights = model.token_weight[x] if hasattr(model, "token_weight") else torch.ones_like(x)
-    pooled = pool(tokens, mask, model.config.pooling, weights)[0]
+        tokens, pooled, weights = encode_tokens(model, x)
     attention = _by_kind({path: steps[0][0] for path, steps in rec.items()})
-    return tokens[0].float(), pooled.float(), weights[0].float(), attention
+    weights = torch.ones_like(x) if weights is None else weights
+    return tokens[0].float(), pooled[0].float(), weights[0].float(), attention
 
 
 def _shares(model, tokens: Tensor, weights: Tensor, direction: Tensor) -> list[float]:
@@ -120,7 +123,7 @@ def explain_classification(model, tok, sentence: str, labels: list[str]) -> Expl
     how much each token adds to the chosen class's logit (the pooled embedding is the mean of
     the token vectors and the head is linear, so the logit splits exactly into one term per
     token, plus the bias)."""
-    ids = tok.encode_batch([sentence])[0][: model.config.max_len - 1] + [model.config.eos_id]
+    ids = _sentence_ids(model, tok, sentence)
     tokens, pooled, weights, attention = _encode_recorded(model, ids)
     head = model.classifier
     probs = head(pooled).float().softmax(-1)
@@ -146,7 +149,7 @@ def explain_similarity(model, tok, a: str, b: str) -> tuple[Explanation, Explana
     length: one term per token); the cosine last."""
     sides = []
     for text in (a, b):
-        ids = tok.encode_batch([text])[0][: model.config.max_len - 1] + [model.config.eos_id]
+        ids = _sentence_ids(model, tok, text)
         sides.append((text, ids, *_encode_recorded(model, ids)))
     cos = float(torch.nn.functional.cosine_similarity(sides[0][3], sides[1][3], dim=0))
     out = []

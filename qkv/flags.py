@@ -148,9 +148,9 @@ def device_of_flag(name: str) -> torch.device:
         raise UsageError(f"--device: {e}") from None
 
 
-def load_model_dir(args: argparse.Namespace, task: str, int8: bool = False):
+def load_model_dir(args: argparse.Namespace, task: str | None, int8: bool = False):
     """(model on --device packed for inference, tokenizer, meta) of a model directory trained
-    for `task`."""
+    for `task` (None: for any task)."""
     from .checkpoint import load
     from .packed import available, pack
 
@@ -159,7 +159,7 @@ def load_model_dir(args: argparse.Namespace, task: str, int8: bool = False):
         raise UsageError("--int8 needs the CPU and a PyTorch build with fbgemm int8 kernels")
     model, tok, meta = load(args.model, device)
     trained_for = meta.get("task", "translation")
-    if trained_for != task:
+    if task is not None and trained_for != task:
         raise UsageError(f"{args.model}: a model for {trained_for}, not for {task}")
     if tok is None:
         raise UsageError(f"{args.model}: the model directory has no tokenizer")

@@ -26,20 +26,30 @@ from .models import device_of, pool
 from .tokenizer import Tokenizer
 
 
-def embed(model: nn.Module, ids: Tensor, pooling: str | None = None) -> Tensor:
-    """Pooled sentence embeddings (B, D) of token ids (B, S) (each ending in eos, padded), with
-    gradients: what a bi-encoder trains. `pooling` overrides the model's (mean for a translation
-    model's encoder)."""
+def encode_tokens(
+    model: nn.Module, ids: Tensor, pooling: str | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """An encoder's per-token vectors (B, S, D), their pooled sentence embedding (B, D) and
+    each token's pooling weight (B, S) (None for a model without token weights) for token ids
+    (B, S) (each ending in eos, padded). `pooling` overrides the model's (mean for a
+    translation model's encoder)."""
     cfg = model.config  # type: ignore[attr-defined]
     how = pooling or cfg.pooling
     mask = padding_mask(ids, cfg.pad_id)
     if cfg.arch == "decoder-only":
         raise ValueError("a decoder-only model has no encoder to embed sentences with")
     x = model.encoder(ids, mask)  # type: ignore[attr-defined]
-    weights = getattr(model, "token_weight", None)
-    if how == "weighted" and weights is None:
+    table = getattr(model, "token_weight", None)
+    if how == "weighted" and table is None:
         raise ValueError("weighted pooling needs an encoder-only model's token weights")
-    return pool(x, mask, how, None if weights is None else weights[ids])
+    weights = None if table is None else table[ids]
+    return x, pool(x, mask, how, weights), weights
+
+
+def embed(model: nn.Module, ids: Tensor, pooling: str | None = None) -> Tensor:
+    """Pooled sentence embeddings (B, D) of token ids (B, S), with gradients: what a
+    bi-encoder trains (see encode_tokens)."""
+    return encode_tokens(model, ids, pooling)[1]
 
 
 def similarity(a: Tensor, b: Tensor) -> Tensor:

@@ -77,3 +77,11 @@ def encoder_start(
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(path, tok.to_str())
     return tok, base.replace(vocab_size=tok.vocab_size, **tok.special_ids)
+
+
+def sentence_limit(cfg: TrainConfig, base: ModelConfig) -> int:
+    """Tokens kept of each sentence (eos comes on top): max_tokens_per_sentence, and with
+    init_from no more than the started-from model has positions for."""
+    if cfg.init_from:
+        return min(cfg.max_tokens_per_sentence, base.max_len - 1)
+    return cfg.max_tokens_per_sentence

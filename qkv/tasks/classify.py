@@ -26,7 +26,7 @@ from ..data import (
     token_batches,
 )
 from ..models import device_of
-from . import encoder_start
+from . import encoder_start, sentence_limit
 
 Labelled = tuple[str, str]  # (text, label)
 
@@ -143,9 +143,7 @@ class Classification:
         tok, base = encoder_start(self.cfg, base, [t for t, _ in train], out, resume)
         self.tokenizer = tok
         index = {label: i for i, label in enumerate(self.labels)}
-        limit = self.cfg.max_tokens_per_sentence
-        if self.cfg.init_from:  # the started-from model's positions are all there are
-            limit = min(limit, base.max_len - 1)
+        limit = sentence_limit(self.cfg, base)
         self.train_set = self._examples(tok, train, index, limit)
         self.valid_set = self._examples(tok, valid, index, limit)
         log(
@@ -174,19 +172,16 @@ class Classification:
     def batches(self, epoch: int) -> list[list[int]]:
         return token_batches(self.train_set, self.cfg.max_tokens, self.cfg.seed, epoch)
 
-    def _collate(self, examples: list[Example]) -> LabelledBatch:
+    def _collate(self, examples: list[Example], token_dropout: float = 0.0) -> LabelledBatch:
         mc = self.model_cfg
         ids = pad_batch([e.src for e in examples], mc.pad_id, mc.eos_id)
+        ids = hide_tokens(ids, token_dropout, self.tokenizer.unk_id, mc.pad_id, mc.eos_id)
         labels = torch.tensor([e.tgt[0] for e in examples])
         return LabelledBatch(ids, labels, len(examples))
 
     def collate(self, indices: list[int]) -> LabelledBatch:
-        b = self._collate([self.train_set[i] for i in indices])
-        mc = self.model_cfg
-        ids = hide_tokens(
-            b.ids, self.cfg.token_dropout, self.tokenizer.unk_id, mc.pad_id, mc.eos_id
-        )
-        return LabelledBatch(ids, b.labels, b.tokens)
+        """A training batch, with word dropout."""
+        return self._collate([self.train_set[i] for i in indices], self.cfg.token_dropout)
 
     def loss(self, model: nn.Module, batch: LabelledBatch) -> Tensor:
         logits = model(batch.ids).float()

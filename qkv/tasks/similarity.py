@@ -38,7 +38,7 @@ from ..data import (
 from ..evaluate import pearson, spearman
 from ..models import device_of
 from ..sentences import embed
-from . import encoder_start
+from . import encoder_start, sentence_limit
 
 
 @dataclass
@@ -199,10 +199,7 @@ class Similarity:
         texts = [s for r in train for s in (r.a, r.b)] + [s for p in para for s in p]
         tok, base = encoder_start(cfg, base, texts, out, resume)
         self.tokenizer = tok
-        limit = cfg.max_tokens_per_sentence
-        if cfg.init_from:
-            limit = min(limit, base.max_len - 1)
-        self.limit = limit
+        self.limit = limit = sentence_limit(cfg, base)
         self.train_set = self._examples(tok, [(r.a, r.b) for r in train])
         self.scores = [r.score for r in train]
         self.para_set = self._examples(tok, para)
