@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, write_text_atomic
+from .cli_items import add_recommend
 from .cli_sentences import add_classify, add_embed, add_search
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import DataError, multi30k, read_lines, read_parallel
@@ -31,11 +32,14 @@ from .flags import (
     load_model_dir,
     load_translator,
     model_flags,
+    note_cut,
     read_input,
     task_of,
 )
 from .marian import MarianImportError
 from .nanogpt import NanoGPTImportError
+from .tokenizer import ItemError
+from .train import Diverged
 
 
 def _languages(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, str]:
@@ -115,6 +119,7 @@ DATA_FLAGS = {
     "text": "text_file",
     "valid_text": "valid_text_file",
     "valid_tsv": "valid_tsv_file",
+    "interactions": "interactions_file",
 }
 RESUMABLE = {"max_minutes", "max_steps", "max_epochs", "threads"}  # a resumed run's new budget
 
@@ -125,8 +130,9 @@ def add_train(sub) -> None:
     p = command(
         sub,
         "train",
-        "train a model (translation, language model)",
-        "Train a model for a task on a named data set (Multi30k, Tiny Shakespeare) or your own "
+        "train a model (translation, language model, classifier, bi-encoder, next item)",
+        "Train a model for a task on a named data set (Multi30k, Tiny Shakespeare, SST-2, STS-B, "
+        "MovieLens-1M) or your own "
         "files. Shows loss, lr, tokens/s and ETA; keeps the best checkpoint in OUT/best and a "
         "resumable one in OUT/last. Values: the preset, then --config, then flags.",
         [
@@ -134,6 +140,8 @@ def add_train(sub) -> None:
             "qkv train --preset multi30k-de-en --src my.de --tgt my.en --out runs/mine",
             "qkv train --preset shakespeare-char --out runs/shakespeare",
             "qkv train --task lm --text my.txt --tokenizer bpe --vocab-size 4000 --out runs/lm",
+            "qkv train --preset ml-1m --out runs/ml-1m",
+            "qkv train --task items --interactions events.csv --block-size 50 --out runs/shop",
             "qkv train --out runs/de-en --resume",
         ],
     )
@@ -158,6 +166,10 @@ def add_train(sub) -> None:
     p.add_argument("--text", help="lm: your training text (plain or .gz)")
     p.add_argument("--valid-text", help="lm: validation text (default: the last 10%%)")
     p.add_argument("--valid-tsv", help="classify/similarity: validation TSV (default: held out)")
+    p.add_argument(
+        "--interactions",
+        help="items: `user item` lines in time order, or a CSV with user, item, timestamp",
+    )
     config_flags(p, TrainConfig, "t_", "training (overrides the preset)", set(DATA_FLAGS.values()))
     config_flags(p, ModelConfig, "m_", "model shape (overrides the preset)", DERIVED)
     p.set_defaults(func=run_train)
@@ -175,7 +187,12 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         budget = {k: v for k, v in given(args, "t_").items() if k in RESUMABLE}
         return model_cfg, train_cfg.replace(**budget)
     lm = args.t_task == "lm" or args.text is not None
-    by_task = {"lm": "shakespeare-char", "classify": "sst2", "similarity": "stsb"}
+    by_task = {
+        "lm": "shakespeare-char",
+        "classify": "sst2",
+        "similarity": "stsb",
+        "items": "ml-1m",
+    }
     preset = args.preset or by_task.get("lm" if lm else args.t_task, "multi30k-de-en")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -183,7 +200,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     if args.config:
         model_cfg, train_cfg = apply_file(model_cfg, train_cfg, args.config)
     files = {DATA_FLAGS[k]: getattr(args, k) for k in DATA_FLAGS if getattr(args, k)}
-    if files.get("src_file") or files.get("tsv_file") or files.get("text_file"):
+    if any(files.get(k) for k in ("src_file", "tsv_file", "text_file", "interactions_file")):
         files["dataset"] = None
     if lm and train_cfg.task != "lm":
         if not files.get("text_file"):
@@ -243,6 +260,7 @@ def run_translate(args: argparse.Namespace) -> int:
         raise UsageError(f"--trace records beam search, not {cfg.strategy}")
     translator, _ = load_translator(args, args.int8)
     lines = read_input(args.input)
+    note_cut(translator.tokenizer, lines, translator.config.max_len - 1, args.input)
     if args.trace:
         results, trace = translator.traced(lines, cfg)
         write_text_atomic(
@@ -278,16 +296,19 @@ def add_evaluate(sub) -> None:
             "qkv evaluate --model runs/sst2 --plot confusion.png",
             "qkv evaluate --model runs/stsb --split test",
             "qkv evaluate --model runs/mine --tsv test.tsv",
+            "qkv evaluate --model runs/ml-1m --split test",
         ],
     )
     p.add_argument("--model", help="model directory (or a training --out)")
     p.add_argument(
         "--split",
         help="translation: train, val or test_2016_flickr (default); sst2: glue/dev, "
-        "sentence/test (default both); stsb: dev, test (default both)",
+        "sentence/test (default both); stsb: dev, test (default both); next items: valid, "
+        "test (default)",
     )
     p.add_argument("--tsv", help="classifier: text<TAB>label; bi-encoder: a<TAB>b<TAB>score")
     p.add_argument("--plot", help="classifier: write the confusion matrix as this PNG")
+    p.add_argument("--interactions", help="next items: the interactions (default: the model's)")
     p.add_argument("--src-lang", help="default: the model's")
     p.add_argument("--tgt-lang", help="default: the model's")
     p.add_argument("--data-dir", help="where to look for data sets first")
@@ -318,8 +339,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from .cli_sentences import evaluate_sentences
 
         return evaluate_sentences(args, task)
+    if task == "items":
+        from .cli_items import evaluate_items
+
+        return evaluate_items(args)
     if args.tsv or args.plot:
         raise UsageError("--tsv and --plot are for classifiers and bi-encoders")
+    if args.interactions:
+        raise UsageError("--interactions is for next-item models")
     args.split = args.split or "test_2016_flickr"
     cfg = decode_config(args)
     translator, meta = load_translator(args, args.int8)
@@ -634,6 +661,7 @@ COMMANDS = [
     add_classify,
     add_embed,
     add_search,
+    add_recommend,
     add_import_marian,
     add_import_nanogpt,
 ]
@@ -667,6 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         MarianImportError,
         NanoGPTImportError,
+        ItemError,
+        Diverged,
     ) as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2

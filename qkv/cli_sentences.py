@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import sha256
-from .flags import UsageError, command, load_model_dir, model_flags, read_input
+from .flags import UsageError, command, load_model_dir, model_flags, note_cut, read_input
 
 
 def _encoder(args: argparse.Namespace, pooling: str | None = None, task: str | None = None):
@@ -49,10 +49,13 @@ def _pooling_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _lines(args: argparse.Namespace) -> list[str]:
+def _lines(args: argparse.Namespace, enc=None) -> list[str]:
+    """The input lines; with `enc` (a SentenceEncoder), a note on those it must cut."""
     lines = read_input(args.input)
     if not lines:
         raise UsageError("no input (stdin was empty)")
+    if enc is not None:
+        note_cut(enc.tokenizer, lines, enc.max_tokens, args.input)
     return lines
 
 
@@ -79,7 +82,7 @@ def add_classify(sub) -> None:
 
 def run_classify(args: argparse.Namespace) -> int:
     enc, meta = _encoder(args, task="classify")
-    labels, lines = meta["labels"], _lines(args)
+    labels, lines = meta["labels"], _lines(args, enc)
     probs = enc.probabilities(lines)
     for text, p in zip(lines, probs, strict=True):
         best = int(p.argmax())
@@ -120,7 +123,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.output and not args.output.endswith(".npy"):
         raise UsageError("--output must end in .npy")
     enc, _ = _encoder(args, args.pooling)
-    lines = _lines(args)
+    lines = _lines(args, enc)
     t0 = time.monotonic()
     vectors = enc.encode(lines, normalize=args.normalize).numpy()
     seconds = time.monotonic() - t0

@@ -50,7 +50,8 @@ def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> 
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+        shown = ", ".join(json.dumps(k)[1:-1] for k in unknown)  # escapes a newline in a key
+        raise ConfigError(f"{source}: unknown key(s) {shown} for {cls.__name__}")
     try:
         return cls(**data)
     except TypeError as e:  # wrong value types that __post_init__ did not catch
@@ -226,7 +227,8 @@ class ModelConfig:
         return from_dict(cls, json.loads(text))
 
 
-Task = Literal["translation", "lm", "classify", "similarity"]
+Task = Literal["translation", "lm", "classify", "similarity", "items"]
+ItemLoss = Literal["ce", "bce"]
 TokenizerKind = Literal["bpe", "char"]
 Schedule = Literal["inverse_sqrt", "cosine"]
 DATASETS = {
@@ -234,6 +236,7 @@ DATASETS = {
     "tinyshakespeare": "lm",
     "sst2": "classify",
     "stsb": "similarity",
+    "ml-1m": "items",
 }
 
 
@@ -256,7 +259,9 @@ class TrainConfig:
     text_file: str | None = knob(None, "lm: your training text (plain or .gz)")
     valid_text_file: str | None = knob(None, "lm: validation text (default: the last 10%)")
     tokenizer: TokenizerKind = knob("bpe", "lm: characters, or byte-level BPE of vocab_size")
-    block_size: int = knob(256, "lm: the context, in tokens, of each training window")
+    block_size: int = knob(
+        256, "lm: the context, in tokens, of each training window; items: the items a model reads"
+    )
     eval_tokens: int = knob(0, "lm: validation tokens scored (0: all)")
     # sentence tasks (classify, similarity)
     valid_tsv_file: str | None = knob(
@@ -271,6 +276,14 @@ class TrainConfig:
     )
     token_dropout: float = knob(0.0, "classify: training tokens hidden as <unk> (rate)")
     init_from: str | None = knob(None, "start from this model directory's encoder and tokenizer")
+    # next-item prediction (task items)
+    interactions_file: str | None = knob(
+        None, "items: `user item` lines in time order, or a CSV with user, item, timestamp"
+    )
+    item_loss: ItemLoss = knob(
+        "ce", "items: softmax cross-entropy over all items, or bce with sampled negatives"
+    )
+    negatives: int = knob(1, "items, bce: sampled negatives per position")
     max_chars: int = knob(1000, "pairs with a longer side are skipped (and counted)")
     max_tokens_per_sentence: int = knob(128, "sentences with more subwords are skipped")
     # subwords
@@ -316,6 +329,7 @@ class TrainConfig:
             "max_chars",
             "eval_beam",
             "block_size",
+            "negatives",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -352,6 +366,10 @@ class TrainConfig:
         if self.task == "lm":
             if self.dataset is None and self.text_file is None:
                 raise ConfigError("no training text: set dataset or text_file")
+            return
+        if self.task == "items":
+            if self.dataset is None and self.interactions_file is None:
+                raise ConfigError("no interactions: set dataset or interactions_file")
             return
         if (self.paraphrases or self.paraphrase_tsv) and self.task != "similarity":
             raise ConfigError("paraphrases are for the similarity task")

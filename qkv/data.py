@@ -26,13 +26,21 @@ class DataError(Exception):
 
 
 def _read_bytes(path: Path) -> bytes:
-    """A file's bytes (gunzipped for .gz), without a UTF-8 byte order mark."""
+    """A file's bytes (gunzipped for .gz), without a UTF-8 byte order mark. DataError for a
+    missing path, a directory, an unreadable file, a broken .gz, and for NUL bytes (text never
+    holds them: a binary file handed over by mistake)."""
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        line = raw[:nul].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: a NUL byte: not a text file")
     return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a byte order mark is not text
 
 

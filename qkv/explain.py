@@ -293,3 +293,38 @@ def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[
         write_text_atomic(out / "attention.json", json.dumps(data))
         written.append(out / "attention.json")
     return written
+
+
+@torch.inference_mode()
+def explain_recommendation(
+    model, items, history: list[int], block_size: int, exclude_seen: bool = True
+) -> Explanation:
+    """Why a next-item model recommends what it does: its causal self-attention over the
+    history (every layer and head; each position's row is what it read to predict the item
+    after it), and for each past item how much the top recommendation's score drops when that
+    item is left out of the history (one forward pass per left-out item, all in one batch)."""
+    from .recommend import next_item_scores, recommend
+
+    history = history[-block_size:]
+    (best, *_), *_ = recommend(model, items, [history], block_size, 1, exclude_seen)
+    ids = items.encode(history)
+    with record_attention(model) as rec:
+        logits = model(torch.tensor([ids], device=device_of(model)))[0]
+    left_out = [ids[:i] + ids[i + 1 :] for i in range(len(ids))]
+    drops = [0.0] * len(ids)
+    if len(ids) > 1:
+        scores = next_item_scores(model, left_out, block_size)[:, items.index[best.item]]
+        drops = [best.score - float(s) for s in scores]
+    tokens = [str(i) for i in history]
+    predicted = logits[:, items.first :].argmax(-1) + items.first
+    return Explanation(
+        source=" ".join(tokens),
+        translation=f"{best.item} (score {best.score:.3f})",
+        src_tokens=tokens,
+        tgt_in=tokens,
+        tgt_out=[items.id_to_token(int(i)) for i in predicted],
+        attention=_by_kind({path: steps[0][0] for path, steps in rec.items()}),
+        mode="next item",
+        contributions=drops,
+        contribution_of=f"item {best.item}'s score: its drop without each past item",
+    )

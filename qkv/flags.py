@@ -199,3 +199,16 @@ def read_input(path: str | None) -> list[str]:
         return sys.stdin.read().splitlines()
     except UnicodeDecodeError:
         raise UsageError("stdin: invalid UTF-8") from None
+
+
+def note_cut(tokenizer, lines: list[str], limit: int, source: str | None) -> None:
+    """Say on stderr which input lines are longer than the model reads (`limit` tokens): they
+    are cut, not refused, so one long line does not lose a whole file's results."""
+    long = [n for n, ids in enumerate(tokenizer.encode_batch(lines), 1) if len(ids) > limit]
+    if long:
+        more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+        print(
+            f"qkv: note: {source or 'stdin'}:{long[0]}{more} is longer than the model's "
+            f"{limit} tokens: only the first {limit} are read",
+            file=sys.stderr,
+        )

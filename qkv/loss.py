@@ -61,3 +61,48 @@ def seq2seq_loss(model: nn.Module, batch: Seq2SeqBatch, label_smoothing: float) 
     keep = batch.tgt_out != model.config.pad_id
     logits = model.lm_head(h[keep])  # (N, V), N real target tokens
     return smoothed_cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the scores h @ weight.T (N, V) against targets (N,), computed in
+    blocks of rows so that the (N, V) score matrix never exists whole.
+
+    A block's scores stay in the CPU's cache from the matmul through the softmax; the backward
+    recomputes them (one more matmul) rather than storing N x V floats. With a large vocabulary
+    (or a large catalogue of items) and a small width, passes over that matrix, not the matmuls,
+    dominate a training step (bench/loss_speed.py). The same idea as Liger's fused linear
+    cross-entropy and Apple's Cut Cross-Entropy (Wijmans et al. 2024), in plain PyTorch.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, block: int) -> Tensor:
+        total = h.new_zeros((), dtype=torch.float)
+        lses = []
+        for i in range(0, len(h), block):
+            scores = (h[i : i + block] @ weight.T).float()
+            lse = scores.logsumexp(-1)
+            right = scores.gather(1, target[i : i + block, None]).squeeze(1)
+            total += (lse - right).sum()
+            lses.append(lse)
+        ctx.save_for_backward(h, weight, target, torch.cat(lses))
+        ctx.block = block
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        h, weight, target, lse = ctx.saved_tensors
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+        for i in range(0, len(h), ctx.block):
+            hb = h[i : i + ctx.block]
+            # d loss / d scores = softmax(scores) - one_hot(target), scaled by grad_out
+            g = (hb @ weight.T).float().sub_(lse[i : i + ctx.block, None]).exp_()
+            g.scatter_add_(1, target[i : i + ctx.block, None], g.new_full((len(hb), 1), -1.0))
+            g = g.mul_(grad_out).to(h.dtype)
+            grad_h[i : i + ctx.block] = g @ weight
+            grad_w.addmm_(g.T, hb)
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, block: int = 1024) -> Tensor:
+    """Summed cross-entropy of h @ weight.T against target; see LinearCrossEntropy."""
+    return LinearCrossEntropy.apply(h, weight, target, block)

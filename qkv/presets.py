@@ -161,4 +161,38 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
             log_every=50,
         ),
     ),
+    # Next-item recommendation on MovieLens-1M: SASRec's shape (learned positions, the last 200
+    # items, item embeddings tied with the output) twice as wide, trained with full softmax
+    # cross-entropy ("SASRec+") in small batches: 16 windows a step learn far faster per minute
+    # than SASRec's 128 at the same items/s (pilots in bench/README.md).
+    "ml-1m": (
+        ModelConfig(
+            arch="decoder-only",
+            d_model=128,
+            n_heads=2,
+            d_ff=512,
+            n_encoder_layers=0,
+            n_decoder_layers=2,
+            dropout=0.2,
+            attention_dropout=0.0,  # PyTorch's CPU attention dropout costs a quarter of a step
+            positions="learned",
+            max_len=200,
+        ),
+        TrainConfig(
+            task="items",
+            dataset="ml-1m",
+            block_size=200,
+            max_tokens=16 * 200,
+            lr=3e-3,
+            warmup=100,
+            schedule="cosine",
+            min_lr=1e-5,
+            weight_decay=0.0,
+            label_smoothing=0.0,
+            max_minutes=60.0,
+            eval_every=1000,
+            save_every=500,
+            log_every=100,
+        ),
+    ),
 }

@@ -5,7 +5,8 @@
   start), so decoding gives back the original text for ordinary input;
 - Subwords.train_bytes: byte-level BPE for language models: any text round-trips, no <unk>;
 - Characters: one token per character (character-level language models);
-- MarianVocab: an imported Marian (OPUS-MT) model's sentencepiece models and vocabulary.
+- MarianVocab: an imported Marian (OPUS-MT) model's sentencepiece models and vocabulary;
+- Items: not text at all, a catalogue of item ids (next-item models): "12 7 93" <-> indices.
 
 `load_tokenizer(model_dir, config)` finds whichever a model directory holds.
 """
@@ -71,6 +72,9 @@ class Subwords:
 
     def __init__(self, tok: HFTokenizer):
         self.tok = tok
+        # "<pad>" or "</s>" typed in a sentence is text, not the special token: otherwise a
+        # source could end itself early or mask its own words
+        tok.encode_special_tokens = True
         for i, s in enumerate(SPECIALS):
             if tok.token_to_id(s) != i:
                 raise ValueError(f"tokenizer: special token {s} must have id {i}")
@@ -243,6 +247,77 @@ class MarianVocab:
                 shutil.copyfile(self.directory / f, Path(directory) / self.DIR / f)
 
 
+class ItemError(ValueError):
+    """An item id that is not an integer, or not in the catalogue; the message is one line."""
+
+
+class Items:
+    """Item ids <-> vocabulary indices: the specials first (ids 0..3, as for text, so the model
+    config's pad/bos/eos stay valid), then the items in increasing id order."""
+
+    FILE = "items.json"
+    unk_id = SPECIALS.index("<unk>")
+    special_ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+    first = len(SPECIALS)  # index of the first item
+
+    def __init__(self, items: list[int]):
+        self.items = sorted(set(items))
+        self.index = {item: i for i, item in enumerate(self.items, self.first)}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Items:
+        return cls(json.loads(Path(path).read_text(encoding="utf-8"))["items"])
+
+    def to_str(self) -> str:
+        return json.dumps({"items": self.items})
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / self.FILE).write_text(self.to_str(), encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first + len(self.items)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def unknown(self, items: list[int]) -> list[int]:
+        return [i for i in items if i not in self.index]
+
+    def encode(self, items: list[int]) -> list[int]:
+        """Item ids -> indices; DataError naming the ids the model has never seen."""
+        missing = self.unknown(items)
+        if missing:
+            shown = " ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise ItemError(f"item(s) not in the model's catalogue: {shown}")
+        return [self.index[i] for i in items]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(parse_history(t)) for t in texts]
+
+    encode_target_batch = encode_batch
+
+    def item_of(self, index: int) -> int:
+        return self.items[index - self.first]
+
+    def id_to_token(self, i: int) -> str:
+        return str(self.item_of(i)) if i >= self.first else SPECIALS[i]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(self.item_of(i)) for i in ids if i >= self.first)
+
+
+def parse_history(text: str, source: str = "history") -> list[int]:
+    """Item ids separated by spaces or commas; ItemError on anything that is not an integer."""
+    fields = text.replace(",", " ").split()
+    try:
+        return [int(f) for f in fields]
+    except ValueError:
+        bad = next(f for f in fields if not f.lstrip("-").isdigit())
+        raise ItemError(f"{source}: item ids must be integers, got {bad!r}") from None
+
+
 def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> Tokenizer | None:
     """The tokenizer saved in a model directory, or None if it has none."""
     d = Path(directory)
@@ -250,6 +325,8 @@ def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> Tokenizer | None:
         return Subwords.load(d / Subwords.FILE)
     if (d / Characters.FILE).is_file():
         return Characters.load(d / Characters.FILE)
+    if (d / Items.FILE).is_file():
+        return Items.load(d / Items.FILE)
     if (d / MarianVocab.DIR / "vocab.json").is_file():
         return MarianVocab(d / MarianVocab.DIR, cfg)
     return None

@@ -7,7 +7,8 @@ A task (qkv.tasks) says what data it reads, which model it trains, how a batch b
 how validation is scored; the loop knows nothing else of it.
 
 Output directory: best/ (the model to use), last/ (model + trainer state, for --resume),
-averaged/ (with average_last), the task's own files (e.g. tokenizer.json), train_config.json,
+previous/ (the last/ before it: --resume falls back to it when last/ is damaged), averaged/
+(with average_last), the task's own files (e.g. tokenizer.json), train_config.json,
 metrics.jsonl.
 """
 
@@ -26,12 +27,18 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from . import checkpoint
+from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .data import DataError
 from .models import count_parameters, from_config
 from .tokenizer import Tokenizer
 
 Log = Callable[[str], None]
+BAD_STEPS_LIMIT = 5  # non-finite steps in a row before training stops
+
+
+class Diverged(Exception):
+    """Training stopped after non-finite losses or gradients; the message is one line."""
 
 
 def _stderr(msg: str) -> None:
@@ -188,6 +195,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best, self.elapsed = -math.inf if self.task.maximize else math.inf, 0.0
         self.averaged: list[dict[str, Tensor]] = []
+        self.bad_steps = 0  # non-finite steps in a row
         if resume:
             self._resume()
         else:
@@ -199,17 +207,36 @@ class Trainer:
         self.log(f"model: {count_parameters(self.model):,} parameters, on {self.device}")
 
     def _resume(self) -> None:
-        try:
-            last = checkpoint.resolve(self.out / "last")
-        except checkpoint.CheckpointError:
-            raise DataError(f"{self.out}: nothing to resume (no last/ checkpoint)") from None
+        """Continue from last/, or from previous/ (the checkpoint before it) when last/ is
+        missing or damaged, saying so."""
+        problems = []
+        for name in ("last", "previous"):
+            try:
+                path = self._resume_from(self.out / name)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                self.log(f"last/ is unusable ({problems[0]}): resumed from {name}/ instead")
+            self.log(f"resumed from {path}: step {self.step}, epoch {self.epoch + 1}")
+            return
+        raise DataError(f"{self.out}: nothing to resume from ({problems[0]})")
+
+    def _resume_from(self, directory: Path) -> Path:
+        last = checkpoint.resolve(directory)
+        checkpoint.verify(last)
         state = checkpoint.load_trainer_state(last)
         if state is None:
-            raise DataError(f"{last}: no trainer state to resume from")
+            raise CheckpointError(f"{last}: no trainer state to resume from")
         saved_cfg, _ = checkpoint.read_config(last)
         if saved_cfg != self.model_cfg:
             raise ConfigError(f"{last}: the saved model config differs from this run's")
-        load_model(self.model, str(last / "model.safetensors"), device=str(self.device))
+        try:
+            load_model(self.model, str(last / "model.safetensors"), device=str(self.device))
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise CheckpointError(
+                f"{last}/model.safetensors: cannot load ({checkpoint._one_line(e)})"
+            ) from None
         meta, tensors = state["json"], state["tensors"]
         try:
             checkpoint.optimizer_from_flat(self.opt, meta["optimizer"], tensors)
@@ -218,6 +245,7 @@ class Trainer:
         self.step, self.epoch = meta["step"], meta["epoch"]
         self.batch_in_epoch, self.best = meta["batch_in_epoch"], meta["best"]
         self.elapsed = meta["elapsed"]
+        self.bad_steps = meta.get("bad_steps", 0)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -225,7 +253,7 @@ class Trainer:
             {k[len(f"avg.{i}.") :]: v for k, v in tensors.items() if k.startswith(f"avg.{i}.")}
             for i in range(meta.get("n_averaged", 0))
         ]
-        self.log(f"resumed from {last}: step {self.step}, epoch {self.epoch + 1}")
+        return last
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -236,9 +264,11 @@ class Trainer:
             "train": to_dict(self.cfg),
         }
 
-    def _save(self, name: str, model: nn.Module, extra: dict[str, Any], trainer=None) -> None:
+    def _save(
+        self, name: str, model: nn.Module, extra: dict[str, Any], trainer=None, keep=None
+    ) -> None:
         meta = {**self._meta(), **extra}
-        checkpoint.save(self.out / name, model, self.task.tokenizer, meta, trainer=trainer)
+        checkpoint.save(self.out / name, model, self.task.tokenizer, meta, trainer, keep)
 
     def save_last(self) -> None:
         opt_meta, tensors = checkpoint.optimizer_to_flat(self.opt)
@@ -255,8 +285,11 @@ class Trainer:
             "best": self.best,
             "elapsed": self.elapsed,
             "n_averaged": len(self.averaged),
+            "bad_steps": self.bad_steps,
         }
-        self._save("last", self.model, {}, trainer={"json": meta, "tensors": tensors})
+        # the checkpoint it replaces stays as previous/, for a last/ damaged after the fact
+        trainer = {"json": meta, "tensors": tensors}
+        self._save("last", self.model, {}, trainer, keep=self.out / "previous")
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
@@ -282,21 +315,29 @@ class Trainer:
         self.log(f"validation at step {self.step}: {shown}{' (best)' if improved else ''}")
 
     # -- the loop ------------------------------------------------------------------------------
-    def _step(self, group: list[list[int]], lr: float) -> tuple[float, int]:
-        """One optimizer step over a group of batches: (summed loss, tokens)."""
+    def _step(self, group: list[list[int]], lr: float) -> tuple[float, int] | None:
+        """One optimizer step over a group of batches: (summed loss, tokens); None, and no
+        update, when a loss or the gradient is not finite (NaN or inf)."""
         batches = [self.task.collate(idx).to(self.device) for idx in group]
         tokens = sum(b.tokens for b in batches)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        total = 0.0
+        total, finite = 0.0, True
         for batch in batches:
             loss = self.task.loss(self.model, batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                finite = False
+                break
             (loss / tokens).backward()  # the mean over every token of the step
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
-        self.opt.step()
+            total += value
+        if finite:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+            finite = math.isfinite(norm.item())
+        if finite:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return total, tokens
+        return (total, tokens) if finite else None
 
     def run(self, on_step: Callable[[int], None] | None = None) -> None:
         cfg = self.cfg
@@ -315,11 +356,15 @@ class Trainer:
             while self.batch_in_epoch < len(batches):
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.accumulate]
                 lr = learning_rate(cfg, self.step + 1, self.elapsed)
-                loss, tokens = self._step(group, lr)
+                result = self._step(group, lr)
                 self.step += 1
                 self.batch_in_epoch += len(group)
                 self.elapsed = elapsed0 + time.monotonic() - t0
-                progress.add(loss, tokens)
+                if result is None:
+                    self._skipped()
+                else:
+                    self.bad_steps = 0
+                    progress.add(*result)
                 if self.step % cfg.log_every == 0:
                     self.log(progress.line(self, lr, len(batches)))
                 if on_step is not None:
@@ -335,6 +380,21 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
         self.finish()
+
+    def _skipped(self) -> None:
+        """A step with a non-finite loss or gradient was skipped: say so; stop after
+        BAD_STEPS_LIMIT in a row, keeping the last good checkpoint."""
+        self.bad_steps += 1
+        self.log(
+            f"step {self.step}: non-finite loss or gradient, update skipped "
+            f"({self.bad_steps} in a row)"
+        )
+        if self.bad_steps >= BAD_STEPS_LIMIT:
+            raise Diverged(
+                f"training diverged: {self.bad_steps} steps in a row had a non-finite loss or "
+                f"gradient (step {self.step}); the last good checkpoint is {self.out / 'last'}: "
+                "lower --lr (or raise --warmup) and train again"
+            )
 
     def _steps_spent(self) -> bool:
         return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps)

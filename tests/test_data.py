@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import http.server
+import os
 import threading
 
 import pytest
@@ -40,6 +41,30 @@ def test_read_plain_gz_and_errors(tmp_path):
     (tmp_path / "notgz.gz").write_text("plain")
     with pytest.raises(DataError, match="notgz.gz: cannot read"):
         read_lines(tmp_path / "notgz.gz")
+
+
+def test_binary_files_directories_and_unreadable_files_are_refused(tmp_path):
+    (tmp_path / "nul.txt").write_bytes(b"eins\nzw\0ei\n")
+    with pytest.raises(DataError, match="nul.txt:2: a NUL byte"):
+        read_lines(tmp_path / "nul.txt")
+    with pytest.raises(DataError, match="nul.txt:2: a NUL byte"):
+        data.read_text(tmp_path / "nul.txt")
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(DataError, match="dir.txt: a directory, not a file"):
+        read_lines(tmp_path / "dir.txt")
+    # a byte order mark and CRLF line ends are read as ordinary text
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfeins\r\nzwei\r\n")
+    assert read_lines(tmp_path / "bom.txt") == ["eins", "zwei"]
+    locked = tmp_path / "locked.txt"
+    locked.write_text("secret\n")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):  # root reads anything
+            pytest.skip("running as root: permissions do not stop reads")
+        with pytest.raises(DataError, match="locked.txt: cannot read \\(Permission denied\\)"):
+            read_lines(locked)
+    finally:
+        locked.chmod(0o644)
 
 
 def test_tsv_and_cleaning(tmp_path):

@@ -49,6 +49,10 @@ def task_for(cfg: TrainConfig) -> Task:
             from .similarity import Similarity
 
             return Similarity(cfg)
+        case "items":
+            from .items import NextItem
+
+            return NextItem(cfg)
     raise AssertionError(cfg.task)  # TrainConfig validated it
 
 
@@ -77,6 +81,20 @@ def encoder_start(
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(path, tok.to_str())
     return tok, base.replace(vocab_size=tok.vocab_size, **tok.special_ids)
+
+
+def decoder_only(base: ModelConfig, tokenizer, context: int) -> ModelConfig:
+    """The shape of a decoder-only task's model (language model, next item): `base` with the
+    tokenizer's vocabulary and special ids, positions for `context` tokens, no encoder."""
+    return base.replace(
+        arch="decoder-only",
+        vocab_size=tokenizer.vocab_size,
+        tgt_vocab_size=None,
+        n_encoder_layers=0,
+        share_embeddings=False,
+        max_len=context,
+        **tokenizer.special_ids,
+    )
 
 
 def sentence_limit(cfg: TrainConfig, base: ModelConfig) -> int:

@@ -21,6 +21,7 @@ from ..data import DataError, read_text, tinyshakespeare_file
 from ..loss import smoothed_cross_entropy
 from ..models import device_of
 from ..tokenizer import Characters, Subwords, Tokenizer
+from . import decoder_only
 
 
 @dataclass
@@ -115,15 +116,7 @@ class LanguageModel:
             f"data: {len(self.train_ids):,} training tokens, {len(self.valid_ids):,} validation; "
             f"{cfg.tokenizer} vocabulary {tok.vocab_size:,}; windows of {cfg.block_size}"
         )
-        self.model_cfg = base.replace(
-            arch="decoder-only",
-            vocab_size=tok.vocab_size,
-            tgt_vocab_size=None,
-            n_encoder_layers=0,
-            share_embeddings=False,
-            max_len=cfg.block_size,
-            **tok.special_ids,
-        )
+        self.model_cfg = decoder_only(base, tok, cfg.block_size)
         return self.model_cfg
 
     def _encode(self, tok: Characters | Subwords, text: str, name: str) -> Tensor:

@@ -38,6 +38,9 @@ class Corpus:
     skipped_long: int
 
 
+MIN_TRAIN_PAIRS = 100  # below this a run would only memorise, for however long it is given
+
+
 def load_corpus(cfg: TrainConfig) -> Corpus:
     """Training and validation pairs as the config names them; DataError on bad input."""
     if cfg.tsv_file:
@@ -54,8 +57,13 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
         n = min(1000, max(1, len(train) // 50))
         train, valid = train[:-n] if len(train) > n else train, train[-n:]
     kept = clean_pairs(train, cfg.max_chars)
-    if not kept.pairs:
-        raise DataError("no usable training pairs (all blank or too long)")
+    if len(kept.pairs) < MIN_TRAIN_PAIRS:
+        source = cfg.tsv_file or cfg.src_file or "the training data"
+        raise DataError(
+            f"{source}: {len(kept.pairs)} usable training pair(s) ({kept.blank} blank, "
+            f"{kept.too_long} too long skipped): too few to learn a translation from "
+            f"(at least {MIN_TRAIN_PAIRS})"
+        )
     return Corpus(kept.pairs, clean_pairs(valid, cfg.max_chars).pairs, kept.blank, kept.too_long)
 
 
