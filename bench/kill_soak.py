@@ -14,6 +14,7 @@ per kill and the verdict; exit 1 if any resumed run differs.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import signal
@@ -53,14 +54,19 @@ def command(out: Path, src: Path, tgt: Path, steps: int, resume: bool) -> list[s
     ]  # fmt: skip
 
 
-def finished(out: Path, steps: int) -> bool:
+STARTUP = 3.0  # seconds before training starts: imports, data, tokenizer
+
+
+def step_of(out: Path) -> int:
     state = out / "last" / "trainer.json"
-    return state.is_file() and f'"step": {steps},' in state.read_text()
+    return json.loads(state.read_text())["step"] if state.is_file() else 0
 
 
-def kill_once(cmd: list[str], out: Path, during_write: bool, rng: random.Random) -> str:
-    """Start cmd and SIGKILL it: at a random moment, or as soon as a checkpoint is being
-    written. Returns how it went."""
+def kill_once(
+    cmd: list[str], out: Path, during_write: bool, rng: random.Random, window: float
+) -> str:
+    """Start cmd and SIGKILL it: at a random moment of the `window` seconds it should still
+    train, or as soon as a checkpoint is being written. Returns how it went."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.monotonic()
     if during_write:
@@ -70,7 +76,7 @@ def kill_once(cmd: list[str], out: Path, during_write: bool, rng: random.Random)
             time.sleep(0.001)
         moment = "while writing last/"
     else:
-        time.sleep(rng.uniform(3.0, 12.0))  # startup (imports, data) takes about 3 s
+        time.sleep(STARTUP + rng.uniform(0.0, window))
         moment = f"after {time.monotonic() - start:.1f} s"
     if proc.poll() is not None:
         return f"finished before the kill ({moment})"
@@ -92,22 +98,21 @@ def main() -> int:
     rng = random.Random(args.seed)
 
     straight = root / "straight"
+    t0 = time.monotonic()
     subprocess.run(command(straight, src, tgt, args.steps, False), check=True, capture_output=True)
+    per_step = max(time.monotonic() - t0 - STARTUP, 1.0) / args.steps
     reference = load_file(str(straight / "last" / "model.safetensors"))
 
     killed, kills, log = root / "killed", 0, []
     resume = False
-    while not finished(killed, args.steps):
+    while step_of(killed) < args.steps:
         cmd = command(killed, src, tgt, args.steps, resume)
         if kills < args.kills:
-            how = kill_once(cmd, killed, during_write=kills % 2 == 1, rng=rng)
+            window = (args.steps - step_of(killed)) * per_step
+            how = kill_once(cmd, killed, kills % 2 == 1, rng, window)
             if how.startswith("killed"):
                 kills += 1
-            step = "?"
-            state = killed / "last" / "trainer.json"
-            if state.is_file():
-                step = state.read_text().split('"step": ')[1].split(",")[0]
-            log.append(f"kill {kills}: {how}; last/ holds step {step}")
+            log.append(f"kill {kills}: {how}; last/ holds step {step_of(killed)}")
             print(log[-1], flush=True)
         else:
             subprocess.run(cmd, check=True, capture_output=True)

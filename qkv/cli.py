@@ -401,6 +401,11 @@ def run_explain(args: argparse.Namespace) -> int:
     task = task_of(args.model)
     if task in ("classify", "similarity"):
         return _explain_encoder(args, task)
+    if task == "items":
+        raise UsageError(
+            f"{args.model} is a next-item model: explain with qkv recommend --model "
+            f"{args.model} ITEM ITEM ... --explain DIR"
+        )
     if args.pair:
         raise UsageError("--pair is for bi-encoders (models trained for similarity)")
     if task == "lm":

@@ -3,6 +3,7 @@ import hashlib
 import http.server
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_read_plain_gz_and_errors(tmp_path):
         read_lines(tmp_path / "notgz.gz")
 
 
-def test_binary_files_directories_and_unreadable_files_are_refused(tmp_path):
+def test_binary_files_directories_and_unreadable_files_are_refused(tmp_path, monkeypatch):
     (tmp_path / "nul.txt").write_bytes(b"eins\nzw\0ei\n")
     with pytest.raises(DataError, match="nul.txt:2: a NUL byte"):
         read_lines(tmp_path / "nul.txt")
@@ -59,8 +60,15 @@ def test_binary_files_directories_and_unreadable_files_are_refused(tmp_path):
     locked.write_text("secret\n")
     locked.chmod(0)
     try:
-        if os.access(locked, os.R_OK):  # root reads anything
-            pytest.skip("running as root: permissions do not stop reads")
+        if os.access(locked, os.R_OK):  # root reads anything: make the read fail as it would
+            real = Path.read_bytes
+
+            def denied(self):
+                if self == locked:
+                    raise PermissionError(13, "Permission denied", str(self))
+                return real(self)
+
+            monkeypatch.setattr(Path, "read_bytes", denied)
         with pytest.raises(DataError, match="locked.txt: cannot read \\(Permission denied\\)"):
             read_lines(locked)
     finally:

@@ -350,6 +350,7 @@ def test_bad_recommend_input_is_one_line_exit_2(items_dir, tmp_path, capsys):
         (["recommend", "--model", run, "10", "abc"], "must be integers, got 'abc'"),
         (["recommend", "--model", run, "10", "--k", "0"], "--k must be >= 1"),
         (["evaluate", "--model", run, "--split", "dev"], "valid or test"),
+        (["explain", "--model", run, "10 11"], "next-item model: explain with qkv recommend"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
