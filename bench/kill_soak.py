@@ -6,9 +6,9 @@ an uninterrupted run of the same seed, bit for bit.
 
 The run: the `tiny` preset (an encoder-decoder, 2+2 layers) on 2,000 pairs of a synthetic
 German-English corpus, one thread (so every reduction is ordered the same way), a checkpoint
-every 10 steps. Half the kills come at a random moment of training, half the instant a
-checkpoint's temporary directory appears (a kill in the middle of writing it). Prints one line
-per kill and the verdict; exit 1 if any resumed run differs.
+every 10 steps. Half the kills come at a random moment of training, half while the run writes its
+1st to 4th checkpoint (the instant the checkpoint's temporary directory appears). Prints one
+line per kill and the verdict; exit 1 if any resumed run differs.
 """
 
 from __future__ import annotations
@@ -65,18 +65,24 @@ def step_of(out: Path) -> int:
 def kill_once(
     cmd: list[str], out: Path, during_write: bool, rng: random.Random, window: float
 ) -> str:
-    """Start cmd and SIGKILL it: at a random moment of the `window` seconds it should still
-    train, or as soon as a checkpoint is being written. Returns how it went."""
+    """Start cmd and SIGKILL it: at a random moment within the first half of the `window`
+    seconds it should still train (so every run makes some progress first), or while it writes
+    its 1st to 4th checkpoint. Returns how it went."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.monotonic()
     if during_write:
-        while proc.poll() is None and time.monotonic() - start < 120:
-            if (out / ".last.tmp").exists():
-                break
-            time.sleep(0.001)
-        moment = "while writing last/"
+        wanted, seen, writing = rng.randint(1, 4), 0, False
+        while proc.poll() is None and time.monotonic() - start < 300:
+            now = (out / ".last.tmp").exists()
+            if now and not writing:
+                seen += 1
+                if seen == wanted:
+                    break
+            writing = now
+            time.sleep(0.0005)
+        moment = f"while writing its checkpoint number {wanted}"
     else:
-        time.sleep(STARTUP + rng.uniform(0.0, window))
+        time.sleep(STARTUP + rng.uniform(0.1, 0.5) * window)
         moment = f"after {time.monotonic() - start:.1f} s"
     if proc.poll() is not None:
         return f"finished before the kill ({moment})"
@@ -88,7 +94,7 @@ def kill_once(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", default="bench/runs/kill_soak")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

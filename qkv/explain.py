@@ -50,6 +50,7 @@ class Explanation:
     # encoders: each source token's share of the output score (class logit or cosine)
     contributions: list[float] | None = None
     contribution_of: str = ""  # what the contributions add up to
+    contribution_title: str = ""  # the bars' title, when "each token's share of ..." is not it
 
     def alignment(self) -> Tensor:
         """Cross-attention averaged over all layers and heads: (T, S), a soft word alignment."""
@@ -274,7 +275,7 @@ def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[
             f"{i}:{t}": c
             for i, (t, c) in enumerate(zip(e.src_tokens, e.contributions, strict=True))
         }
-        title = f"each token's share of {e.contribution_of}"
+        title = e.contribution_title or f"each token's share of {e.contribution_of}"
         written.append(plot.bars(shares, title, "share", out / "contributions.png"))
     if e.has_cross:
         written.append(
@@ -326,5 +327,9 @@ def explain_recommendation(
         attention=_by_kind({path: steps[0][0] for path, steps in rec.items()}),
         mode="next item",
         contributions=drops,
-        contribution_of=f"item {best.item}'s score: its drop without each past item",
+        contribution_of=f"item {best.item}'s score",
+        contribution_title=(
+            f"how much item {best.item}'s score drops when each past item is left out "
+            "(below 0: it rises)"
+        ),
     )

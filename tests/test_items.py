@@ -14,7 +14,6 @@ from qkv.checkpoint import load
 from qkv.cli import main
 from qkv.config import ConfigError, TrainConfig
 from qkv.items import leave_one_out, read_interactions, seen_mask, unseen_negatives, windows
-from qkv.loss import linear_cross_entropy
 from qkv.models import DecoderOnly
 from qkv.recommend import (
     evaluate,
@@ -179,22 +178,6 @@ def test_later_items_never_change_earlier_predictions_and_padding_changes_nothin
     torch.testing.assert_close(
         next_item_scores(model, [[8, 8, 8, 5, 9, 12]], 3), next_item_scores(model, [[5, 9, 12]], 3)
     )
-
-
-def test_linear_cross_entropy_matches_pytorch_in_value_and_gradients():
-    torch.manual_seed(0)
-    h = torch.randn(37, 8, requires_grad=True)
-    w = torch.randn(50, 8, requires_grad=True)
-    t = torch.randint(0, 50, (37,))
-    ours = linear_cross_entropy(h, w, t, block=10)  # blocks that do not divide N
-    (ours * 0.5).backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.T, t, reduction="sum")
-    (ref * 0.5).backward()
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(gh, h.grad)
-    torch.testing.assert_close(gw, w.grad)
 
 
 def test_the_two_losses_equal_their_formulas():

@@ -28,7 +28,7 @@ from ..items import (
     unseen_negatives,
     windows,
 )
-from ..loss import linear_cross_entropy, smoothed_cross_entropy
+from ..loss import smoothed_cross_entropy
 from ..recommend import evaluate
 from ..tokenizer import PAD, Items
 from . import decoder_only
@@ -134,12 +134,9 @@ def item_loss(model: nn.Module, batch: ItemBatch, label_smoothing: float = 0.0) 
     if batch.negatives is None:  # full softmax over the items (specials are never targets)
         # scores against the item rows only (a contiguous matrix, not a slice of a larger one)
         weight, bias = model.lm_head.weight[Items.first :], model.lm_head.bias
-        h, target = h[real], batch.y[real] - Items.first
-        if bias is None and label_smoothing == 0.0:
-            return linear_cross_entropy(h, weight, target)
         bias = None if bias is None else bias[Items.first :]
-        logits = F.linear(h, weight, bias).float()
-        return smoothed_cross_entropy(logits, target, label_smoothing)
+        logits = F.linear(h[real], weight, bias).float()
+        return smoothed_cross_entropy(logits, batch.y[real] - Items.first, label_smoothing)
     weight = model.lm_head.weight  # the item embeddings (tied)
     h = h[real]  # (N, D)
     pos = (h * weight[batch.y[real]]).sum(-1)  # (N,)
