@@ -84,7 +84,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _one_line(e: Exception, limit: int = 300) -> str:
+def one_line(e: Exception, limit: int = 300) -> str:
     """An exception's message on one line (torch's span several), cut to `limit` characters."""
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -201,7 +201,7 @@ def load(
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path}/model.safetensors: cannot load ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}/model.safetensors: cannot load ({one_line(e)})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}/model.safetensors: does not match config.json "
@@ -226,7 +226,7 @@ def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
             "tensors": load_file(str(path / "trainer.safetensors")),
         }
     except Exception as e:  # bad JSON, a missing or corrupt safetensors file
-        raise CheckpointError(f"{path}: unreadable trainer state ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable trainer state ({one_line(e)})") from None
 
 
 # --- optimizer state without pickle -------------------------------------------------------------
@@ -268,7 +268,7 @@ def copy_matching(model: nn.Module, path: str | Path) -> list[str]:
     try:
         saved = load_file(str(path / "model.safetensors"))
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path}/model.safetensors: cannot load ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}/model.safetensors: cannot load ({one_line(e)})") from None
     own = model.state_dict()
     copied = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
     if not copied:

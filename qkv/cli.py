@@ -186,14 +186,19 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         model_cfg, train_cfg = read_run_config(out / "train_config.json")
         budget = {k: v for k, v in given(args, "t_").items() if k in RESUMABLE}
         return model_cfg, train_cfg.replace(**budget)
-    lm = args.t_task == "lm" or args.text is not None
+    # a data flag that only one task reads names that task
+    task = args.t_task
+    if args.text is not None:
+        task = task or "lm"
+    if args.interactions is not None:
+        task = task or "items"
     by_task = {
         "lm": "shakespeare-char",
         "classify": "sst2",
         "similarity": "stsb",
         "items": "ml-1m",
     }
-    preset = args.preset or by_task.get("lm" if lm else args.t_task, "multi30k-de-en")
+    preset = args.preset or by_task.get(task, "multi30k-de-en")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     model_cfg, train_cfg = PRESETS[preset]
@@ -202,10 +207,12 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     files = {DATA_FLAGS[k]: getattr(args, k) for k in DATA_FLAGS if getattr(args, k)}
     if any(files.get(k) for k in ("src_file", "tsv_file", "text_file", "interactions_file")):
         files["dataset"] = None
-    if lm and train_cfg.task != "lm":
-        if not files.get("text_file"):
-            raise UsageError(f"--task lm with preset {preset} needs --text FILE")
-        files["task"] = "lm"
+    needs = {"lm": ("text_file", "--text"), "items": ("interactions_file", "--interactions")}
+    if task in needs and train_cfg.task != task:
+        field, flag = needs[task]
+        if not files.get(field):
+            raise UsageError(f"--task {task} with preset {preset} needs {flag} FILE")
+        files["task"] = task
     if (out / "last").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a training run; use --resume or --overwrite")
     return model_cfg.replace(**given(args, "m_")), train_cfg.replace(

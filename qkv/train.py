@@ -235,7 +235,7 @@ class Trainer:
             load_model(self.model, str(last / "model.safetensors"), device=str(self.device))
         except Exception as e:  # safetensors raises several types for corrupt files
             raise CheckpointError(
-                f"{last}/model.safetensors: cannot load ({checkpoint._one_line(e)})"
+                f"{last}/model.safetensors: cannot load ({checkpoint.one_line(e)})"
             ) from None
         meta, tensors = state["json"], state["tensors"]
         try:

@@ -290,7 +290,8 @@ def test_train_command_on_a_csv_of_events(tmp_path, capsys):
         rows += [f"{u},{item},{1000 + t}" for t, item in enumerate(seq)]
     path = write(tmp_path / "events.csv", rows)
     out = tmp_path / "run"
-    argv = ["train", "--task", "items", "--interactions", str(path), "--out", str(out)]
+    # --interactions alone names the task (and its preset's shape)
+    argv = ["train", "--interactions", str(path), "--out", str(out)]
     argv += ["--block-size", "8", "--d-model", "32", "--max-steps", "4", "--eval-every", "2"]
     assert main(argv) == 0
     err = capsys.readouterr().err
