@@ -189,25 +189,31 @@ def load(
     verify(path)
     cfg, meta = read_config(path)
     model = from_config(cfg)
+    load_weights(model, path)
+    return model.to(device).eval(), load_tokenizer(path, cfg), meta
+
+
+def load_weights(model: nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
+    """Load a model directory's weights into `model` (on `device`); CheckpointError, on one
+    line, for an unreadable file, a tensor that is not floating point, or names that do not
+    match the model."""
+    file = path / "model.safetensors"
     try:
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
+        with safe_open(str(file), "pt") as f:
             for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 dtype = f.get_slice(name).get_dtype()
                 if dtype not in FLOAT_DTYPES:  # torch would cast integers without a word
-                    raise CheckpointError(
-                        f"{path}/model.safetensors: {name} holds {dtype}, not floating point"
-                    )
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+                    raise CheckpointError(f"{file}: {name} holds {dtype}, not floating point")
+        missing, unexpected = load_model(model, str(file), strict=False, device=str(device))
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path}/model.safetensors: cannot load ({one_line(e)})") from None
+        raise CheckpointError(f"{file}: cannot load ({one_line(e)})") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}/model.safetensors: does not match config.json "
+            f"{file}: does not match config.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    return model.to(device).eval(), load_tokenizer(path, cfg), meta
 
 
 def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from . import checkpoint
@@ -231,12 +230,7 @@ class Trainer:
         saved_cfg, _ = checkpoint.read_config(last)
         if saved_cfg != self.model_cfg:
             raise ConfigError(f"{last}: the saved model config differs from this run's")
-        try:
-            load_model(self.model, str(last / "model.safetensors"), device=str(self.device))
-        except Exception as e:  # safetensors raises several types for corrupt files
-            raise CheckpointError(
-                f"{last}/model.safetensors: cannot load ({checkpoint.one_line(e)})"
-            ) from None
+        checkpoint.load_weights(self.model, last, self.device)
         meta, tensors = state["json"], state["tensors"]
         try:
             checkpoint.optimizer_from_flat(self.opt, meta["optimizer"], tensors)
