@@ -310,12 +310,13 @@ class Items:
 
 def parse_history(text: str, source: str = "history") -> list[int]:
     """Item ids separated by spaces or commas; ItemError on anything that is not an integer."""
-    fields = text.replace(",", " ").split()
-    try:
-        return [int(f) for f in fields]
-    except ValueError:
-        bad = next(f for f in fields if not f.lstrip("-").isdigit())
-        raise ItemError(f"{source}: item ids must be integers, got {bad!r}") from None
+    ids = []
+    for field in text.replace(",", " ").split():
+        try:
+            ids.append(int(field))
+        except ValueError:  # "x12", and digits int() refuses ("²")
+            raise ItemError(f"{source}: item ids must be integers, got {field!r}") from None
+    return ids
 
 
 def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> Tokenizer | None:

@@ -142,6 +142,12 @@ def test_a_decode_config_that_constructs_is_usable(data):
     assert cfg.max_len_a > 0 or cfg.max_len_b > 0
 
 
+def test_a_digit_int_refuses_is_a_one_line_item_error():
+    # found by the property above: "²" passed str.isdigit and crashed the error message
+    with pytest.raises(ItemError, match="got '²'"):
+        parse_history("12 ²")
+
+
 def test_special_token_names_typed_in_text_are_text(subwords):
     # found by the round-trip property: "<s>" in a sentence used to become the bos token
     ids = subwords.encode("a <pad> b </s> c <s>")
