@@ -18,6 +18,7 @@ import torch
 from .checkpoint import CheckpointError, write_text_atomic
 from .cli_items import add_recommend
 from .cli_sentences import add_classify, add_embed, add_search
+from .cli_serve import add_serve
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import DataError, multi30k, read_lines, read_parallel
 from .flags import (
@@ -674,6 +675,7 @@ COMMANDS = [
     add_embed,
     add_search,
     add_recommend,
+    add_serve,
     add_import_marian,
     add_import_nanogpt,
 ]
