@@ -6,8 +6,11 @@ little more time than one (the weights are read once per step, not once per sent
 for more with the same key (the same decoding settings: only those can share a decode), up to
 `max_items` inputs, and makes one call for all of them. Each request gets back its own slice.
 
-It runs on its own thread, so the model never blocks the server's event loop, and it is the only
-thread that touches its model. The queue is bounded: past `max_queue` waiting requests `submit`
+It runs on its own thread, so the models never block the server's event loop, and it should be the
+only thread that runs PyTorch at all: `call(fn)` runs anything else (loading a model) there too.
+(With two Python threads running parallel ops, PyTorch's OpenMP threads outnumber the cores and
+libgomp stops spinning between regions: every matmul pays a wake-up, 2-3x slower on small
+batches.) The queue is bounded: past `max_queue` waiting requests `submit`
 raises `QueueFull` at once (the server answers 503) rather than letting latency grow without end.
 A request whose future was cancelled while it waited (its client timed out) is dropped unrun.
 """
@@ -30,6 +33,13 @@ OnBatch = Callable[[Hashable, int, int, float], None]
 
 class QueueFull(Exception):
     """More requests are waiting than the queue allows: come back later."""
+
+
+class _Call:
+    """The key of a `call`: a function to run on the worker thread, alone."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
 
 
 @dataclass
@@ -84,6 +94,15 @@ class Batcher:
             self._cv.notify()
         return job.future
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn() on the worker thread (in queue order, never batched); its future gets the
+        result. Not bounded by max_queue."""
+        job = _Job(_Call(fn), [None])
+        with self._cv:
+            self._queue.append(job)
+            self._cv.notify()
+        return job.future
+
     def close(self, timeout: float | None = None) -> None:
         """Stop after the requests already queued have run."""
         with self._cv:
@@ -129,10 +148,16 @@ class Batcher:
             batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            inputs = [x for j in batch for x in j.inputs]
+            key, inputs = batch[0].key, [x for j in batch for x in j.inputs]
+            if isinstance(key, _Call):  # alone, by construction
+                try:
+                    batch[0].future.set_result(key.fn())
+                except BaseException as e:
+                    batch[0].future.set_exception(e)
+                continue
             start = time.perf_counter()
             try:
-                outputs = list(self.run(batch[0].key, inputs))
+                outputs = list(self.run(key, inputs))
                 if len(outputs) != len(inputs):
                     raise RuntimeError(f"{len(outputs)} outputs for {len(inputs)} inputs")
             except BaseException as e:  # every waiting request hears of it; the worker goes on
@@ -140,7 +165,7 @@ class Batcher:
                     j.future.set_exception(e)
                 continue
             if self.on_batch is not None:
-                self.on_batch(batch[0].key, len(batch), len(inputs), time.perf_counter() - start)
+                self.on_batch(key, len(batch), len(inputs), time.perf_counter() - start)
             at = 0
             for j in batch:
                 j.future.set_result(outputs[at : at + len(j.inputs)])

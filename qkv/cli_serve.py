@@ -52,8 +52,7 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .server import Limits, ServeOptions, load_served, serve
+    from .server import Limits, ServeOptions, serve
 
     positive = dict(
         max_batch=args.max_batch,
@@ -85,18 +84,15 @@ def run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         batching=not args.no_batching,
     )
-    try:
-        served = load_served(args.model, args.device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except CheckpointError:
-        raise
     options = ServeOptions(args.host, args.port, args.drain, limits)
 
     def announce(line: str) -> None:
         print(f"qkv: {line}", file=sys.stderr, flush=True)
 
-    serve(served, options, announce)
+    try:
+        serve(args.model, args.device, options, announce)
+    except ValueError as e:  # a model directory without a tokenizer
+        raise UsageError(str(e)) from None
     return 0
 
 

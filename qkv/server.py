@@ -155,7 +155,7 @@ ExplainRequest = create_model(
 
 @dataclass
 class Served:
-    """One model directory, loaded and packed, with its tokenizer and its batcher."""
+    """One model directory, loaded and packed, with its tokenizer."""
 
     name: str
     task: str
@@ -163,7 +163,6 @@ class Served:
     tokenizer: Any
     meta: dict
     path: str
-    batcher: Batcher | None = None
     helper: Any = None  # Translator, Generator or SentenceEncoder
 
     def describe(self) -> dict[str, Any]:
@@ -226,7 +225,7 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        self.queue = Gauge("qkv_queue_length", "requests waiting", ["model"], registry=r)
+        self.queue = Gauge("qkv_queue_length", "requests waiting", registry=r)
         self.batch_inputs = Histogram(
             "qkv_batch_inputs",
             "inputs (sentences, prompts, histories) per batched call",
@@ -251,9 +250,9 @@ class Metrics:
 
 
 def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, list], list]:
-    """The function s's batcher calls: (key, inputs) -> one output per input. The key's first
-    element says what to do; the rest is what every request in the batch shares."""
-    import torch
+    """What the batcher calls for model s: (key, inputs) -> one output per input. The key's
+    first element says what to do; the rest is what every request in the batch shares. Outputs
+    are plain Python: the event loop never touches a tensor."""
 
     from . import explain as ex
     from .generate import Generator
@@ -283,9 +282,9 @@ def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, 
             count(sum(len(g.tokens) for g in out))
             return out
         if what == "classify":
-            return list(s.helper.probabilities(inputs))
+            return s.helper.probabilities(inputs).tolist()
         if what == "embed":
-            return list(s.helper.encode(inputs, normalize=rest[0]))
+            return s.helper.encode(inputs, normalize=rest[0]).tolist()
         if what == "recommend":
             k, exclude = rest
             block = int(s.meta.get("block_size", s.model.config.max_len))
@@ -294,7 +293,6 @@ def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, 
             return [_explain(s, *inputs[0], ex)]
         raise AssertionError(what)
 
-    torch.set_grad_enabled(False)
     return run
 
 
@@ -386,23 +384,38 @@ class _Guard:
         return b"".join(chunks)
 
 
-def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
-    """The FastAPI app over loaded models; each gets a batcher (a worker thread) now."""
+def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI app over the models of `paths`, loaded (and every batch run) on the one
+    thread of its batcher."""
     from .web import PAGE
 
     metrics = Metrics()
-    for s in served:
-        on_batch = _batch_recorder(metrics, s.name)
-        s.batcher = Batcher(
-            _runner(s, limits, metrics),
-            max_items=limits.max_batch,
-            max_wait_s=limits.max_wait_ms / 1000 if limits.batching else 0.0,
-            max_queue=limits.max_queue,
-            max_requests=None if limits.batching else 1,
-            on_batch=on_batch,
-            name=f"qkv-{s.name}",
-        )
-        metrics.queue.labels(s.name).set_function(s.batcher.__len__)
+    runners: dict[str, Callable[[Hashable, list], list]] = {}
+    batcher = Batcher(
+        lambda key, inputs: runners[key[0]](key[1:], inputs),  # key: (model name, what, ...)
+        max_items=limits.max_batch,
+        max_wait_s=limits.max_wait_ms / 1000 if limits.batching else 0.0,
+        max_queue=limits.max_queue,
+        max_requests=None if limits.batching else 1,
+        on_batch=_batch_recorder(metrics),
+        name="qkv-models",
+    )
+
+    def start() -> list[Served]:
+        import torch
+
+        torch.set_grad_enabled(False)  # for this thread, the only one that runs the models
+        loaded = load_served(paths, device)
+        for s in loaded:
+            runners[s.name] = _runner(s, limits, metrics)
+        return loaded
+
+    try:
+        served = batcher.call(start).result()
+    except BaseException:
+        batcher.close()
+        raise
+    metrics.queue.set_function(batcher.__len__)
     state = {"ready": True}
 
     @contextlib.asynccontextmanager
@@ -418,6 +431,7 @@ def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
         "embeddings, next-item recommendation, and the attention behind each answer.",
     )
     app.state.served, app.state.limits, app.state.metrics = served, limits, metrics
+    app.state.batcher = batcher
 
     @app.exception_handler(Refused)
     async def refused(_: Request, e: Refused) -> JSONResponse:
@@ -482,10 +496,9 @@ def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
             raise Refused(422, named[0], str(e)) from None
         return cfg
 
-    async def run(s: Served, key: Hashable, inputs: list) -> list:
-        assert s.batcher is not None
+    async def run(s: Served, key: tuple, inputs: list) -> list:
         try:
-            future = s.batcher.submit(key, inputs)
+            future = batcher.submit((s.name, *key), inputs)
         except QueueFull:
             raise Refused(
                 503, "queue", "the server is busy: try again", {"Retry-After": "1"}
@@ -511,7 +524,7 @@ def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        ok = state["ready"] and all(s.batcher is not None for s in served)
+        ok = state["ready"]
         body = {"ready": ok, "models": [s.name for s in served]}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -568,8 +581,8 @@ def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
         out = await run(s, ("classify",), req.texts)
         results = []
         for p in out:
-            best = int(p.argmax())
-            every = {label: round(float(x), 6) for label, x in zip(labels, p, strict=True)}
+            best = max(range(len(p)), key=p.__getitem__)
+            every = {label: round(x, 6) for label, x in zip(labels, p, strict=True)}
             results.append({"label": labels[best], "probability": every[labels[best]]})
             results[-1]["probabilities"] = every
         return {"model": s.name, "results": results}
@@ -582,8 +595,8 @@ def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
         out = await run(s, ("embed", req.normalize), req.texts)
         return {
             "model": s.name,
-            "dim": int(out[0].shape[0]),
-            "embeddings": [[round(float(x), 6) for x in v] for v in out],
+            "dim": len(out[0]),
+            "embeddings": [[round(x, 6) for x in v] for v in out],
         }
 
     @app.post("/v1/recommend")
@@ -675,9 +688,7 @@ def create_app(served: list[Served], limits: Limits = Limits()) -> FastAPI:
 
     def close() -> None:
         state["ready"] = False
-        for s in served:
-            if s.batcher is not None:
-                s.batcher.close(timeout=limits.timeout_s)
+        batcher.close(timeout=limits.timeout_s)
 
     app.state.close = close
     return app
@@ -738,8 +749,9 @@ def _generation(s: Served, g) -> dict[str, Any]:
     }
 
 
-def _batch_recorder(metrics: Metrics, name: str):
-    def on_batch(_key, requests: int, inputs: int, seconds: float) -> None:
+def _batch_recorder(metrics: Metrics):
+    def on_batch(key, requests: int, inputs: int, seconds: float) -> None:
+        name = key[0]
         metrics.batch_requests.labels(name).observe(requests)
         metrics.batch_inputs.labels(name).observe(inputs)
         metrics.batch_seconds.labels(name).observe(seconds)
@@ -790,14 +802,17 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
 
 
-def serve(served: list[Served], options: ServeOptions, announce: Callable[[str], None]) -> None:
+def serve(
+    paths: Sequence[str], device: str, options: ServeOptions, announce: Callable[[str], None]
+) -> None:
     """Run the app until SIGINT or SIGTERM; both drain in-flight requests (bounded by drain_s)
     and return normally, so the command exits 0."""
     import signal
 
     import uvicorn
 
-    app = create_app(served, options.limits)
+    app = create_app(paths, device, options.limits)
+    served = app.state.served
     config = uvicorn.Config(
         app,
         host=options.host,

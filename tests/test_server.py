@@ -32,7 +32,7 @@ from qkv.models import DecoderOnly, EncoderOnly
 from qkv.presets import PRESETS
 from qkv.recommend import recommend
 from qkv.sentences import SentenceEncoder
-from qkv.server import Limits, create_app, load_served
+from qkv.server import Limits, create_app
 from qkv.tokenizer import Characters, Items, Subwords
 from qkv.translate import Translator
 
@@ -94,8 +94,7 @@ def dirs(trained, tmp_path_factory):
 
 
 def make_app(dirs, tasks=("translation", "lm", "classify", "similarity", "items"), **limits):
-    served = load_served([str(dirs[t]) for t in tasks], "cpu")
-    return create_app(served, Limits(**limits))
+    return create_app([str(dirs[t]) for t in tasks], "cpu", Limits(**limits))
 
 
 @pytest.fixture(scope="module")
@@ -313,10 +312,11 @@ def test_sampled_requests_are_not_batched_so_a_seed_means_the_same_output(dirs):
 class _Blocked:
     """Holds a model's worker inside its call until released, counting the calls."""
 
-    def __init__(self, s):
-        self.s, self.run, self.gate, self.calls = s, s.batcher.run, threading.Event(), 0
+    def __init__(self, app):
+        self.batcher = app.state.batcher
+        self.run, self.gate, self.calls = self.batcher.run, threading.Event(), 0
         self.started = threading.Event()
-        s.batcher.run = self
+        self.batcher.run = self
 
     def __call__(self, key, inputs):
         self.calls += 1
@@ -327,7 +327,7 @@ class _Blocked:
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(dirs, corpus):
     app = make_app(dirs, ("translation",), max_queue=1, max_wait_ms=0)
-    block = _Blocked(app.state.served[0])
+    block = _Blocked(app)
     text = sources(corpus, 1)
 
     async def scenario():
@@ -337,7 +337,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(dirs, corpus):
             while not block.started.is_set():
                 await asyncio.sleep(0.01)
             second = asyncio.ensure_future(c.post("/v1/translate", json={"texts": text}))
-            while len(app.state.served[0].batcher) < 1:
+            while len(app.state.batcher) < 1:
                 await asyncio.sleep(0.01)
             t = time.perf_counter()
             third = await c.post("/v1/translate", json={"texts": text})
@@ -357,7 +357,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(dirs, corpus):
 
 def test_a_request_past_its_timeout_is_408_and_never_runs(dirs, corpus):
     app = make_app(dirs, ("translation",), timeout_s=0.3, max_wait_ms=0)
-    block = _Blocked(app.state.served[0])
+    block = _Blocked(app)
     text = sources(corpus, 1)
     try:
         with TestClient(app) as c:
