@@ -54,18 +54,19 @@ def add_serve(sub) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from .server import Limits, ServeOptions, serve
 
-    positive = dict(
+    sizes = dict(  # Limits fields that count something: each at least 1
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_texts=args.max_texts,
         max_chars=args.max_chars,
-        max_body=args.max_body,
+        max_body_bytes=args.max_body,
         max_beam=args.max_beam,
         max_new_tokens=args.max_new_tokens,
     )
-    for name, value in positive.items():
+    for name, value in sizes.items():
         if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+            flag = "max-body" if name == "max_body_bytes" else name.replace("_", "-")
+            raise UsageError(f"--{flag} must be >= 1")
     if args.timeout <= 0 or args.max_wait_ms < 0 or args.drain < 0:
         raise UsageError("--timeout must be > 0; --max-wait-ms and --drain >= 0")
     if not 0 <= args.port <= 65535:
@@ -73,14 +74,8 @@ def run_serve(args: argparse.Namespace) -> int:
     device_of_flag(args.device)
     _check_port(args.host, args.port)
     limits = Limits(
-        max_body_bytes=args.max_body,
-        max_texts=args.max_texts,
-        max_chars=args.max_chars,
-        max_beam=args.max_beam,
-        max_new_tokens=args.max_new_tokens,
+        **sizes,
         timeout_s=args.timeout,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         batching=not args.no_batching,
     )

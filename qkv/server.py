@@ -226,18 +226,19 @@ class Metrics:
             registry=r,
         )
         self.queue = Gauge("qkv_queue_length", "requests waiting", registry=r)
+        counts = (1, 2, 4, 8, 16, 32, 64, 128, 256)
         self.batch_inputs = Histogram(
             "qkv_batch_inputs",
             "inputs (sentences, prompts, histories) per batched call",
             ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            buckets=counts,
             registry=r,
         )
         self.batch_requests = Histogram(
             "qkv_batch_requests",
             "requests served by one batched call",
             ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            buckets=counts,
             registry=r,
         )
         self.batch_seconds = Histogram(

@@ -524,3 +524,28 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(dirs):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "/nonexistent"], "not a qkv model directory"),
+        (["--model", "MODEL", "--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--model", "MODEL", "--max-body", "0"], "--max-body must be >= 1"),
+        (["--model", "MODEL", "--timeout", "0"], "--timeout must be > 0"),
+        (["--model", "MODEL", "--port", "70000"], "--port must be between"),
+        (["--model", "MODEL", "--port", "TAKEN"], "cannot serve on 127.0.0.1"),
+        (["--model", "MODEL", "--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_and_exit_2(dirs, capsys, flags, message):
+    from qkv.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        flags = [{"MODEL": str(dirs["lm"]), "TAKEN": port}.get(f, f) for f in flags]  # placeholders
+        assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
