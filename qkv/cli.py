@@ -21,6 +21,7 @@ from .cli_sentences import add_classify, add_embed, add_search
 from .cli_serve import add_serve
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import DataError, multi30k, read_lines, read_parallel
+from .distributed import DistributedError
 from .flags import (
     Parser,
     UsageError,
@@ -222,18 +223,25 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .tasks import task_for
     from .train import train
 
     model_cfg, train_cfg = _train_configs(args)
-    train(
-        task_for(train_cfg),
-        model_cfg,
-        train_cfg,
-        args.out,
-        resume=args.resume,
-        device=device_of_flag(args.device),
-    )
+    world = distributed.from_env()  # torchrun's processes, or this one alone
+    device = distributed.init(world, device_of_flag(args.device))
+    try:
+        train(
+            task_for(train_cfg),
+            model_cfg,
+            train_cfg,
+            args.out,
+            resume=args.resume,
+            device=device,
+            world=world,
+        )
+    finally:
+        distributed.close(world)
     return 0
 
 
@@ -714,6 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"qkv: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130

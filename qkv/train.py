@@ -6,6 +6,11 @@ and step / epoch / time budgets.
 A task (qkv.tasks) says what data it reads, which model it trains, how a batch becomes a loss and
 how validation is scored; the loop knows nothing else of it.
 
+Under torchrun (qkv/distributed.py) each process takes every N-th batch of each step's group
+(so the global batch is the same whatever N is), gradients are averaged by
+DistributedDataParallel, and the loss is divided by the step's tokens over all processes: N
+processes take the same steps as one. Rank 0 alone validates, writes and logs; the others wait.
+
 Output directory: best/ (the model to use), last/ (model + trainer state, for --resume),
 previous/ (the last/ before it: --resume falls back to it when last/ is damaged), averaged/
 (with average_last), the task's own files (e.g. tokenizer.json), train_config.json,
@@ -14,6 +19,7 @@ metrics.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -25,10 +31,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .data import DataError
+from .distributed import SINGLE, DistributedError, World
 from .models import count_parameters, from_config
 from .tokenizer import Tokenizer
 
@@ -152,6 +159,31 @@ class Progress:
         )
 
 
+class _TaskLoss(nn.Module):
+    """The task's loss as one module's forward, so DistributedDataParallel sees the whole
+    forward pass of any task (tasks call the model's parts, not only its forward)."""
+
+    def __init__(self, task: Task, model: nn.Module):
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.task.loss(self.model, batch)
+
+
+def _constant_buffers() -> dict[str, bool]:
+    """DDP's switch for not re-sending buffers every forward (ours are constants, the same in
+    every process): its name changed in PyTorch 2.13."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in names:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class Trainer:
     def __init__(
         self,
@@ -161,19 +193,51 @@ class Trainer:
         out: Path,
         log: Log = _stderr,
         device: torch.device | str = "cpu",
+        world: World = SINGLE,
     ):
-        self.task, self.cfg, self.out, self.log = task, cfg, out, log
+        self.task, self.cfg, self.out, self.world = task, cfg, out, world
+        self.log = log if world.main else (lambda _: None)
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.metrics_path = out / "metrics.jsonl"
 
     # -- set-up ------------------------------------------------------------------------------
+    def _prepare_task(self, resume: bool) -> ModelConfig:
+        """The task reads its data and writes its files (a tokenizer): rank 0 first, then the
+        other processes read what it wrote; an input error on rank 0 stops them all."""
+        world = self.world
+        if world.main:
+            try:
+                model_cfg = self.task.prepare(self.model_cfg, self.out, resume, self.log)
+            except Exception as e:
+                distributed.broadcast(world, checkpoint.one_line(e))
+                raise
+            distributed.broadcast(world, None)
+            return model_cfg
+        failed = distributed.broadcast(world, None)
+        if failed is not None:
+            raise DataError(failed)
+        return self.task.prepare(self.model_cfg, self.out, True, self.log)
+
     def prepare(self, resume: bool) -> None:
-        cfg, out = self.cfg, self.out
-        self.model_cfg = self.task.prepare(self.model_cfg, out, resume, self.log)
+        cfg, out, world = self.cfg, self.out, self.world
+        self.model_cfg = self._prepare_task(resume)
         torch.manual_seed(cfg.seed)
         self.model = from_config(self.model_cfg).to(self.device)
         self.task.init_model(self.model)
+        self.train_module: nn.Module = _TaskLoss(self.task, self.model)
+        if world.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_module = DistributedDataParallel(
+                self.train_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # searching the graph for parameters without a gradient costs every step:
+                # only when the task leaves some unused (found once, on a first batch)
+                find_unused_parameters=self._has_unused_parameters(),
+                **_constant_buffers(),
+            )
+            torch.manual_seed(cfg.seed + world.rank)  # each process its own dropout
         if cfg.init_from and not resume:
             copied = checkpoint.copy_matching(self.model, cfg.init_from)
             self.log(f"started from {cfg.init_from}: {len(copied)} tensors copied")
@@ -197,13 +261,24 @@ class Trainer:
         self.bad_steps = 0  # non-finite steps in a row
         if resume:
             self._resume()
-        else:
+        elif world.main:
             self.metrics_path.unlink(missing_ok=True)
             checkpoint.write_text_atomic(
                 out / "train_config.json",
                 json.dumps({"model": to_dict(self.model_cfg), "train": to_dict(cfg)}, indent=2),
             )
         self.log(f"model: {count_parameters(self.model):,} parameters, on {self.device}")
+
+    def _has_unused_parameters(self) -> bool:
+        """Whether the task's loss leaves some parameter without a gradient: one forward and
+        backward on its first batch, the random state put back after."""
+        rng = torch.get_rng_state()
+        batch = self.task.collate(self.task.batches(0)[0]).to(self.device)
+        self.task.loss(self.model, batch).backward()
+        unused = any(p.grad is None for p in self.model.parameters() if p.requires_grad)
+        self.model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        return unused
 
     def _resume(self) -> None:
         """Continue from last/, or from previous/ (the checkpoint before it) when last/ is
@@ -240,7 +315,13 @@ class Trainer:
         self.batch_in_epoch, self.best = meta["batch_in_epoch"], meta["best"]
         self.elapsed = meta["elapsed"]
         self.bad_steps = meta.get("bad_steps", 0)
-        torch.set_rng_state(tensors["rng.torch"])
+        rank = self.world.rank
+        if rank == 0:
+            torch.set_rng_state(tensors["rng.torch"])
+        elif f"rng.torch.{rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+        else:  # resumed with more processes than saved: a fresh stream for this one
+            torch.manual_seed(self.cfg.seed + rank + 1_000_003 * self.step)
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.averaged = [
@@ -261,12 +342,19 @@ class Trainer:
     def _save(
         self, name: str, model: nn.Module, extra: dict[str, Any], trainer=None, keep=None
     ) -> None:
+        if not self.world.main:
+            return
         meta = {**self._meta(), **extra}
         checkpoint.save(self.out / name, model, self.task.tokenizer, meta, trainer, keep)
 
     def save_last(self) -> None:
+        # every process's random state (dropout), so a resume with as many continues each
+        states = distributed.gather(self.world, torch.get_rng_state())
+        if not self.world.main:
+            return
         opt_meta, tensors = checkpoint.optimizer_to_flat(self.opt)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.torch"] = states[0]
+        tensors.update({f"rng.torch.{r}": st for r, st in enumerate(states) if r > 0})
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         for i, sd in enumerate(self.averaged):
@@ -287,19 +375,24 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        self.model.eval()
-        with torch.no_grad():
-            scores = self.task.validate(self.model)
-        self.model.train()
-        row = {"step": self.step, "epoch": self.epoch + 1, "minutes": self.elapsed / 60, **scores}
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        """On rank 0 (the others wait for its scores): the task's metrics, best/ if improved."""
+        scores: dict[str, float] | None = None
+        if self.world.main:
+            self.model.eval()
+            with torch.no_grad():
+                scores = self.task.validate(self.model)
+            self.model.train()
+            row = {"step": self.step, "epoch": self.epoch + 1, "minutes": self.elapsed / 60}
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({**row, **scores}) + "\n")
+        scores = distributed.broadcast(self.world, scores)
+        assert scores is not None
         score = scores[self.task.metric]
         improved = score > self.best if self.task.maximize else score < self.best
         if improved:
             self.best = score
             self._save("best", self.model, scores)
-        if self.cfg.average_last:
+        if self.cfg.average_last and self.world.main:
             state = self.model.state_dict()
             self.averaged.append(
                 {k: v.detach().clone() for k, v in state.items() if "sinusoids" not in k}
@@ -310,28 +403,50 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def _step(self, group: list[list[int]], lr: float) -> tuple[float, int] | None:
-        """One optimizer step over a group of batches: (summed loss, tokens); None, and no
-        update, when a loss or the gradient is not finite (NaN or inf)."""
-        batches = [self.task.collate(idx).to(self.device) for idx in group]
-        tokens = sum(b.tokens for b in batches)
+        """One optimizer step over a group of batches: (summed loss, tokens), over every
+        process; None, and no update, when a loss or the gradient is not finite (NaN or inf).
+        Under torchrun this process takes batches rank, rank + N, ... of the group."""
+        world = self.world
+        share = [(idx, 1.0) for idx in group[world.rank :: world.size]]
+        # every process runs as many micro-batches (DDP needs it): when the group does not
+        # divide evenly, some run one more that counts 0 (an --accumulate that is a multiple
+        # of the process count wastes nothing)
+        share += [(group[0], 0.0)] * (-(-len(group) // world.size) - len(share))
+        batches = [(self.task.collate(idx).to(self.device), w) for idx, w in share]
+        local_tokens = sum(b.tokens * w for b, w in batches)
+        (tokens,) = distributed.sum_floats(world, [local_tokens], self.device)
         for g in self.opt.param_groups:
             g["lr"] = lr
         total, finite = 0.0, True
-        for batch in batches:
-            loss = self.task.loss(self.model, batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                finite = False
-                break
-            (loss / tokens).backward()  # the mean over every token of the step
+        forward = self.train_module
+        for i, (batch, weight) in enumerate(batches):
+            # DDP averages gradients over the processes once, at the group's last backward
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not world.active else forward.no_sync()
+            with sync:
+                loss = forward(batch)
+                value = loss.item() * weight
+                if not math.isfinite(value) and not world.active:
+                    finite = False
+                    break  # alone, nothing waits for this backward
+                finite = finite and math.isfinite(value)
+                try:  # the mean over every token of the step, all processes together
+                    (loss * (weight * world.size / tokens)).backward()
+                except RuntimeError as e:
+                    if world.active:  # DDP's all-reduce: a peer died
+                        raise DistributedError(checkpoint.one_line(e)) from None
+                    raise
             total += value
+        if world.active:
+            total, bad = distributed.sum_floats(world, [total, float(not finite)], self.device)
+            finite = bad == 0
         if finite:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
             finite = math.isfinite(norm.item())
         if finite:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return (total, tokens) if finite else None
+        return (total, int(tokens)) if finite else None
 
     def run(self, on_step: Callable[[int], None] | None = None) -> None:
         cfg = self.cfg
@@ -354,6 +469,9 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += len(group)
                 self.elapsed = elapsed0 + time.monotonic() - t0
+                if self.world.active:  # rank 0's clock decides, so all stop at the same step
+                    mine = self.elapsed if self.world.main else 0.0
+                    (self.elapsed,) = distributed.sum_floats(self.world, [mine], self.device)
                 if result is None:
                     self._skipped()
                 else:
@@ -411,7 +529,7 @@ class Trainer:
         )
 
     def finish(self) -> None:
-        if self.cfg.average_last and len(self.averaged) > 1:
+        if self.cfg.average_last and len(self.averaged) > 1 and self.world.main:
             averaged = from_config(self.model_cfg).to(self.device)
             averaged.load_state_dict(checkpoint.average(self.averaged), strict=False)
             self._save("averaged", averaged, {})
@@ -432,9 +550,11 @@ def train(
     device: torch.device | str = "cpu",
     log: Log = _stderr,
     on_step: Callable[[int], None] | None = None,
+    world: World = SINGLE,
 ) -> Trainer:
-    """Train `task`'s model (shape `model_cfg`, fitted to the data by the task) as `cfg` says."""
-    trainer = Trainer(task, model_cfg, cfg, Path(out), log, device)
+    """Train `task`'s model (shape `model_cfg`, fitted to the data by the task) as `cfg` says;
+    `world`: this process's place among torchrun's (qkv.distributed)."""
+    trainer = Trainer(task, model_cfg, cfg, Path(out), log, device, world)
     trainer.prepare(resume)
     trainer.run(on_step)
     return trainer

@@ -1,0 +1,155 @@
+"""Training on several processes (torchrun, DistributedDataParallel, gloo on the CPU) against one
+process with the same global batch: the same weights, the same validation, resumable with any
+number of processes, files written once, and a dead process stops the others with a message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qkv.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "QKV_DIST_TIMEOUT": "60"}
+
+
+def flags(corpus, out: Path, steps: int, accumulate: int, *extra: str) -> list[str]:
+    root, _, _ = corpus
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--src",
+        str(root / "train.de"),
+        "--tgt",
+        str(root / "train.en"),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--accumulate",
+        str(accumulate),
+        "--eval-every",
+        "5",
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+def torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    cmd += ["--master_port", str(free_port()), "-m", "qkv", *args]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, worst
+
+
+def validation(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "minutes"} for r in rows]
+
+
+def files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+def test_two_processes_take_the_same_steps_as_one(corpus, tmp_path, capsys):
+    # 2 batches a step: one per process. 10 steps, two validations.
+    assert main(flags(corpus, tmp_path / "one", 10, 2)) == 0
+    capsys.readouterr()
+    done = torchrun(flags(corpus, tmp_path / "two", 10, 2))
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    one, two = validation(tmp_path / "one"), validation(tmp_path / "two")
+    assert [r["step"] for r in two] == [5, 10]
+    for a, b in zip(one, two, strict=True):
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-5)
+        assert b["valid_bleu"] == pytest.approx(a["valid_bleu"], abs=1e-6)
+    # rank 0 alone writes and logs: the same files as one process, each line once
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    assert done.stderr.count("validation at step 10") == 1
+    assert done.stderr.count("model: ") == 1
+
+
+@pytest.mark.parametrize("accumulate", [3, 4])
+def test_a_group_split_unevenly_or_accumulated_per_process_is_the_same_step(
+    corpus, tmp_path, capsys, accumulate
+):
+    # 3: one process takes 2 batches, the other 1 and a batch that counts 0;
+    # 4: each accumulates 2 before the all-reduce. One step: only summation order differs
+    # (later steps amplify it through Adam's normalisation of near-zero gradients).
+    assert main(flags(corpus, tmp_path / "one", 1, accumulate)) == 0
+    capsys.readouterr()
+    torchrun(flags(corpus, tmp_path / "two", 1, accumulate))
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
+
+
+def test_a_stopped_two_process_run_resumes_with_two_or_one_as_if_uninterrupted(
+    corpus, tmp_path, capsys
+):
+    assert main(flags(corpus, tmp_path / "straight", 10, 2)) == 0
+    torchrun(flags(corpus, tmp_path / "two", 6, 2))  # stops at 6 with last/ there, as a kill
+    for name in ("resumed-two", "resumed-one"):
+        subprocess.run(["cp", "-r", str(tmp_path / "two"), str(tmp_path / name)], check=True)
+    resume = ["train", "--out", "OUT", "--resume", "--max-steps", "10"]
+    torchrun([str(tmp_path / "resumed-two") if a == "OUT" else a for a in resume])
+    capsys.readouterr()
+    assert main([str(tmp_path / "resumed-one") if a == "OUT" else a for a in resume]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    for name in ("resumed-two", "resumed-one"):
+        assert_same_weights(tmp_path / "straight", tmp_path / name, atol=1e-5)
+
+
+def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
+    """Two processes started as torchrun would (its environment variables), without torchrun,
+    so nothing but qkv decides what the survivor does when its peer is killed."""
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, "-m", "qkv", *flags(corpus, tmp_path / "run", 100000, 2)]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "last").exists():  # training is under way
+            assert time.monotonic() < deadline and procs[0].poll() is None
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        code = procs[0].wait(90)  # not forever: the peer's socket closes, or the timeout
+        err = procs[0].stderr.read().strip().splitlines()
+        assert code == 1, err[-5:]
+        assert err[-1].startswith("qkv: error: the process group broke"), err[-5:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
