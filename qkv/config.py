@@ -231,6 +231,7 @@ Task = Literal["translation", "lm", "classify", "similarity", "items"]
 ItemLoss = Literal["ce", "bce"]
 TokenizerKind = Literal["bpe", "char"]
 Schedule = Literal["inverse_sqrt", "cosine"]
+Precision = Literal["fp32", "bf16"]
 DATASETS = {
     "multi30k": "translation",
     "tinyshakespeare": "lm",
@@ -311,6 +312,11 @@ class TrainConfig:
     average_last: int = knob(0, "also write the average of the last N validated checkpoints")
     seed: int = knob(1, "random seed (initialisation, batch order, dropout)")
     threads: int = knob(0, "torch threads (0: PyTorch's default)")
+    precision: Precision = knob(
+        "fp32",
+        "bf16: the forward pass and loss in bfloat16 autocast, weights and optimizer in fp32 "
+        "(a GPU, or a CPU with bf16 units)",
+    )
     log_every: int = knob(20, "steps between progress lines")
 
     def __post_init__(self) -> None:

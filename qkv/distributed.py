@@ -109,12 +109,17 @@ def barrier(world: World) -> None:
         _checked(dist.barrier)
 
 
+def broken(e: BaseException) -> DistributedError:
+    """The one-line error for a collective that failed: a peer died, or the timeout passed."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DistributedError(
+        f"the process group broke (another process died or stalled past "
+        f"{timeout().total_seconds():g} s): {first}"
+    )
+
+
 def _checked(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
-    except (RuntimeError, dist.DistBackendError) as e:  # a peer died, or the timeout passed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(
-            f"the process group broke (another process died or stalled past "
-            f"{timeout().total_seconds():g} s): {first}"
-        ) from None
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise broken(e) from None

@@ -35,7 +35,7 @@ from . import checkpoint, distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .data import DataError
-from .distributed import SINGLE, DistributedError, World
+from .distributed import SINGLE, World
 from .models import count_parameters, from_config
 from .tokenizer import Tokenizer
 
@@ -87,6 +87,11 @@ class Task(Protocol):
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Validation scores, `metric` among them."""
         ...
+
+    # Optional, to share validation among torchrun's processes: `validate_part(model, rank,
+    # size)` scores process rank's share (a picklable partial result) and `validate_merge(parts)`
+    # makes the scores of all of them; validate(model) is then merge([part(model, 0, 1)]). A
+    # task without them validates on rank 0 alone while the others wait.
 
     def meta(self) -> dict[str, Any]:
         """What the model directory records about the task (languages, labels, ...)."""
@@ -375,13 +380,22 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        """On rank 0 (the others wait for its scores): the task's metrics, best/ if improved."""
+        """The task's metrics (shared among the processes when the task can split them, else
+        on rank 0 while the others wait), best/ if improved."""
+        world, task = self.world, self.task
         scores: dict[str, float] | None = None
-        if self.world.main:
-            self.model.eval()
-            with torch.no_grad():
-                scores = self.task.validate(self.model)
-            self.model.train()
+        shared = world.active and hasattr(task, "validate_part")
+        self.model.eval()
+        with torch.no_grad():
+            if shared:  # each process scores its share; rank 0 merges
+                parts = distributed.gather(
+                    world, task.validate_part(self.model, world.rank, world.size)
+                )
+                scores = task.validate_merge(parts) if world.main else None
+            elif world.main:
+                scores = task.validate(self.model)
+        self.model.train()
+        if world.main:
             row = {"step": self.step, "epoch": self.epoch + 1, "minutes": self.elapsed / 60}
             with self.metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({**row, **scores}) + "\n")
@@ -424,7 +438,8 @@ class Trainer:
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or not world.active else forward.no_sync()
             with sync:
-                loss = forward(batch)
+                with self._autocast():
+                    loss = forward(batch)
                 value = loss.item() * weight
                 if not math.isfinite(value) and not world.active:
                     finite = False
@@ -434,7 +449,7 @@ class Trainer:
                     (loss * (weight * world.size / tokens)).backward()
                 except RuntimeError as e:
                     if world.active:  # DDP's all-reduce: a peer died
-                        raise DistributedError(checkpoint.one_line(e)) from None
+                        raise distributed.broken(e) from None
                     raise
             total += value
         if world.active:
@@ -447,6 +462,11 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return (total, int(tokens)) if finite else None
+
+    def _autocast(self):
+        """bf16 autocast of the forward pass and loss when cfg.precision asks for it."""
+        on = self.cfg.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def run(self, on_step: Callable[[int], None] | None = None) -> None:
         cfg = self.cfg

@@ -153,3 +153,18 @@ def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_a_language_model_too_with_its_validation_shared(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question.\n" * 200, encoding="utf-8")
+    args = ["train", "--task", "lm", "--text", str(text), "--max-steps", "6", "--eval-every", "3"]
+    args += ["--block-size", "32", "--max-tokens", "256", "--accumulate", "2", "--threads", "1"]
+    args += ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-decoder-layers", "1"]
+    args += ["--dropout", "0"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    torchrun([*args, "--out", str(tmp_path / "two")])
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-6)

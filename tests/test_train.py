@@ -241,3 +241,32 @@ def test_smoothed_cross_entropy_matches_torch(eps):
     assert torch.autograd.gradcheck(
         lambda x: smoothed_cross_entropy(x, torch.tensor([0, 5, 5, 2]), eps), (small,)
     )
+
+
+def test_bf16_autocast_trains_with_fp32_weights_and_a_loss_near_fp32(corpus, tmp_path):
+    """--precision bf16: the forward pass in bfloat16 (its first loss within bf16's rounding of
+    fp32's), weights and optimizer state still fp32, and the loss goes down."""
+    from .conftest import tiny_run
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer, logs = tiny_run(
+            corpus,
+            tmp_path / precision,
+            max_steps=8,
+            eval_every=8,
+            log_every=1,
+            precision=precision,
+        )
+        runs[precision] = [float(x.split("loss ")[1].split()[0]) for x in logs if "tok/s" in x]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        assert all(
+            s.dtype == torch.float32
+            for group in trainer.opt.state.values()
+            for s in group.values()
+            if torch.is_tensor(s) and s.is_floating_point()
+        )
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
+    assert bf16[-1] < bf16[0]
+    assert bf16 != fp32  # autocast did run in bf16

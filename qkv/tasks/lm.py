@@ -159,14 +159,20 @@ class LanguageModel:
         (the first token of each window has no context, as in training). With eval_tokens, a
         subset of the windows spread evenly over the whole text (its beginning alone can be
         easier or harder than the rest)."""
+        return self.validate_merge([self.validate_part(model, 0, 1)])
+
+    def validate_part(self, model: nn.Module, rank: int, size: int) -> tuple[float, int]:
+        """Process `rank` of `size`'s share: every size-th batch of windows, (loss, tokens)."""
         device, t = device_of(model), self.cfg.block_size
         starts = spread(list(range(0, len(self.valid_ids) - t, t)), self.cfg.eval_tokens // t)
-        ids = self.valid_ids
         total, n = 0.0, 0
-        for i in range(0, len(starts), self.windows_per_batch):
-            w = self._windows(ids, starts[i : i + self.windows_per_batch]).to(device)
+        for i in list(range(0, len(starts), self.windows_per_batch))[rank::size]:
+            w = self._windows(self.valid_ids, starts[i : i + self.windows_per_batch]).to(device)
             total, n = total + lm_loss(model, w.x, w.y).item(), n + w.tokens
-        loss = total / max(n, 1)
+        return total, n
+
+    def validate_merge(self, parts: list[tuple[float, int]]) -> dict[str, float]:
+        loss = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
         return {
             "valid_loss": loss,
             "valid_nats_per_char": loss * self.tokens_per_char,

@@ -139,17 +139,35 @@ class Translation:
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Validation loss per target token, and BLEU of the first eval_sentences."""
+        return self.validate_merge([self.validate_part(model, 0, 1)])
+
+    def validate_part(self, model: nn.Module, rank: int, size: int) -> dict[str, Any]:
+        """Process `rank` of `size`'s share of validation: every size-th batch's summed loss
+        and tokens, every size-th BLEU sentence's hypothesis (with its index)."""
         device = device_of(model)
         total, n = 0.0, 0
-        for idx in token_batches(self.valid_set, self.cfg.max_tokens, 0, 0, shuffle=False):
+        batches = token_batches(self.valid_set, self.cfg.max_tokens, 0, 0, shuffle=False)
+        for idx in batches[rank::size]:
             batch = self._collate([self.valid_set[i] for i in idx]).to(device)
             total, n = total + seq2seq_loss(model, batch, 0.0).item(), n + batch.tokens
         pairs = self.valid_pairs[: self.cfg.eval_sentences or None]
+        mine = list(range(rank, len(pairs), size))
         assert self.tokenizer is not None
         beam = self.cfg.eval_beam
         decoding = DecodeConfig(strategy="greedy" if beam == 1 else "beam", beam=beam)
-        hyps = Translator(model, self.tokenizer).translate_best([s for s, _ in pairs], decoding)
-        return {"valid_loss": total / max(n, 1), "valid_bleu": bleu(hyps, [t for _, t in pairs])}
+        hyps = Translator(model, self.tokenizer).translate_best(
+            [pairs[i][0] for i in mine], decoding
+        )
+        return {"loss": total, "tokens": n, "hyps": dict(zip(mine, hyps, strict=True))}
+
+    def validate_merge(self, parts: list[dict[str, Any]]) -> dict[str, float]:
+        pairs = self.valid_pairs[: self.cfg.eval_sentences or None]
+        hyps = {i: h for part in parts for i, h in part["hyps"].items()}
+        total, n = sum(p["loss"] for p in parts), sum(p["tokens"] for p in parts)
+        return {
+            "valid_loss": total / max(n, 1),
+            "valid_bleu": bleu([hyps[i] for i in range(len(pairs))], [t for _, t in pairs]),
+        }
 
     def meta(self) -> dict[str, Any]:
         return {"src_lang": self.cfg.src_lang, "tgt_lang": self.cfg.tgt_lang}
