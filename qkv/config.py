@@ -443,6 +443,11 @@ class DecodeConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.no_repeat_ngram < 0:
             raise ConfigError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
+        # ((5 + L) / 6) ** alpha overflows a float past a few hundred; useful values are 0-2
+        if not 0 <= self.alpha <= 10:
+            raise ConfigError(f"alpha must be between 0 and 10, got {self.alpha}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     def describe(self) -> str:
         """How outputs are chosen, in a few words: "greedy", "sample (seed 0)", "beam 5"."""

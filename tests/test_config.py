@@ -60,6 +60,9 @@ def test_unknown_keys_fail_loudly(tmp_path):
         (dict(top_k=-1), "top_k must be >= 0"),
         (dict(max_len_a=0, max_len_b=0), "no output could be produced"),
         (dict(seed="1"), "seed must be int"),
+        (dict(seed=-1), "seed must be between 0 and"),
+        (dict(alpha=800.0), "alpha must be between 0 and 10"),  # overflowed (schemathesis)
+        (dict(alpha=-1.0), "alpha must be between 0 and 10"),
     ],
 )
 def test_decode_config_bad_values_give_one_line(kwargs, message):

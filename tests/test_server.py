@@ -465,7 +465,7 @@ def test_no_request_the_schema_allows_is_a_server_error(app):
 
         @given(case=op.as_strategy())
         @settings(
-            max_examples=25,
+            max_examples=int(os.environ.get("QKV_FUZZ_EXAMPLES", "25")),
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
