@@ -168,3 +168,21 @@ def test_a_language_model_too_with_its_validation_shared(tmp_path, capsys):
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
         assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-6)
+
+
+def test_a_classifier_too_with_its_validation_shared(tmp_path, capsys):
+    from .test_sentences import toy_classification, write
+
+    train_tsv = write(tmp_path / "train.tsv", toy_classification(300, 0))
+    valid_tsv = write(tmp_path / "valid.tsv", toy_classification(90, 1))
+    args = ["train", "--task", "classify", "--tsv", str(train_tsv), "--valid-tsv", str(valid_tsv)]
+    args += ["--max-steps", "6", "--eval-every", "3", "--max-tokens", "256", "--accumulate", "2"]
+    args += ["--vocab-size", "300", "--threads", "1", "--dropout", "0", "--token-dropout", "0"]
+    args += ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-encoder-layers", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    torchrun([*args, "--out", str(tmp_path / "two")])
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+        assert b["valid_accuracy"] == a["valid_accuracy"]
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-6)

@@ -190,14 +190,23 @@ class Classification:
         )
 
     def validate(self, model: nn.Module) -> dict[str, float]:
+        return self.validate_merge([self.validate_part(model, 0, 1)])
+
+    def validate_part(self, model: nn.Module, rank: int, size: int) -> tuple[float, int, int]:
+        """Process `rank` of `size`'s share, every size-th batch: (loss, right, sentences)."""
         device = device_of(model)
         total, right, n = 0.0, 0, 0
-        for idx in token_batches(self.valid_set, self.cfg.max_tokens, 0, 0, shuffle=False):
+        batches = token_batches(self.valid_set, self.cfg.max_tokens, 0, 0, shuffle=False)
+        for idx in batches[rank::size]:
             batch = self._collate([self.valid_set[i] for i in idx]).to(device)
             logits = model(batch.ids).float()
             total += F.cross_entropy(logits, batch.labels, reduction="sum").item()
             right += int((logits.argmax(-1) == batch.labels).sum())
             n += batch.tokens
+        return total, right, n
+
+    def validate_merge(self, parts: list[tuple[float, int, int]]) -> dict[str, float]:
+        total, right, n = (sum(p[i] for p in parts) for i in range(3))
         return {"valid_accuracy": 100 * right / max(n, 1), "valid_loss": total / max(n, 1)}
 
     def meta(self) -> dict[str, Any]:

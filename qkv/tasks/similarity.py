@@ -272,20 +272,30 @@ class Similarity:
             loss = cosent(F.cosine_similarity(ea, eb, dim=-1), batch.scores)
         return loss * batch.tokens
 
-    def predict(self, model: nn.Module, examples: list[Example]) -> list[float]:
-        """Cosine similarities of pairs, in order."""
+    def predict(
+        self, model: nn.Module, examples: list[Example], rank: int = 0, size: int = 1
+    ) -> dict[int, float]:
+        """Cosine similarity of each pair, by its index (every size-th batch from rank's)."""
         device, mc = device_of(model), self.model_cfg
-        out = [0.0] * len(examples)
-        for idx in token_batches(examples, self.cfg.max_tokens, 0, 0, shuffle=False):
+        out: dict[int, float] = {}
+        batches = token_batches(examples, self.cfg.max_tokens, 0, 0, shuffle=False)
+        for idx in batches[rank::size]:
             a = pad_batch([examples[i].src for i in idx], mc.pad_id, mc.eos_id).to(device)
             b = pad_batch([examples[i].tgt for i in idx], mc.pad_id, mc.eos_id).to(device)
             cos = F.cosine_similarity(embed(model, a).float(), embed(model, b).float(), dim=-1)
-            for i, c in zip(idx, cos.tolist(), strict=True):
-                out[i] = c
+            out.update(zip(idx, cos.tolist(), strict=True))
         return out
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        return correlations(self.predict(model, self.valid_set), self.valid_rows, "valid_")
+        return self.validate_merge([self.validate_part(model, 0, 1)])
+
+    def validate_part(self, model: nn.Module, rank: int, size: int) -> dict[int, float]:
+        return self.predict(model, self.valid_set, rank, size)
+
+    def validate_merge(self, parts: list[dict[int, float]]) -> dict[str, float]:
+        cos = {i: c for part in parts for i, c in part.items()}
+        predicted = [cos[i] for i in range(len(self.valid_set))]
+        return correlations(predicted, self.valid_rows, "valid_")
 
     def meta(self) -> dict[str, Any]:
         return {"score_range": list(self.cfg.score_range)}
