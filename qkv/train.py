@@ -20,6 +20,7 @@ metrics.jsonl.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -426,7 +427,7 @@ class Trainer:
         # divide evenly, some run one more that counts 0 (an --accumulate that is a multiple
         # of the process count wastes nothing)
         share += [(group[0], 0.0)] * (-(-len(group) // world.size) - len(share))
-        batches = [(self.task.collate(idx).to(self.device), w) for idx, w in share]
+        batches = [(self._to_device(self.task.collate(idx)), w) for idx, w in share]
         local_tokens = sum(b.tokens * w for b, w in batches)
         (tokens,) = distributed.sum_floats(world, [local_tokens], self.device)
         for g in self.opt.param_groups:
@@ -462,6 +463,18 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return (total, int(tokens)) if finite else None
+
+    def _to_device(self, batch: Batch) -> Batch:
+        """A batch on the training device; to a GPU through pinned memory, copied without
+        waiting (the copy overlaps what the GPU is still doing)."""
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        moved = {
+            f.name: v.pin_memory().to(self.device, non_blocking=True)
+            for f in dataclasses.fields(batch)  # type: ignore[arg-type]
+            if torch.is_tensor(v := getattr(batch, f.name))
+        }
+        return dataclasses.replace(batch, **moved)  # type: ignore[type-var]
 
     def _autocast(self):
         """bf16 autocast of the forward pass and loss when cfg.precision asks for it."""
