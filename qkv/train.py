@@ -447,7 +447,7 @@ class Trainer:
                     break  # alone, nothing waits for this backward
                 finite = finite and math.isfinite(value)
                 try:  # the mean over every token of the step, all processes together
-                    (loss * (weight * world.size / tokens)).backward()
+                    (loss * (weight * world.size) / tokens).backward()  # alone: loss * 1.0 / tokens
                 except RuntimeError as e:
                     if world.active:  # DDP's all-reduce: a peer died
                         raise distributed.broken(e) from None
