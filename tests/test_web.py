@@ -17,7 +17,7 @@ from .test_server import dirs, free_port, make_app, sources  # noqa: F401 (fixtu
 
 @pytest.fixture(scope="module")
 def base_url(dirs):  # noqa: F811
-    app = make_app(dirs, ("translation", "lm"))
+    app = make_app(dirs, ("translation", "lm", "classify", "items"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -109,6 +109,44 @@ def test_a_prompt_streams_in_and_shows_the_causal_self_attention(browser, base_u
         "document.getElementById('output').textContent.length >= 'ROMEO:'.length + 30"
     )
     assert page.inner_text("#output").startswith("ROMEO:")
+    attention = frame_of(page, "/pages/attention")
+    assert attention.eval_on_selector("#kind", "s => s.value") == "decoder self"
+    assert not errors and not blocked, (errors, blocked)
+
+
+def choose(page, task: str) -> None:
+    value = page.eval_on_selector_all(
+        "#model option", f"os => os.filter(o => o.textContent.includes('({task})'))[0].value"
+    )
+    page.select_option("#model", value)
+
+
+def test_a_classifier_shows_its_label_and_attention(browser, base_url):  # noqa: F811
+    import httpx
+
+    want = httpx.post(f"{base_url}/v1/classify", json={"texts": ["a good film"]}).json()
+    page, errors, blocked = open_home(browser, base_url)
+    choose(page, "classify")
+    page.fill("#text", "a good film")
+    page.click("#go")
+    label = want["results"][0]["label"]
+    page.wait_for_function(f"document.getElementById('output').textContent.startsWith('{label}')")
+    assert page.eval_on_selector_all("#nbest li", "ls => ls.length") == 2  # both classes
+    attention = frame_of(page, "/pages/attention")
+    assert attention.eval_on_selector("#kind", "s => s.value") == "encoder self"
+    assert not errors and not blocked, (errors, blocked)
+
+
+def test_a_history_shows_its_recommendations_and_attention(browser, base_url):  # noqa: F811
+    import httpx
+
+    want = httpx.post(f"{base_url}/v1/recommend", json={"histories": [[100, 101, 102]]}).json()
+    page, errors, blocked = open_home(browser, base_url)
+    choose(page, "items")
+    page.fill("#text", "100 101 102")
+    page.click("#go")
+    first = want["results"][0]["items"][0]
+    page.wait_for_function(f"document.getElementById('output').textContent.startsWith('{first}')")
     attention = frame_of(page, "/pages/attention")
     assert attention.eval_on_selector("#kind", "s => s.value") == "decoder self"
     assert not errors and not blocked, (errors, blocked)
