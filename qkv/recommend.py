@@ -76,7 +76,11 @@ def sampled_ranks(
     scores: Tensor, targets: Tensor, excluded: Tensor, n: int, generator: torch.Generator
 ) -> Tensor:
     """Each target's rank from 0 among n sampled candidates (`sample_negatives`)."""
-    negatives = sample_negatives(excluded, targets, n, generator)
+    return ranks_among(scores, targets, sample_negatives(excluded, targets, n, generator))
+
+
+def ranks_among(scores: Tensor, targets: Tensor, negatives: Tensor) -> Tensor:
+    """Each target's rank from 0 among the given negatives (ties count against it)."""
     t = scores.gather(1, targets[:, None])
     return (scores.gather(1, negatives) >= t).sum(1)
 
@@ -158,30 +162,64 @@ def evaluate(
     if model is not None:
         vocab = model.config.vocab_size
     assert vocab is not None
+    parts = rank_targets(model, data, split, block_size, vocab, seed, popular, batch_users)
+    return report(split, len(data.history(split)), vocab, [parts])
+
+
+BatchRanks = dict[str, list[tuple[int, Tensor, Tensor]]]  # system -> (batch, full, sampled)
+
+
+@torch.no_grad()
+def rank_targets(
+    model: nn.Module | None,
+    data: Histories,
+    split: str,
+    block_size: int,
+    vocab: int,
+    seed: int = 0,
+    popular: bool = False,
+    batch_users: int = 256,
+    rank: int = 0,
+    size: int = 1,
+) -> BatchRanks:
+    """The targets' ranks, full and sampled, in batches of users: batches rank, rank + size,
+    ... of them (a process's share). Every share draws the negatives of every batch, so the
+    random stream, and each user's negatives, are those of the whole evaluation."""
     histories, targets = data.history(split), data.targets(split)
     device = device_of(model) if model is not None else torch.device("cpu")
     pop = popularity(histories, vocab).to(device) if popular else None
-    systems: dict[str, Ranks] = {}
+    systems: BatchRanks = {}
     if model is not None:
-        systems["qkv"] = Ranks()
+        systems["qkv"] = []
     if pop is not None:
-        systems["most popular"] = Ranks()
+        systems["most popular"] = []
     gens = {name: torch.Generator().manual_seed(seed) for name in systems}
-    for i in range(0, len(histories), batch_users):
+    for b, i in enumerate(range(0, len(histories), batch_users)):
         hist = histories[i : i + batch_users]
         target = torch.tensor(targets[i : i + batch_users], device=device)
         excluded = seen_mask(hist, vocab).to(device)
         excluded[:, : Items.first] = True
         excluded.scatter_(1, target[:, None], False)  # a target seen before is still ranked
-        for name, ranks in systems.items():
+        for name, rows in systems.items():
+            negatives = sample_negatives(excluded, target, SAMPLED, gens[name])
+            if b % size != rank:
+                continue
             if name == "qkv":
                 scores = next_item_scores(model, hist, block_size)
             else:
                 scores = pop.expand(len(hist), -1)
-            ranks.full.append(target_ranks(scores, target, excluded).cpu())
-            ranks.sampled.append(sampled_ranks(scores, target, excluded, SAMPLED, gens[name]).cpu())
-    n_items = vocab - Items.first
-    return Report(split, len(histories), n_items, {n: r.metrics() for n, r in systems.items()})
+            full = target_ranks(scores, target, excluded).cpu()
+            rows.append((b, full, ranks_among(scores, target, negatives).cpu()))
+    return systems
+
+
+def report(split: str, users: int, vocab: int, parts: list[BatchRanks]) -> Report:
+    """The report of the ranks of all shares (in batch order)."""
+    metrics = {}
+    for name in parts[0]:
+        rows = sorted((r for part in parts for r in part[name]), key=lambda r: r[0])
+        metrics[name] = Ranks([r[1] for r in rows], [r[2] for r in rows]).metrics()
+    return Report(split, users, vocab - Items.first, metrics)
 
 
 @dataclass

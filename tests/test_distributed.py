@@ -186,3 +186,20 @@ def test_a_classifier_too_with_its_validation_shared(tmp_path, capsys):
     for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
         assert b["valid_accuracy"] == a["valid_accuracy"]
         assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-6)
+
+
+def test_a_next_item_model_too_with_its_validation_shared(tmp_path, capsys):
+    from .test_items import periodic_users, write
+
+    users = periodic_users(n_users=600)  # 3 batches of users to validate: shared 2 and 1
+    events = write(tmp_path / "events.txt", [f"{u} {i}" for u, s in users.items() for i in s])
+    args = ["train", "--interactions", str(events), "--max-steps", "6", "--eval-every", "3"]
+    args += ["--block-size", "12", "--max-tokens", "192", "--accumulate", "2", "--threads", "1"]
+    args += ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-decoder-layers", "1"]
+    args += ["--dropout", "0"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    torchrun([*args, "--out", str(tmp_path / "two")])
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+        assert b == pytest.approx(a, abs=1e-6)  # full and sampled ranks: the same negatives

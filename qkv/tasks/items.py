@@ -29,7 +29,7 @@ from ..items import (
     windows,
 )
 from ..loss import smoothed_cross_entropy
-from ..recommend import evaluate
+from ..recommend import BatchRanks, rank_targets, report
 from ..tokenizer import PAD, Items
 from . import decoder_only
 
@@ -115,8 +115,17 @@ class NextItem:
         return item_loss(model, batch, self.cfg.label_smoothing)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        report = evaluate(model, self.data, "valid", self.cfg.block_size, seed=self.cfg.seed)
-        return report.scores("valid")
+        return self.validate_merge([self.validate_part(model, 0, 1)])
+
+    def validate_part(self, model: nn.Module, rank: int, size: int) -> BatchRanks:
+        """Process `rank` of `size`'s share of the users' validation ranks."""
+        vocab, block = self.model_cfg.vocab_size, self.cfg.block_size
+        seed = self.cfg.seed
+        return rank_targets(model, self.data, "valid", block, vocab, seed, rank=rank, size=size)
+
+    def validate_merge(self, parts: list[BatchRanks]) -> dict[str, float]:
+        users = len(self.data.history("valid"))
+        return report("valid", users, self.model_cfg.vocab_size, parts).scores("valid")
 
     def meta(self) -> dict[str, Any]:
         return {
