@@ -203,3 +203,21 @@ def test_a_next_item_model_too_with_its_validation_shared(tmp_path, capsys):
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
         assert b == pytest.approx(a, abs=1e-6)  # full and sampled ranks: the same negatives
+
+
+def test_a_bi_encoder_too_with_its_validation_shared(tmp_path, capsys):
+    from .test_sentences import toy_pairs, write
+
+    train_tsv = write(tmp_path / "train.tsv", toy_pairs(400, 0))
+    valid_tsv = write(tmp_path / "valid.tsv", toy_pairs(300, 1))
+    args = ["train", "--task", "similarity", "--tsv", str(train_tsv)]
+    args += ["--valid-tsv", str(valid_tsv), "--score-range", "0,3", "--vocab-size", "300"]
+    args += ["--max-steps", "6", "--eval-every", "3", "--max-tokens", "256", "--accumulate", "2"]
+    args += ["--threads", "1", "--dropout", "0", "--d-model", "32", "--n-heads", "2"]
+    args += ["--d-ff", "64", "--n-encoder-layers", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    torchrun([*args, "--out", str(tmp_path / "two")])
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+        assert b == pytest.approx(a, abs=1e-4)  # Spearman, Pearson x 100
