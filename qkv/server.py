@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import threading
 import time
 import typing
 import uuid
@@ -245,6 +246,9 @@ class Metrics:
             "qkv_batch_seconds", "time of one batched call", ["model"], registry=r
         )
         self.tokens = Counter("qkv_tokens_generated", "output tokens", ["model"], registry=r)
+        self.abandoned = Counter(
+            "qkv_streams_abandoned", "streamed generations stopped: the client left", registry=r
+        )
 
 
 # --- what each task runs on a batch ------------------------------------------------------------
@@ -572,7 +576,7 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
             return _generation(s, g)
         if cfg.strategy == "beam":
             raise Refused(422, "stream", "beam search has no output until it ends")
-        return await _stream(s, cfg, req.prompt, req.max_new_tokens, run)
+        return await _stream(s, cfg, req.prompt, req.max_new_tokens, run, metrics)
 
     @app.post("/v1/classify")
     async def classify(req: TextsRequest) -> dict:
@@ -760,39 +764,57 @@ def _batch_recorder(metrics: Metrics):
     return on_batch
 
 
-async def _stream(s: Served, cfg: DecodeConfig, prompt: str, max_new: int, run):
+class _ClientGone(Exception):
+    """Raised inside a streamed generation whose client has gone: it stops there."""
+
+
+async def _stream(s: Served, cfg: DecodeConfig, prompt: str, max_new: int, run, metrics: Metrics):
     """Server-sent events: `{"text": ...}` with the continuation so far as it grows, then the
-    whole result with `"done": true`. The generation runs on the model's worker thread; its
-    callback hands each update to the event loop."""
+    whole result with `"done": true`. The generation runs on the model thread; its callback
+    hands each update to the event loop, and stops the generation once the client has gone."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
 
     def on_text(_: int, text: str) -> None:
+        if gone.is_set():
+            metrics.abandoned.inc()
+            raise _ClientGone()
         loop.call_soon_threadsafe(updates.put_nowait, text.rstrip("\ufffd"))
 
     task = asyncio.ensure_future(run(s, ("stream", cfg, max_new, on_text), [prompt]))
 
     async def events():
-        sent = ""
-        while True:
-            getter = asyncio.ensure_future(updates.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                text = getter.result()
-                if text != sent:
-                    sent = text
-                    yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
-                continue
-            getter.cancel()
-            try:
-                (g,) = task.result()
-                final = {**_generation(s, g), "done": True}
-            except Refused as e:
-                final = {"error": {"field": e.field, "message": e.message}, "done": True}
-            yield f"data: {json.dumps(final, ensure_ascii=False)}\n\n"
-            return
+        try:
+            async for event in _events(s, updates, task):
+                yield event
+        finally:  # the stream ended, or the client left mid-way: free the model thread
+            gone.set()
+            task.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _events(s: Served, updates: asyncio.Queue, task: asyncio.Future):
+    """The stream's events: each new text, then the result (or the error)."""
+    sent = ""
+    while True:
+        getter = asyncio.ensure_future(updates.get())
+        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            text = getter.result()
+            if text != sent:
+                sent = text
+                yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
+            continue
+        getter.cancel()
+        try:
+            (g,) = task.result()
+            final = {**_generation(s, g), "done": True}
+        except Refused as e:
+            final = {"error": {"field": e.field, "message": e.message}, "done": True}
+        yield f"data: {json.dumps(final, ensure_ascii=False)}\n\n"
+        return
 
 
 @dataclass

@@ -150,3 +150,29 @@ def test_a_history_shows_its_recommendations_and_attention(browser, base_url):  
     attention = frame_of(page, "/pages/attention")
     assert attention.eval_on_selector("#kind", "s => s.value") == "decoder self"
     assert not errors and not blocked, (errors, blocked)
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(base_url):
+    import httpx
+
+    def abandoned() -> float:
+        for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+            if line.startswith("qkv_streams_abandoned_total "):
+                return float(line.split()[1])
+        return 0.0
+
+    before = abandoned()
+    body = {"prompt": "ROMEO:", "max_new_tokens": 1024, "stream": True, "strategy": "greedy"}
+    with httpx.stream("POST", f"{base_url}/v1/generate", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one token is enough: leave
+    for _ in range(100):  # the model thread notices at its next token
+        if abandoned() == before + 1:
+            break
+        time.sleep(0.05)
+    assert abandoned() == before + 1
+    done = httpx.post(
+        f"{base_url}/v1/generate", json={**body, "stream": False, "max_new_tokens": 5}
+    )
+    assert done.status_code == 200 and done.json()["tokens"] == 5  # the model thread is free
