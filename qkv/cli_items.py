@@ -15,8 +15,10 @@ from .flags import UsageError, command, load_model_dir, model_flags, read_input
 
 
 def _model(args: argparse.Namespace):
+    from .recommend import block_size
+
     model, items, meta = load_model_dir(args, "items")
-    return model, items, meta, int(meta.get("block_size", model.config.max_len))
+    return model, items, meta, block_size(model, meta)
 
 
 def add_recommend(sub) -> None:

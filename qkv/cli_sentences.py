@@ -81,15 +81,16 @@ def add_classify(sub) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    from .sentences import labelled
+
     enc, meta = _encoder(args, task="classify")
     labels, lines = meta["labels"], _lines(args, enc)
     probs = enc.probabilities(lines)
     for text, p in zip(lines, probs, strict=True):
         best = int(p.argmax())
         if args.json:
-            every = {label: round(float(x), 6) for label, x in zip(labels, p, strict=True)}
-            row = {"text": text, "label": labels[best], "probability": every[labels[best]]}
-            print(json.dumps({**row, "probabilities": every}, ensure_ascii=False))
+            row = {"text": text, **labelled(labels, p.tolist())}
+            print(json.dumps(row, ensure_ascii=False))
         else:
             print(f"{labels[best]}\t{float(p[best]):.4f}")
     return 0

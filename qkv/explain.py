@@ -182,14 +182,20 @@ def _by_kind(recorded: dict[str, Tensor]) -> dict[AttentionKind, list[Tensor]]:
 
 
 @torch.inference_mode()
-def explain(translator: Translator, sentence: str, cfg: DecodeConfig) -> Explanation:
-    """Translate one sentence as `cfg` says and capture all attention along the output."""
+def explain(
+    translator: Translator, sentence: str, cfg: DecodeConfig, output: list[int] | None = None
+) -> Explanation:
+    """Translate one sentence as `cfg` says and capture all attention along the output. Beam
+    search: `output`, the best output's tokens when the caller has searched already (for its
+    tree), is not searched again."""
     model, tok, mc = translator.model, translator.tokenizer, translator.config
     src_ids = translator.encode_sources([sentence])[0]
     src = torch.tensor([src_ids], device=device_of(model))
     if cfg.strategy == "beam":
-        (nbest,) = translator.translate_ids([src_ids], cfg.replace(nbest=1))
-        out_ids = nbest[0].tokens
+        if output is None:
+            (nbest,) = translator.translate_ids([src_ids], cfg.replace(nbest=1))
+            output = nbest[0].tokens
+        out_ids = output
         tgt = torch.tensor([[mc.bos_id] + out_ids], device=src.device)
         with record_attention(model) as rec:
             model(src, tgt)

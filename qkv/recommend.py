@@ -222,6 +222,11 @@ def report(split: str, users: int, vocab: int, parts: list[BatchRanks]) -> Repor
     return Report(split, users, vocab - Items.first, metrics)
 
 
+def block_size(model: nn.Module, meta: dict) -> int:
+    """How many past items a next-item model reads (its training block size)."""
+    return int(meta.get("block_size", model.config.max_len))
+
+
 @dataclass
 class Recommendation:
     item: int

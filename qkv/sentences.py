@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,14 @@ def semantic_search(
         [(int(i), float(s)) for i, s in zip(ix, sc, strict=True)]
         for ix, sc in zip(best_index, best_scores, strict=True)
     ]
+
+
+def labelled(labels: Sequence[str], probabilities: Sequence[float]) -> dict[str, Any]:
+    """A classifier's answer for one sentence: the likeliest label, its probability, and every
+    label's (rounded to 6 decimals)."""
+    every = {label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)}
+    best = labels[max(range(len(labels)), key=lambda i: probabilities[i])]  # the first, on ties
+    return {"label": best, "probability": every[best], "probabilities": every}
 
 
 class SentenceEncoder:

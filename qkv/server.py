@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import Batcher, QueueFull
 from .config import ConfigError, DecodeConfig
+from .sentences import labelled
 
 TASK_ENDPOINT = {
     "translation": "translate",
@@ -261,7 +262,7 @@ def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, 
 
     from . import explain as ex
     from .generate import Generator
-    from .recommend import recommend
+    from .recommend import block_size, recommend
     from .sentences import SentenceEncoder
     from .translate import Translator
 
@@ -280,7 +281,7 @@ def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, 
             t = s.helper
             hyps = t.translate_ids(t.encode_sources(inputs), cfg)
             count(sum(len(nbest[0].tokens) for nbest in hyps))
-            return [[(s.tokenizer.decode(h.tokens), h.score) for h in nbest] for nbest in hyps]
+            return [t.texts(nbest) for nbest in hyps]
         if what in ("generate", "stream"):
             cfg, max_new, on_text = rest[0], rest[1], rest[2] if what == "stream" else None
             out = s.helper.generate(inputs, cfg, max_new, on_text)
@@ -292,10 +293,12 @@ def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, 
             return s.helper.encode(inputs, normalize=rest[0]).tolist()
         if what == "recommend":
             k, exclude = rest
-            block = int(s.meta.get("block_size", s.model.config.max_len))
-            return recommend(s.model, s.tokenizer, inputs, block, k, exclude)
+            return recommend(s.model, s.tokenizer, inputs, block_size(s.model, s.meta), k, exclude)
         if what == "explain":  # one request: (ExplainRequest fields, cfg) -> json-able dict
             return [_explain(s, *inputs[0], ex)]
+        if what == "beam":  # one request: (ExplainRequest fields, cfg) -> the tree's data
+            req, cfg = inputs[0]
+            return [s.helper.traced([req["text"]], cfg)[1]]
         raise AssertionError(what)
 
     return run
@@ -303,12 +306,15 @@ def _runner(s: Served, limits: Limits, metrics: Metrics) -> Callable[[Hashable, 
 
 def _explain(s: Served, req: dict, cfg: DecodeConfig, ex) -> dict[str, Any]:
     """The attention (and for beam search, the search tree) of one input."""
+    from .recommend import block_size
+
     out: dict[str, Any] = {"model": s.name, "task": s.task}
     if s.task == "translation":
-        e = ex.explain(s.helper, req["text"], cfg)
-        if cfg.strategy == "beam":
-            _, tree = s.helper.traced([req["text"]], cfg)
-            out["beam"] = tree
+        output = None
+        if cfg.strategy == "beam":  # one search: its tree, and its best output explained
+            _, out["beam"] = s.helper.traced([req["text"]], cfg)
+            output = out["beam"]["sentences"][0]["nbest"][0]["tokens"]
+        e = ex.explain(s.helper, req["text"], cfg, output)
     elif s.task == "lm":
         e = ex.explain_generation(s.helper, req["text"], cfg, req["max_new_tokens"])
     elif s.task == "classify":
@@ -319,7 +325,7 @@ def _explain(s: Served, req: dict, cfg: DecodeConfig, ex) -> dict[str, Any]:
         e, other, cos = ex.explain_similarity(s.model, s.tokenizer, req["text"], req["pair"])
         out["pair"], out["cosine"] = other.to_json(), cos
     else:
-        block = int(s.meta.get("block_size", s.model.config.max_len))
+        block = block_size(s.model, s.meta)
         e = ex.explain_recommendation(s.model, s.tokenizer, req["history"], block)
     out["explanation"] = e.to_json()
     return out
@@ -480,6 +486,13 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
             if len(t) > limits.max_chars:
                 raise Refused(413, f"{field}.{i}", f"over {limits.max_chars} characters")
 
+    def check_prompt(s: Served, prompt: str, field: str) -> None:
+        """A language model's prompt it can read (not empty, characters it knows)."""
+        try:
+            s.helper.encode(prompt)
+        except ValueError as e:
+            raise Refused(422, field, str(e)) from None
+
     def check_text(text: str, field: str) -> None:
         if len(text) > limits.max_chars:
             raise Refused(413, field, f"over {limits.max_chars} characters")
@@ -516,7 +529,10 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
         except Refused:
             raise
         except Exception as e:  # the library refused the input (unknown item, prompt...)
-            raise _library_error(e) from None
+            refused = _library_error(e)
+            if refused is None:
+                raise
+            raise refused from None
 
     def unshared(cfg: DecodeConfig) -> tuple:
         """Sampling draws from one random stream per call: a sampled request runs alone, so
@@ -551,9 +567,9 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
             "model": s.name,
             "translations": [
                 {
-                    "text": nbest[0][0],
-                    "score": _num(nbest[0][1]),
-                    "nbest": [{"text": t, "score": _num(sc)} for t, sc in nbest],
+                    "text": nbest[0].text,
+                    "score": _num(nbest[0].score),
+                    "nbest": [{"text": t.text, "score": _num(t.score)} for t in nbest],
                 }
                 for nbest in out
             ],
@@ -566,10 +582,7 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
         if not 1 <= req.max_new_tokens <= limits.max_new_tokens:
             raise Refused(422, "max_new_tokens", f"between 1 and {limits.max_new_tokens}")
         cfg = decode_config(req, DecodeConfig(strategy="sample"))
-        try:
-            s.helper.encode(req.prompt)
-        except ValueError as e:
-            raise Refused(422, "prompt", str(e)) from None
+        check_prompt(s, req.prompt, "prompt")
         if not req.stream:
             key = ("generate", cfg, req.max_new_tokens, *unshared(cfg))
             (g,) = await run(s, key, [req.prompt])
@@ -582,15 +595,8 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
     async def classify(req: TextsRequest) -> dict:
         s = pick(["classify"], req.model)
         check_texts(req.texts)
-        labels = s.meta["labels"]
         out = await run(s, ("classify",), req.texts)
-        results = []
-        for p in out:
-            best = max(range(len(p)), key=p.__getitem__)
-            every = {label: round(x, 6) for label, x in zip(labels, p, strict=True)}
-            results.append({"label": labels[best], "probability": every[labels[best]]})
-            results[-1]["probabilities"] = every
-        return {"model": s.name, "results": results}
+        return {"model": s.name, "results": [labelled(s.meta["labels"], p) for p in out]}
 
     @app.post("/v1/embed")
     async def embed(req: EmbedRequest) -> dict:
@@ -627,9 +633,12 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
             ],
         }
 
-    async def explained(req: BaseModel) -> dict:
+    async def explained(req: BaseModel, what: str = "explain") -> dict:
+        """One input's attention (what="explain"), or its beam-search tree ("beam")."""
         r = req.model_dump()
         s = pick(list(TASK_ENDPOINT), r["model"])
+        if what == "beam" and s.task != "translation":
+            raise Refused(422, "model", "only a translation model draws a beam-search tree")
         if s.task == "items":
             if not r["history"]:
                 raise Refused(422, "history", "a next-item model explains a history of items")
@@ -645,11 +654,8 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
             raise Refused(422, "max_new_tokens", f"between 1 and {limits.max_new_tokens}")
         cfg = decode_config(req, DecodeConfig(strategy="sample" if s.task == "lm" else "beam"))
         if s.task == "lm":
-            try:
-                s.helper.encode(r["text"])
-            except ValueError as e:
-                raise Refused(422, "text", str(e)) from None
-        (out,) = await run(s, ("explain", uuid.uuid4().hex), [(r, cfg)])
+            check_prompt(s, r["text"], "text")
+        (out,) = await run(s, (what, uuid.uuid4().hex), [(r, cfg)])
         return out
 
     @app.post("/v1/explain")
@@ -679,10 +685,8 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
         """The beam-search tree of one translation, for the web page."""
         from .html import beam_page
 
-        out = await explained(_explain_query(text, model, beam, "beam", None, "", 50))
-        if "beam" not in out:
-            raise Refused(422, "model", "only a translation model draws a beam-search tree")
-        return HTMLResponse(beam_page(out["beam"]))
+        tree = await explained(_explain_query(text, model, beam, "beam", None, "", 50), "beam")
+        return HTMLResponse(beam_page(tree))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -719,20 +723,18 @@ def _explain_query(text, model, beam, strategy, pair, history, max_new_tokens) -
         raise Refused(422, "strategy", _first_line(str(e))) from None
 
 
-def _library_error(e: Exception) -> Refused:
-    """What the library raised about an input, as a 422 naming the input."""
+def _library_error(e: Exception) -> Refused | None:
+    """What the library raised about an input, as a 422 naming the input (None: not that)."""
     from .generate import PromptError
     from .tokenizer import ItemError
 
-    if isinstance(e, Refused):
-        return e
     if isinstance(e, ItemError):
         return Refused(422, "histories", str(e))
     if isinstance(e, PromptError):
         return Refused(422, "prompt", str(e))
     if isinstance(e, (ValueError, ConfigError)):
         return Refused(422, "body", _first_line(str(e)))
-    raise e
+    return None
 
 
 def _first_line(text: str) -> str:

@@ -279,7 +279,7 @@ class Trainer:
         """Whether the task's loss leaves some parameter without a gradient: one forward and
         backward on its first batch, the random state put back after."""
         rng = torch.get_rng_state()
-        batch = self.task.collate(self.task.batches(0)[0]).to(self.device)
+        batch = self._to_device(self.task.collate(self.task.batches(0)[0]))
         self.task.loss(self.model, batch).backward()
         unused = any(p.grad is None for p in self.model.parameters() if p.requires_grad)
         self.model.zero_grad(set_to_none=True)

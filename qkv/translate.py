@@ -75,7 +75,7 @@ class Translator:
 
     def translate(self, sentences: Sequence[str], cfg: DecodeConfig) -> list[list[Translation]]:
         hyps = self.translate_ids(self.encode_sources(sentences), cfg)
-        return [self._texts(nbest) for nbest in hyps]
+        return [self.texts(nbest) for nbest in hyps]
 
     def translate_best(self, sentences: Sequence[str], cfg: DecodeConfig) -> list[str]:
         return [nbest[0].text for nbest in self.translate(sentences, cfg)]
@@ -106,7 +106,8 @@ class Translator:
             ]
             out.append(dict(source=source, nodes=nodes, nbest=nbest))
         data = {"beam": cfg.beam, "alpha": cfg.alpha, "sentences": out}
-        return [self._texts(nbest) for nbest in results], data
+        return [self.texts(nbest) for nbest in results], data
 
-    def _texts(self, nbest: list[Hypothesis]) -> list[Translation]:
+    def texts(self, nbest: list[Hypothesis]) -> list[Translation]:
+        """Hypotheses as detokenized text with their scores."""
         return [Translation(self.tokenizer.decode(h.tokens), h.score) for h in nbest]
