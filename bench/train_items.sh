@@ -13,19 +13,12 @@
 # machine meanwhile: the budget is minutes, so sharing the cores means fewer steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/train_once.sh
 QKV=.venv/bin/qkv
 losses=("${@:-ce bce}")
 for loss in ${losses[@]}; do
   out=bench/runs/ml-1m-$loss
-  if [ -f "$out/DONE" ]; then
-    echo "$out: done already"
-  elif [ -d "$out/last" ]; then
-    $QKV train --out "$out" --resume 2>&1 | tee -a "$out/train.log"
-  else
-    mkdir -p "$out"
-    $QKV train --preset ml-1m --item-loss "$loss" --out "$out" --overwrite 2>&1 | tee "$out/train.log"
-  fi
-  touch "$out/DONE"
+  train_once "$out" --preset ml-1m --item-loss "$loss"
   $QKV evaluate --model "$out" --split test 2>&1 | tee "$out/evaluate.txt"
 done
 # the first user's test history, its last 30 items: what the model recommends and why

@@ -12,20 +12,13 @@
 # continues with --resume when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/train_once.sh
 QKV=.venv/bin/qkv
 PY=.venv/bin/python
 tasks=("${@:-sst2 stsb}")
 for task in ${tasks[@]}; do
   out=bench/runs/$task
-  if [ -f "$out/DONE" ]; then
-    echo "$out: done already"
-  elif [ -d "$out/last" ]; then
-    $QKV train --out "$out" --resume 2>&1 | tee -a "$out/train.log"
-  else
-    mkdir -p "$out"
-    $QKV train --preset "$task" --out "$out" --overwrite 2>&1 | tee "$out/train.log"
-  fi
-  touch "$out/DONE"
+  train_once "$out" --preset "$task"
   plot=(); [ "$task" = sst2 ] && plot=(--plot "$out/confusion.png")
   $QKV evaluate --model "$out" "${plot[@]}" 2>&1 | tee "$out/evaluate.txt"
 done

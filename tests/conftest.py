@@ -1,4 +1,5 @@
 import random
+import socket
 
 import pytest
 import torch
@@ -81,3 +82,10 @@ def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     trainer, logs = tiny_run(corpus, out, max_steps=300, eval_every=150)
     return out, trainer, logs
+
+
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

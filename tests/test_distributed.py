@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from qkv.cli import main
+
+from .conftest import free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "QKV_DIST_TIMEOUT": "60"}
 
@@ -54,10 +55,14 @@ def torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
     return done
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def one_and_two(args: list[str], root: Path, capsys) -> tuple[list[dict], list[dict]]:
+    """`qkv train ARGS` by one process and by two: the same weights (to 1e-5); the validation
+    rows of each, to compare."""
+    assert main([*args, "--out", str(root / "one")]) == 0
+    capsys.readouterr()
+    torchrun([*args, "--out", str(root / "two")])
+    assert_same_weights(root / "one", root / "two", atol=1e-5)
+    return validation(root / "one"), validation(root / "two")
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -162,11 +167,8 @@ def test_a_language_model_too_with_its_validation_shared(tmp_path, capsys):
     args += ["--block-size", "32", "--max-tokens", "256", "--accumulate", "2", "--threads", "1"]
     args += ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-decoder-layers", "1"]
     args += ["--dropout", "0"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    torchrun([*args, "--out", str(tmp_path / "two")])
-    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
-    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+    one, two = one_and_two(args, tmp_path, capsys)
+    for a, b in zip(one, two, strict=True):
         assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-6)
 
 
@@ -179,11 +181,8 @@ def test_a_classifier_too_with_its_validation_shared(tmp_path, capsys):
     args += ["--max-steps", "6", "--eval-every", "3", "--max-tokens", "256", "--accumulate", "2"]
     args += ["--vocab-size", "300", "--threads", "1", "--dropout", "0", "--token-dropout", "0"]
     args += ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-encoder-layers", "1"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    torchrun([*args, "--out", str(tmp_path / "two")])
-    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
-    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+    one, two = one_and_two(args, tmp_path, capsys)
+    for a, b in zip(one, two, strict=True):
         assert b["valid_accuracy"] == a["valid_accuracy"]
         assert b["valid_loss"] == pytest.approx(a["valid_loss"], abs=1e-6)
 
@@ -197,11 +196,8 @@ def test_a_next_item_model_too_with_its_validation_shared(tmp_path, capsys):
     args += ["--block-size", "12", "--max-tokens", "192", "--accumulate", "2", "--threads", "1"]
     args += ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-decoder-layers", "1"]
     args += ["--dropout", "0"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    torchrun([*args, "--out", str(tmp_path / "two")])
-    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
-    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+    one, two = one_and_two(args, tmp_path, capsys)
+    for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, abs=1e-6)  # full and sampled ranks: the same negatives
 
 
@@ -215,9 +211,6 @@ def test_a_bi_encoder_too_with_its_validation_shared(tmp_path, capsys):
     args += ["--max-steps", "6", "--eval-every", "3", "--max-tokens", "256", "--accumulate", "2"]
     args += ["--threads", "1", "--dropout", "0", "--d-model", "32", "--n-heads", "2"]
     args += ["--d-ff", "64", "--n-encoder-layers", "1"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    torchrun([*args, "--out", str(tmp_path / "two")])
-    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
-    for a, b in zip(validation(tmp_path / "one"), validation(tmp_path / "two"), strict=True):
+    one, two = one_and_two(args, tmp_path, capsys)
+    for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, abs=1e-4)  # Spearman, Pearson x 100

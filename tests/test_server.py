@@ -36,7 +36,7 @@ from qkv.server import Limits, create_app
 from qkv.tokenizer import Characters, Items, Subwords
 from qkv.translate import Translator
 
-from .conftest import tiny_config
+from .conftest import free_port, tiny_config
 
 LM_TEXT = "ROMEO: what light through yonder window breaks\nJULIET: ay me\n"
 WORDS = "a red dog runs the cat sleeps blue green now good bad film"
@@ -208,6 +208,8 @@ def test_explain_gives_attention_rows_that_sum_to_one_and_the_beam_tree(client, 
     assert tree["nbest"][0]["text"] == e["translation"] and d["beam"]["beam"] == 3
     page = client.get("/pages/beam", params={"text": text, "model": d["model"], "beam": 3})
     assert page.status_code == 200 and "Beam search, beam 3" in page.text
+    refused = client.get("/pages/beam", params={"text": "ROMEO:", "model": "lm"})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "model"
     for task_params in (
         {"text": "ROMEO:", "model": "lm", "strategy": "greedy", "max_new_tokens": 5},
         {"text": "a red dog", "model": "classify"},
@@ -478,12 +480,6 @@ def test_no_request_the_schema_allows_is_a_server_error(app):
 
 
 # --- SIGTERM -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(dirs):

@@ -11,8 +11,9 @@ import time
 import pytest
 import uvicorn
 
+from .conftest import free_port
 from .test_explain import browser  # noqa: F401 (the module's Chromium fixture)
-from .test_server import dirs, free_port, make_app, sources  # noqa: F401 (fixtures)
+from .test_server import dirs, make_app, sources  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
