@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 class DistributedError(RuntimeError):
     """The process group failed: a process died, or a collective timed out."""
@@ -46,16 +48,30 @@ class World:
 SINGLE = World()
 
 
+def _number(name: str, default: str, kind=int):
+    text = os.environ.get(name, default)
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"${name} must be a number >= 0, got {text!r}")
+    return value
+
+
 def from_env() -> World:
     """The world torchrun describes in the environment (one process when it says nothing)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = _number("WORLD_SIZE", "1")
     if size <= 1:
         return SINGLE
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    return World(_number("RANK", "0"), size, _number("LOCAL_RANK", "0"))
 
 
 def timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("QKV_DIST_TIMEOUT", "600")))
+    seconds = _number("QKV_DIST_TIMEOUT", "600", float)
+    if seconds == 0:
+        raise ConfigError("$QKV_DIST_TIMEOUT must be > 0 seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 def init(world: World, device: torch.device) -> torch.device:

@@ -214,3 +214,24 @@ def test_a_bi_encoder_too_with_its_validation_shared(tmp_path, capsys):
     one, two = one_and_two(args, tmp_path, capsys)
     for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, abs=1e-4)  # Spearman, Pearson x 100
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QKV_DIST_TIMEOUT": "ten"}, "$QKV_DIST_TIMEOUT must be a number >= 0, got 'ten'"),
+        ({"QKV_DIST_TIMEOUT": "0"}, "$QKV_DIST_TIMEOUT must be > 0 seconds"),
+        ({"RANK": "first"}, "$RANK must be a number >= 0, got 'first'"),
+    ],
+)
+def test_a_bad_distributed_environment_is_one_line(
+    corpus, tmp_path, capsys, monkeypatch, env, message
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(flags(corpus, tmp_path / "run", 1, 2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"qkv: error: {message}"
+    assert not (tmp_path / "run").exists()  # nothing written
