@@ -7,6 +7,7 @@ from .generate import Generator
 from .inspect import record_attention
 from .models import DecoderOnly, EncoderDecoder, EncoderOnly, from_config
 from .packed import pack
+from .recurrent import RecurrentEncoderDecoder
 from .search import decode, model_step
 from .sentences import SentenceEncoder, embed, semantic_search, similarity
 
@@ -24,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "SentenceEncoder",
     "MultiHeadAttention",
+    "RecurrentEncoderDecoder",
     "TrainConfig",
     "attention",
     "decode",

@@ -20,7 +20,7 @@ from .cli_items import add_recommend
 from .cli_sentences import add_classify, add_embed, add_search
 from .cli_serve import add_serve
 from .config import ConfigError, ModelConfig, TrainConfig
-from .data import DataError, multi30k, read_lines, read_parallel
+from .data import PARALLEL_SPLITS, DataError, parallel, read_lines, read_parallel
 from .distributed import DistributedError
 from .flags import (
     Parser,
@@ -140,6 +140,8 @@ def add_train(sub) -> None:
         [
             "qkv train --preset multi30k-de-en --out runs/de-en --max-minutes 60",
             "qkv train --preset multi30k-de-en --src my.de --tgt my.en --out runs/mine",
+            "qkv train --preset multi30k-de-en --arch gru-attention --out runs/de-en-gru",
+            "qkv train --preset tatoeba-en-zh --out runs/en-zh",
             "qkv train --preset shakespeare-char --out runs/shakespeare",
             "qkv train --task lm --text my.txt --tokenizer bpe --vocab-size 4000 --out runs/lm",
             "qkv train --preset ml-1m --out runs/ml-1m",
@@ -153,6 +155,12 @@ def add_train(sub) -> None:
         "shape for --task lm)",
     )
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--arch",
+        choices=["transformer", "gru", "gru-attention"],
+        help="translation: the Transformer (default), or a recurrent baseline: a GRU "
+        "encoder-decoder through one fixed vector (gru) or with additive attention",
+    )
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}} over the preset')
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out has a run")
@@ -217,9 +225,13 @@ def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         files["task"] = task
     if (out / "last").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a training run; use --resume or --overwrite")
-    return model_cfg.replace(**given(args, "m_")), train_cfg.replace(
-        **{**given(args, "t_"), **files}
-    )
+    train_cfg = train_cfg.replace(**{**given(args, "t_"), **files})
+    model_cfg = model_cfg.replace(**given(args, "m_"))
+    if args.arch in ("gru", "gru-attention"):
+        if train_cfg.task != "translation":
+            raise UsageError(f"--arch {args.arch} is a translation model, not for {train_cfg.task}")
+        model_cfg = model_cfg.replace(arch=args.arch)
+    return model_cfg, train_cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -318,7 +330,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--model", help="model directory (or a training --out)")
     p.add_argument(
         "--split",
-        help="translation: train, val or test_2016_flickr (default); sst2: glue/dev, "
+        help="translation: train, val or test_2016_flickr (default) of Multi30k, train, valid or "
+        "test (default) of Tatoeba; sst2: glue/dev, "
         "sentence/test (default both); stsb: dev, test (default both); next items: valid, "
         "test (default)",
     )
@@ -346,7 +359,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         hyps, refs = read_lines(args.hyp), read_lines(args.ref)
         if len(hyps) != len(refs):
             raise UsageError(f"{args.hyp} has {len(hyps)} lines but {args.ref} has {len(refs)}")
-        print(score(hyps, refs).summary())
+        print(score(hyps, refs, args.tgt_lang).summary())
         return 0
     if not args.model:
         raise UsageError("give --model DIR (with --split) or --hyp FILE --ref FILE")
@@ -363,15 +376,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--tsv and --plot are for classifiers and bi-encoders")
     if args.interactions:
         raise UsageError("--interactions is for next-item models")
-    args.split = args.split or "test_2016_flickr"
     cfg = decode_config(args)
     translator, meta = load_translator(args, args.int8)
     src_lang, tgt_lang = _languages(args, meta)
-    pairs = multi30k(args.split, src_lang, tgt_lang, args.data_dir)[: args.limit or None]
-    result = evaluate_translations(lambda s: translator.translate_best(s, cfg), pairs)
+    dataset = meta.get("dataset") or "multi30k"  # the data set it was trained on
+    args.split = args.split or PARALLEL_SPLITS[dataset][1]
+    pairs = parallel(dataset, args.split, src_lang, tgt_lang, args.data_dir)[: args.limit or None]
+    result = evaluate_translations(
+        lambda s: translator.translate_best(s, cfg), pairs, target_lang=tgt_lang
+    )
     print(
-        f"multi30k {args.split} {src_lang}->{tgt_lang}, {len(pairs)} sentences, {cfg.describe()}, "
-        f"{result.sentences_per_second():.1f} sentences/s"
+        f"{dataset} {args.split} {src_lang}->{tgt_lang}, {len(pairs)} sentences, "
+        f"{cfg.describe()}, {result.sentences_per_second():.1f} sentences/s"
     )
     print(result.scores.summary())
     for (src, ref), hyp in list(zip(pairs, result.hypotheses, strict=True))[: args.show]:
@@ -393,6 +409,8 @@ def add_explain(sub) -> None:
         [
             "qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --out ex/",
             "qkv explain --model runs/de-en 'Ein Mann fährt Fahrrad.' --beam 5 --json",
+            "qkv explain --model runs/en-zh 'The chicken crossed the road carelessly.' "
+            "--query crossed",
             "qkv explain --model runs/shakespeare 'ROMEO:' --max-new-tokens 30 --out ex-lm/",
             "qkv explain --model runs/sst2 'a gorgeous , witty , seductive movie .' --out ex/",
             "qkv explain --model runs/stsb 'A man plays a guitar.' --pair 'A man plays music.'",
@@ -404,12 +422,17 @@ def add_explain(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40, help="language models: default 40")
     p.add_argument("--out", default="explain", help="directory for the pictures and the page")
     p.add_argument("--json", action="store_true", help="also write the raw weights as JSON")
+    p.add_argument(
+        "--query",
+        help="a word of the input: also draw what it attends to in every layer and head "
+        "(query-WORD.png)",
+    )
     add_decode_flags(p, strategy="greedy")
     p.set_defaults(func=run_explain)
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from .explain import explain, write_artifacts
+    from .explain import QueryError, explain, write_artifacts
 
     if not args.sentence.strip():
         raise UsageError("explain: the sentence is empty")
@@ -438,7 +461,18 @@ def run_explain(args: argparse.Namespace) -> int:
     else:
         translator, _ = load_translator(args, args.int8)
         e = explain(translator, args.sentence, cfg)
-    written = write_artifacts(e, Path(args.out), args.json)
+        if not e.attention:  # the fixed-vector GRU: nothing to draw, and that is the point
+            print(e.translation)
+            print(
+                "this model has no attention: its decoder saw the source only through the "
+                "encoder's final state, one fixed vector (--arch gru-attention has an alignment)",
+                file=sys.stderr,
+            )
+            return 0
+    try:
+        written = write_artifacts(e, Path(args.out), args.json, args.query)
+    except QueryError as err:
+        raise UsageError(f"--query: {err}") from None
     print(e.translation)
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
@@ -446,7 +480,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def _explain_encoder(args: argparse.Namespace, task: str) -> int:
-    from .explain import explain_classification, explain_similarity, write_artifacts
+    from .explain import QueryError, explain_classification, explain_similarity, write_artifacts
 
     model, tok, meta = load_model_dir(args, task)
     out = Path(args.out)
@@ -454,11 +488,16 @@ def _explain_encoder(args: argparse.Namespace, task: str) -> int:
         if args.pair:
             raise UsageError("--pair is for bi-encoders; a classifier reads one sentence")
         e = explain_classification(model, tok, args.sentence, meta["labels"])
-        written = write_artifacts(e, out, args.json)
+        try:
+            written = write_artifacts(e, out, args.json, args.query)
+        except QueryError as err:
+            raise UsageError(f"--query: {err}") from None
         print(e.translation)
     else:
         if not (args.pair and args.pair.strip()):
             raise UsageError("a bi-encoder compares two sentences: give the second with --pair")
+        if args.query:
+            raise UsageError("--query is for one sentence: translation, classifier, or lm")
         a, b, cos = explain_similarity(model, tok, args.sentence, args.pair)
         written = write_artifacts(a, out / "a", args.json) + write_artifacts(
             b, out / "b", args.json
@@ -485,7 +524,7 @@ def add_probe(sub) -> None:
     model_flags(p, data=True)
     p.add_argument("--out", default="probe", help="directory for report.md, report.json, PNGs")
     p.add_argument("--sentences", type=int, default=200, help="validation subsample size")
-    p.add_argument("--split", default="val", help="Multi30k split (default val)")
+    p.add_argument("--split", help="split of the model's data set (default: its validation one)")
     p.add_argument("--src", help="or your own source file")
     p.add_argument("--tgt", help="and its reference file")
     p.add_argument("--beam", type=int, default=5, help="beam size for the beam-vs-greedy line")
@@ -529,13 +568,21 @@ def run_probe(args: argparse.Namespace) -> int:
     if args.sentences < 1 or args.beam < 1:
         raise UsageError("--sentences and --beam must be >= 1")
     translator, meta = load_translator(args)
+    if translator.config.arch in ("gru", "gru-attention"):
+        raise UsageError(
+            f"probe measures a Transformer's heads and layers; a {translator.config.arch} model "
+            "has none (bench/big_deal.py compares it with a Transformer)"
+        )
     if args.src and args.tgt:
         pairs = read_parallel(args.src, args.tgt)
     else:
-        pairs = multi30k(args.split, *_languages(args, meta), args.data_dir)
+        dataset = meta.get("dataset") or "multi30k"
+        split = args.split or PARALLEL_SPLITS[dataset][0]
+        pairs = parallel(dataset, split, *_languages(args, meta), args.data_dir)
     pairs = random.Random(args.seed).sample(pairs, min(args.sentences, len(pairs)))
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    report = probe(translator, pairs, beam=args.beam, log=log)
+    target_lang = args.tgt_lang or meta.get("tgt_lang")
+    report = probe(translator, pairs, beam=args.beam, log=log, target_lang=target_lang)
     log(f"wrote {write_report(report, args.out)} ({report.minutes:.1f} minutes)")
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-Arch = Literal["encoder-decoder", "decoder-only", "encoder-only"]
+Arch = Literal["encoder-decoder", "decoder-only", "encoder-only", "gru", "gru-attention"]
 Activation = Literal["relu", "gelu", "silu"]
 Positions = Literal["sinusoidal", "learned"]
 Strategy = Literal["greedy", "sample", "beam"]
@@ -141,7 +141,11 @@ def _check_types(config: Any) -> None:
 class ModelConfig:
     """Shape of a Transformer. Defaults: the small translation model (d=256, 3+3 layers)."""
 
-    arch: Arch = knob("encoder-decoder", "which of the three Transformers")
+    arch: Arch = knob(
+        "encoder-decoder",
+        "which of the three Transformers, or a recurrent translation baseline (gru: fixed "
+        "vector, gru-attention: additive attention)",
+    )
     vocab_size: int = knob(8000, "source vocabulary size (or the only one)")
     tgt_vocab_size: int | None = knob(None, "target vocabulary size; None: same as vocab_size")
     d_model: int = knob(256, "width of every hidden vector")
@@ -234,6 +238,7 @@ Schedule = Literal["inverse_sqrt", "cosine"]
 Precision = Literal["fp32", "bf16"]
 DATASETS = {
     "multi30k": "translation",
+    "tatoeba": "translation",
     "tinyshakespeare": "lm",
     "sst2": "classify",
     "stsb": "similarity",
@@ -289,6 +294,9 @@ class TrainConfig:
     max_tokens_per_sentence: int = knob(128, "sentences with more subwords are skipped")
     # subwords
     vocab_size: int = knob(8000, "size of the joint BPE vocabulary to train")
+    byte_fallback: bool = knob(
+        False, "subwords: a character never seen in training becomes its UTF-8 bytes, not <unk>"
+    )
     # batching and optimisation
     max_tokens: int = knob(4096, "padded tokens (source or target, the larger) per batch")
     accumulate: int = knob(1, "batches per optimizer step")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import random
 import shutil
 import tempfile
 import urllib.request
@@ -103,6 +104,8 @@ def read_tsv(path: str | Path) -> list[Pair]:
     """source<TAB>target per line (further columns, e.g. attribution, are ignored)."""
     pairs = []
     for i, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue  # the manythings file ends with an empty line
         cols = line.split("\t")
         if len(cols) < 2:
             raise DataError(f"{path}:{i}: expected source<TAB>target")
@@ -242,6 +245,70 @@ def local_dataset_file(relative: str, data_dir: str | Path | None = None) -> Pat
 
 def multi30k(split: str, src: str, tgt: str, data_dir: str | Path | None = None) -> list[Pair]:
     return read_parallel(multi30k_file(split, src, data_dir), multi30k_file(split, tgt, data_dir))
+
+
+# Tatoeba English-Mandarin pairs (manythings.org's cmn-eng): not downloaded (the export changes
+# over time, so no checksum could hold); no official split, so one is made here: the distinct
+# English sentences shuffled with TATOEBA_SEED, 90% / 5% / 5% to train / valid / test, each with
+# all its translations (the file repeats an English sentence with different Chinese ones, and a
+# test sentence whose twin is in training would measure memory, not translation).
+TATOEBA_FILE = "cmn-eng/cmn.txt.gz"
+TATOEBA_LANGS = ("en", "zh")
+TATOEBA_SPLITS = ("train", "valid", "test")
+TATOEBA_SEED = 20141  # fixed: the split is part of the data set's definition here
+
+
+def read_tatoeba(path: str | Path) -> list[Pair]:
+    """(English, Chinese) pairs of a Tatoeba/manythings file: English TAB translation TAB
+    attribution per line (the attribution, CC-BY 2.0 France, stays in the file)."""
+    pairs = []
+    for i, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue  # the manythings file ends with an empty line
+        cols = line.split("\t")
+        if len(cols) < 2:
+            raise DataError(f"{path}:{i}: expected English<TAB>translation<TAB>attribution")
+        pairs.append((cols[0].strip(), cols[1].strip()))
+    return pairs
+
+
+def split_by_source(pairs: Sequence[Pair], seed: int = TATOEBA_SEED) -> dict[str, list[Pair]]:
+    """train / valid / test (90 / 5 / 5% of the distinct first sides, shuffled with `seed`), all
+    pairs of one first side in one split; pairs keep their file order within a split."""
+    firsts = sorted({a for a, _ in pairs})
+    random.Random(seed).shuffle(firsts)
+    cut_valid, cut_test = round(len(firsts) * 0.90), round(len(firsts) * 0.95)
+    where = {
+        a: "train" if i < cut_valid else "valid" if i < cut_test else "test"
+        for i, a in enumerate(firsts)
+    }
+    out: dict[str, list[Pair]] = {name: [] for name in TATOEBA_SPLITS}
+    for a, b in pairs:
+        out[where[a]].append((a, b))
+    return out
+
+
+def tatoeba(split: str, src: str, tgt: str, data_dir: str | Path | None = None) -> list[Pair]:
+    """One split of the English-Chinese Tatoeba pairs, in the direction src -> tgt."""
+    if split not in TATOEBA_SPLITS:
+        raise DataError(f"tatoeba has no split {split!r} (choose from {', '.join(TATOEBA_SPLITS)})")
+    if {src, tgt} != set(TATOEBA_LANGS):
+        raise DataError(f"tatoeba pairs English and Chinese: en->zh or zh->en, not {src}->{tgt}")
+    pairs = split_by_source(read_tatoeba(local_dataset_file(TATOEBA_FILE, data_dir)))[split]
+    return pairs if src == "en" else [(b, a) for a, b in pairs]
+
+
+# A named parallel data set's splits: (validation, default test) split names.
+PARALLEL_SPLITS = {"multi30k": ("val", "test_2016_flickr"), "tatoeba": ("valid", "test")}
+
+
+def parallel(
+    dataset: str, split: str, src: str, tgt: str, data_dir: str | Path | None = None
+) -> list[Pair]:
+    """A split of a named parallel data set (multi30k or tatoeba) as (source, target) pairs."""
+    if dataset == "tatoeba":
+        return tatoeba(split, src, tgt, data_dir)
+    return multi30k(split, src, tgt, data_dir)
 
 
 # --- batching ----------------------------------------------------------------------------------

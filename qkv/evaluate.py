@@ -30,13 +30,22 @@ class Scores:
         )
 
 
-def score(hypotheses: Sequence[str], references: Sequence[str]) -> Scores:
+def bleu_tokenizer(target_lang: str | None) -> str:
+    """sacreBLEU's tokenizer for a target language: Chinese has no spaces between words, so its
+    BLEU splits every Chinese character off ("zh", as WMT scores Chinese); else the default."""
+    return "zh" if target_lang == "zh" else "13a"
+
+
+def score(
+    hypotheses: Sequence[str], references: Sequence[str], target_lang: str | None = None
+) -> Scores:
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     refs = [list(references)]
-    bleu, chrf = BLEU(), CHRF()
-    # lowercased 13a tokens: the older papers' multi-bleu on lowercased, tokenized text
-    lc = BLEU(lowercase=True, tokenize="13a")
+    tokenize = bleu_tokenizer(target_lang)
+    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    # lowercased tokens: the older papers' multi-bleu on lowercased, tokenized text
+    lc = BLEU(lowercase=True, tokenize=tokenize)
     b, c, low = (m.corpus_score(list(hypotheses), refs) for m in (bleu, chrf, lc))
     return Scores(
         b.score,
@@ -48,8 +57,11 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> Scores:
     )
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    return BLEU().corpus_score(list(hypotheses), [list(references)]).score
+def bleu(
+    hypotheses: Sequence[str], references: Sequence[str], target_lang: str | None = None
+) -> float:
+    metric = BLEU(tokenize=bleu_tokenizer(target_lang))
+    return metric.corpus_score(list(hypotheses), [list(references)]).score
 
 
 @dataclass
@@ -63,13 +75,15 @@ class Evaluation:
 
 
 def evaluate_translations(
-    translate: Callable[[list[str]], list[str]], pairs: Sequence[tuple[str, str]]
+    translate: Callable[[list[str]], list[str]],
+    pairs: Sequence[tuple[str, str]],
+    target_lang: str | None = None,
 ) -> Evaluation:
     """Translate the sources of (source, reference) pairs, time it, and score the result."""
     t0 = time.monotonic()
     hyps = translate([s for s, _ in pairs])
     seconds = time.monotonic() - t0
-    return Evaluation(hyps, score(hyps, [t for _, t in pairs]), seconds)
+    return Evaluation(hyps, score(hyps, [t for _, t in pairs], target_lang), seconds)
 
 
 # --- sentence tasks: correlation and classification reports ---------------------------------

@@ -266,11 +266,22 @@ def _stitch_steps(rec: dict[str, list[Tensor]], t: int) -> dict[str, Tensor]:
     return recorded
 
 
-def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[Path]:
-    """The pictures (one layers x heads grid per kind, the alignment), the offline HTML
-    explorer and optionally the raw weights as JSON; returns the paths written."""
+def write_artifacts(
+    e: Explanation, out: Path, with_json: bool = False, query: str | None = None
+) -> list[Path]:
+    """The pictures (one layers x heads grid per kind, the alignment, and with `query` that
+    word's attention in every head), the offline HTML explorer and optionally the raw weights
+    as JSON; returns the paths written. QueryError before anything is written."""
+    picked = query_attention(e, query) if query else None
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if picked is not None and query is not None:
+        i, kind, layers = picked
+        keys = e.src_tokens if e.src_tokens else e.tgt_in
+        name = "".join(c if c.isalnum() else "_" for c in query.strip()) or "token"
+        written.append(
+            plot.query_heads(layers, keys, keys[i], f"{kind} attention", out / f"query-{name}.png")
+        )
     for kind, layers in e.attention.items():
         q, k = AXES[kind]
         title = f"{kind} attention"
@@ -300,6 +311,45 @@ def write_artifacts(e: Explanation, out: Path, with_json: bool = False) -> list[
         write_text_atomic(out / "attention.json", json.dumps(data))
         written.append(out / "attention.json")
     return written
+
+
+WORD_START = "▁Ġ␣"  # how tokenizers mark a token that begins a word (sentencepiece, GPT-2, ours)
+
+
+def _word_start(tokens: list[str], word: str) -> int | None:
+    """The first token of the first word spelled `word` (case aside): a token that is the word,
+    or the first real token of the subwords that spell it ("▁cross" "ed" for "crossed")."""
+    want = word.strip().lower()
+    words: list[tuple[int, str]] = []  # (first token with text, the word so far)
+    for i, t in enumerate(tokens):
+        text = t.lstrip(WORD_START).lower()
+        if t[:1] in WORD_START or not words:
+            words.append((i if text else -1, text))
+        else:
+            first, so_far = words[-1]
+            words[-1] = (first if first >= 0 else i, so_far + text)
+    whole = next((first for first, w in words if w == want and first >= 0), None)
+    if whole is not None:
+        return whole
+    return next((i for i, t in enumerate(tokens) if t.lstrip(WORD_START).lower() == want), None)
+
+
+class QueryError(ValueError):
+    """The --query word is not among the explained tokens; the message lists them."""
+
+
+def query_attention(e: Explanation, word: str) -> tuple[int, AttentionKind, list[Tensor]]:
+    """The first token spelling `word` (or starting it, for a word cut into subwords) in the
+    explained input, and every layer's per-head weights from it: (position, kind, per layer
+    (H, S)). Encoder self-attention where there is an encoder, else the decoder's."""
+    kind = AttentionKind.ENCODER_SELF if e.src_tokens else AttentionKind.DECODER_SELF
+    if kind not in e.attention:
+        raise QueryError("this model has no self-attention to show for a query")
+    tokens = e.src_tokens if e.src_tokens else e.tgt_in
+    i = _word_start(tokens, word)
+    if i is None:
+        raise QueryError(f"no token {word!r} in the input (its tokens: {' '.join(tokens)})")
+    return i, kind, [layer[:, i] for layer in e.attention[kind]]
 
 
 @torch.inference_mode()

@@ -18,6 +18,9 @@ from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
 from .layers import Residual
+from .recurrent import AdditiveAttention
+
+Recordable = (MultiHeadAttention, AdditiveAttention)
 
 
 class AttentionKind(str, Enum):
@@ -77,10 +80,11 @@ def record_attention(model: nn.Module) -> Iterator[AttentionRecording]:
     rec["encoder.layers.0.self_attn"][0]  # (B, H, S, S), rows sum to 1
     """
     rec = AttentionRecording()
-    modules = attention_modules(model)
+    # the recurrent baseline's additive attention records the same way (one head)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, Recordable)}
     names = {id(m): n for n, m in modules.items()}
 
-    def recorder(module: MultiHeadAttention, weights: Tensor) -> None:
+    def recorder(module: nn.Module, weights: Tensor) -> None:
         rec.setdefault(names[id(module)], []).append(weights.detach())
 
     for m in modules.values():

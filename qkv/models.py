@@ -5,6 +5,8 @@
 - DecoderOnly: a causal model over any vocabulary, words or item ids (next token / next item).
 - EncoderDecoder: sequence to sequence (translation), the paper's model.
 
+(qkv.recurrent holds the GRU encoder-decoders that attention replaced, as translation baselines.)
+
 `start(...)` / `step(...)` on the decoder-bearing models are all that search needs: search never
 touches layers. Shapes: B batch, S source length, T target length, D d_model, V vocabulary.
 """
@@ -20,6 +22,7 @@ from .decoder import Decoder, DecoderLayer
 from .embedding import Embeddings
 from .encoder import Encoder, EncoderLayer
 from .masks import padding_mask
+from .recurrent import RecurrentEncoderDecoder
 
 
 def _token_embedding(vocab: int, d_model: int, pad_id: int) -> nn.Embedding:
@@ -211,7 +214,7 @@ class EncoderOnly(nn.Module):
         return self.lm_head(x)  # (B, S, V)
 
 
-Model = EncoderDecoder | DecoderOnly | EncoderOnly
+Model = EncoderDecoder | DecoderOnly | EncoderOnly | RecurrentEncoderDecoder
 
 
 def from_config(cfg: ModelConfig) -> Model:
@@ -223,6 +226,8 @@ def from_config(cfg: ModelConfig) -> Model:
             return DecoderOnly(cfg)
         case "encoder-only":
             return EncoderOnly(cfg)
+        case "gru" | "gru-attention":
+            return RecurrentEncoderDecoder(cfg)
     raise AssertionError(cfg.arch)  # ModelConfig validated it
 
 

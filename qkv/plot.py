@@ -11,7 +11,28 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+# Chinese labels: matplotlib's own font (DejaVu Sans) has no Chinese characters, so with the
+# optional `mplfonts` package (pip install qkv[cjk]) its Noto Sans CJK SC is registered as a
+# fallback, glyph by glyph; without it Chinese labels draw as boxes (the HTML pages are fine).
+CJK_FONT = "NotoSansCJKsc-Regular.otf"
+
+
+def _cjk_fallback() -> None:
+    try:
+        import mplfonts
+    except ImportError:
+        return
+    path = Path(mplfonts.__file__).parent / "fonts" / CJK_FONT
+    if path.is_file():
+        font_manager.fontManager.addfont(str(path))
+        name = font_manager.FontProperties(fname=str(path)).get_name()
+        matplotlib.rcParams["font.family"] = ["DejaVu Sans", name]
+
+
+_cjk_fallback()
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -54,6 +75,31 @@ def attention_grid(
                 if show_labels and n_heads == 1:
                     ax.set_yticks(range(len(y_labels)), y_labels, fontsize=6)
     fig.suptitle(f"{title}  (rows: queries, columns: keys; brighter = more weight)", fontsize=10)
+    return _save(fig, path)
+
+
+def query_heads(
+    layers: Sequence[Tensor], keys: Sequence[str], query: str, title: str, path: str | Path
+) -> Path:
+    """One query's attention in every head: per layer, a (heads x keys) heatmap whose row h is
+    head h's weights over the keys, each head's top key outlined."""
+    n_heads = layers[0].shape[0]
+    fig, axes = plt.subplots(
+        len(layers),
+        1,
+        figsize=(0.55 * len(keys) + 2, 0.3 * n_heads * len(layers) + 1.2 * len(layers)),
+        squeeze=False,
+    )
+    for layer, weights in enumerate(layers):
+        ax, w = axes[layer][0], weights.float().cpu().numpy()
+        ax.imshow(w, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        for h, k in enumerate(w.argmax(-1)):
+            ax.add_patch(plt.Rectangle((k - 0.5, h - 0.5), 1, 1, fill=False, color="crimson"))
+        ax.set_yticks(range(n_heads), [f"head {h}" for h in range(n_heads)], fontsize=7)
+        ax.set_xticks(range(len(keys)), keys if layer == len(layers) - 1 else [], fontsize=8)
+        ax.set_ylabel(f"layer {layer}", fontsize=8)
+    axes[-1][0].tick_params(axis="x", rotation=60)
+    fig.suptitle(f"{title}: what {query!r} attends to (red: each head's top word)", fontsize=10)
     return _save(fig, path)
 
 

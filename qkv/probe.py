@@ -33,6 +33,7 @@ from .inspect import (
     head_stats,
     layer_index,
     mask_heads,
+    module_order,
     record_attention,
     record_hidden,
 )
@@ -41,6 +42,7 @@ from .models import device_of
 from .translate import Translator
 
 GREEDY = DecodeConfig(strategy="greedy")
+STRONG = 0.3  # a weight at least this large: the key clearly matters to that head
 
 
 @dataclass
@@ -77,6 +79,8 @@ class ProbeReport:
     loss: float
     # kind -> "entropy" / "max_weight" -> per layer, per head
     focus: dict[AttentionKind, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # kind -> "distinct_top" / "strong" (per layer), "distinct_top_all": see Prober.diversity
+    diversity: dict[AttentionKind, dict[str, Any]] = field(default_factory=dict)
     single_head: list[MaskedHead] = field(default_factory=list)
     pruning: list[PruningPoint] = field(default_factory=list)
     ablations: list[Ablation] = field(default_factory=list)
@@ -108,6 +112,7 @@ class ProbeReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["focus"] = {str(k): v for k, v in self.focus.items()}
+        data["diversity"] = {str(k): v for k, v in self.diversity.items()}
         data["receptive_field"] = {str(t): v for t, v in self.receptive_field.items()}
         for h in data["single_head"]:
             h["kind"] = str(h["kind"])
@@ -115,8 +120,15 @@ class ProbeReport:
 
 
 class Prober:
-    def __init__(self, translator: Translator, pairs: Sequence[Pair], log: Callable[[str], None]):
+    def __init__(
+        self,
+        translator: Translator,
+        pairs: Sequence[Pair],
+        log: Callable[[str], None],
+        target_lang: str | None = None,  # BLEU's tokenizer follows it (Chinese: "zh")
+    ):
         self.translator, self.pairs, self.log = translator, list(pairs), log
+        self.target_lang = target_lang
         self.model, self.config = translator.model, translator.config
         tok = translator.tokenizer
         srcs = tok.encode_batch([s for s, _ in pairs])
@@ -142,7 +154,7 @@ class Prober:
     def bleu(self, cfg: DecodeConfig = GREEDY) -> float:
         self.decodes += 1
         hyps = self.translator.translate_best([s for s, _ in self.pairs], cfg)
-        return bleu(hyps, [t for _, t in self.pairs])
+        return bleu(hyps, [t for _, t in self.pairs], self.target_lang)
 
     # -- focus -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -167,6 +179,49 @@ class Prober:
             kind = out.setdefault(attention_kind(path), {"entropy": [], "max_weight": []})
             kind["entropy"].append((ent / n).tolist())
             kind["max_weight"].append((top / n).tolist())
+        return out
+
+    # -- diversity ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def diversity(self, strong: float = STRONG) -> dict[AttentionKind, dict[str, Any]]:
+        """Do a layer's heads look at different words? For each real query: the number of
+        distinct keys that are some head's top weight ("distinct_top", per layer: 1 to H), the
+        number of keys that some head gives at least `strong` ("strong", per layer), and the
+        distinct top keys of all layers' heads together ("distinct_top_all"); means over
+        queries. A single-head model picks one key per layer: the explainers' claim is that
+        several heads let one word attend to several others at once ("crossed": its subject,
+        its object, its adverb)."""
+        pad = self.config.pad_id
+        sums: dict[str, list[Any]] = {}
+        union: dict[AttentionKind, list[Any]] = {}
+        for batch in self.batches:
+            with record_attention(self.model) as rec:
+                self.model(batch.src, batch.tgt_in)
+            picked_by_kind: dict[AttentionKind, Any] = {}
+            for path, (w,) in sorted(rec.items()):  # w (B, H, T, S)
+                real = batch.src != pad if path.startswith("encoder") else batch.tgt_out != pad
+                top = w.argmax(-1).transpose(1, 2)  # (B, T, H): each head's top key
+                picked = torch.zeros_like(w[:, 0]).scatter_(2, top, 1.0)  # (B, T, S)
+                distinct = picked.sum(-1)[real].sum().item()
+                many = (w.amax(1) >= strong).sum(-1)[real].sum().item()
+                acc = sums.setdefault(path, [0.0, 0.0, 0.0])
+                acc[0], acc[1], acc[2] = acc[0] + distinct, acc[1] + many, acc[2] + real.sum()
+                kind = attention_kind(path)
+                before = picked_by_kind.get(kind)
+                picked_by_kind[kind] = picked if before is None else before.maximum(picked)
+                union.setdefault(kind, [real, 0.0, 0.0])[0] = real
+            for kind, picked in picked_by_kind.items():
+                real = union[kind][0]
+                union[kind][1] += picked.sum(-1)[real].sum().item()
+                union[kind][2] += float(real.sum())
+        out: dict[AttentionKind, dict[str, Any]] = {}
+        for path in sorted(sums, key=module_order):
+            distinct, many, n = sums[path]
+            kind = out.setdefault(attention_kind(path), {"distinct_top": [], "strong": []})
+            kind["distinct_top"].append(distinct / float(n))
+            kind["strong"].append(many / float(n))
+        for kind, (_, total, n) in union.items():
+            out[kind]["distinct_top_all"] = total / n
         return out
 
     # -- redundancy --------------------------------------------------------------------------
@@ -292,10 +347,11 @@ def probe(
     beam: int = 5,
     receptive_sentences: int = 50,
     log: Callable[[str], None] = print,
+    target_lang: str | None = None,
 ) -> ProbeReport:
     """Run every measurement on `pairs` (source, reference)."""
     t0 = time.monotonic()
-    p = Prober(translator, pairs, log)
+    p = Prober(translator, pairs, log, target_lang)
     log(f"probing on {len(pairs)} validation sentences")
     greedy_bleu, loss = p.bleu(), p.loss()
     beam_bleu = p.bleu(DecodeConfig(strategy="beam", beam=beam))
@@ -303,6 +359,8 @@ def probe(
     log(f"greedy BLEU {greedy_bleu:.2f}, beam {beam} BLEU {beam_bleu:.2f}, loss {loss:.3f}")
     log("focus: attention entropy and max weight per head")
     r.focus = p.focus()
+    log("diversity: how many different words a query's heads pick out")
+    r.diversity = p.diversity()
     log("redundancy: masking one head at a time")
     r.single_head = p.single_heads()
     r.pruning = p.pruning_curve(r.single_head, [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9])

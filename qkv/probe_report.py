@@ -74,6 +74,11 @@ def markdown(r: ProbeReport) -> str:
             f"| {kind} | {min(flat):.2f} | {sum(flat) / len(flat):.2f} | "
             f"{max(flat):.2f} | {max(mw):.2f} | {sum(mw) / len(mw):.2f} |"
         )
+    div_lines = [
+        f"| {kind} | {' / '.join(f'{x:.2f}' for x in v['distinct_top'])} | "
+        f"{' / '.join(f'{x:.2f}' for x in v['strong'])} | {v['distinct_top_all']:.2f} |"
+        for kind, v in r.diversity.items()
+    ]
     prune = "\n".join(
         f"| {c.fraction:.2f} | {c.heads_removed} | {c.bleu:.2f} | {c.loss:.3f} |" for c in r.pruning
     )
@@ -101,6 +106,15 @@ Mean entropy of each head's attention rows (nats; 0 = all weight on one key) and
 {chr(10).join(ent_lines)}
 
 ![entropy](focus_entropy.png) ![max weight](focus_max_weight.png)
+
+## Diversity: do a word's heads look at different words?
+For each query, the distinct keys that are some head's top weight in a layer (at most the number
+of heads), the keys some head gives at least 0.3, and the distinct top keys of all layers'
+heads together; means over queries, layers separated by /.
+
+| kind | distinct top keys per layer | keys given >= 0.3 per layer | distinct top keys, all layers |
+|---|---|---|---:|
+{chr(10).join(div_lines)}
 
 ## Redundancy: do heads cover for one another?
 Masking one head at a time: {r.harmless_heads()} of {len(r.single_head)} heads cost less than 0.5

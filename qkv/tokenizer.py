@@ -62,6 +62,26 @@ ALPHABET = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x
 ALPHABET += list("‘’‚“”„–—…•€™")
 
 
+BYTES = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback's tokens, HF tokenizers' spelling
+
+
+def _with_byte_fallback(tok: HFTokenizer) -> HFTokenizer:
+    """A trained BPE tokenizer with the 256 byte tokens appended to its vocabulary and byte
+    fallback on: unknown characters encode as bytes and decode back (ByteFallback, then the
+    word-start marks)."""
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    first = max(vocab.values()) + 1
+    for i, b in enumerate(t for t in BYTES if t not in vocab):
+        vocab[b] = first + i
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [{"type": "ByteFallback"}, spec["decoder"]],
+    }
+    return HFTokenizer.from_str(json.dumps(spec))
+
+
 class Subwords:
     """Text <-> token ids, a thin wrapper over a `tokenizers.Tokenizer`."""
 
@@ -81,21 +101,29 @@ class Subwords:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 8000,
+        min_frequency: int = 2,
+        byte_fallback: bool = False,
     ) -> Subwords:
+        """BPE over the texts. `byte_fallback`: 256 byte tokens <0x00>..<0xFF> join the
+        vocabulary (within vocab_size), and a character that is not in it is spelled as its
+        UTF-8 bytes instead of <unk>, decoded back to the character: for scripts with thousands
+        of characters (Chinese), where training text never has them all."""
         tok = HFTokenizer(models.BPE(unk_token="<unk>"))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
+            vocab_size=vocab_size - (len(BYTES) if byte_fallback else 0),
             min_frequency=min_frequency,
             special_tokens=SPECIALS,
             initial_alphabet=ALPHABET,
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)
-        return cls(tok)
+        return cls(_with_byte_fallback(tok) if byte_fallback else tok)
 
     @classmethod
     def train_bytes(cls, texts: Iterable[str], vocab_size: int = 8000) -> Subwords:

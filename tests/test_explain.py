@@ -334,3 +334,55 @@ def test_attention_page_of_a_language_model(browser, tmp_path):
             red = img[pad + i * cell + cell // 2, pad + j * cell + cell // 2, 0]
             assert abs(red - 255 * (1 - weights[i, j])) <= 3, (i, j, red, weights[i, j])
     assert errors == []
+
+
+def test_head_diversity_counts_what_the_heads_pick(translator, corpus):
+    """distinct_top per layer, against a loop over queries and heads on the recorded weights;
+    a one-head model picks exactly one key per layer."""
+    from qkv.probe import STRONG, Prober
+
+    _, src, tgt = corpus
+    pairs = list(zip(src[:10], tgt[:10], strict=True))
+    prober = Prober(translator, pairs, log=lambda m: None)
+    div = prober.diversity()
+    enc = div[AttentionKind.ENCODER_SELF]
+    picks, strong, union, n = [0.0, 0.0], [0.0, 0.0], 0.0, 0
+    for batch in prober.batches:
+        with torch.no_grad(), record_attention(translator.model) as rec:
+            translator.model(batch.src, batch.tgt_in)
+        for b in range(batch.src.shape[0]):
+            for i in range(batch.src.shape[1]):
+                if batch.src[b, i] == translator.config.pad_id:
+                    continue
+                n += 1
+                seen = set()
+                for layer in range(2):
+                    w = rec[f"encoder.layers.{layer}.self_attn"][0][b, :, i]  # (H, S)
+                    tops = {int(w[h].argmax()) for h in range(w.shape[0])}
+                    picks[layer] += len(tops)
+                    strong[layer] += int((w.max(0).values >= STRONG).sum())
+                    seen |= tops
+                union += len(seen)
+    assert enc["distinct_top"] == pytest.approx([p / n for p in picks])
+    assert enc["strong"] == pytest.approx([s / n for s in strong])
+    assert enc["distinct_top_all"] == pytest.approx(union / n)
+    assert all(1.0 <= x <= 4.0 for x in enc["distinct_top"])  # 4 heads
+    from qkv.models import from_config
+
+    one_head = from_config(translator.config.replace(n_heads=1)).eval()
+    one_head = Translator(one_head, translator.tokenizer)
+    single = Prober(one_head, pairs, log=lambda m: None).diversity()
+    assert single[AttentionKind.ENCODER_SELF]["distinct_top"] == [1.0, 1.0]
+
+
+def test_explain_query_draws_one_words_heads(trained, tmp_path, capsys):
+    from qkv.cli import main
+
+    out_dir, _, _ = trained
+    argv = ["explain", "--model", str(out_dir), "zwei Katze schläft", "--out", str(tmp_path)]
+    assert main([*argv, "--query", "Katze"]) == 0
+    assert (tmp_path / "query-Katze.png").stat().st_size > 0
+    rc = main([*argv[:-1], str(tmp_path / "none"), "--query", "Hund"])
+    assert rc == 2 and not (tmp_path / "none").exists()  # nothing written
+    err = capsys.readouterr().err
+    assert "no token 'Hund'" in err and "Traceback" not in err

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..config import DecodeConfig, ModelConfig, TrainConfig
 from ..data import (
+    PARALLEL_SPLITS,
     DataError,
     Example,
     Pair,
     Seq2SeqBatch,
     clean_pairs,
     collate,
-    multi30k,
+    parallel,
     read_parallel,
     read_tsv,
     token_batches,
@@ -38,6 +39,7 @@ class Corpus:
     skipped_long: int
 
 
+RECURRENT = ("gru", "gru-attention")  # qkv.recurrent's baselines
 MIN_TRAIN_PAIRS = 100  # below this a run would only memorise, for however long it is given
 
 
@@ -48,11 +50,13 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
     elif cfg.src_file and cfg.tgt_file:
         train = read_parallel(cfg.src_file, cfg.tgt_file)
     else:
-        train = multi30k("train", cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+        assert cfg.dataset is not None  # TrainConfig: a data set or files
+        train = parallel(cfg.dataset, "train", cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
     if cfg.valid_src_file and cfg.valid_tgt_file:
         valid = read_parallel(cfg.valid_src_file, cfg.valid_tgt_file)
     elif cfg.dataset and not (cfg.tsv_file or cfg.src_file):
-        valid = multi30k("val", cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+        split = PARALLEL_SPLITS[cfg.dataset][0]
+        valid = parallel(cfg.dataset, split, cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
     else:  # hold out a deterministic slice of the user's data
         n = min(1000, max(1, len(train) // 50))
         train, valid = train[:-n] if len(train) > n else train, train[-n:]
@@ -99,7 +103,7 @@ class Translation:
             tok = Subwords.load(tok_path)
         else:
             texts = [s for s, _ in corpus.train] + [t for _, t in corpus.train]
-            tok = Subwords.train(texts, cfg.vocab_size)
+            tok = Subwords.train(texts, cfg.vocab_size, byte_fallback=cfg.byte_fallback)
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text_atomic(tok_path, tok.to_str())
         self.tokenizer = tok
@@ -112,7 +116,8 @@ class Translation:
             f"vocabulary {tok.vocab_size:,}"
         )
         self.model_cfg = base.replace(
-            arch="encoder-decoder",
+            # the Transformer, unless a recurrent baseline was asked for
+            arch=base.arch if base.arch in RECURRENT else "encoder-decoder",
             vocab_size=tok.vocab_size,
             tgt_vocab_size=None,
             share_embeddings=True,
@@ -166,8 +171,14 @@ class Translation:
         total, n = sum(p["loss"] for p in parts), sum(p["tokens"] for p in parts)
         return {
             "valid_loss": total / max(n, 1),
-            "valid_bleu": bleu([hyps[i] for i in range(len(pairs))], [t for _, t in pairs]),
+            "valid_bleu": bleu(
+                [hyps[i] for i in range(len(pairs))], [t for _, t in pairs], self.cfg.tgt_lang
+            ),
         }
 
     def meta(self) -> dict[str, Any]:
-        return {"src_lang": self.cfg.src_lang, "tgt_lang": self.cfg.tgt_lang}
+        return {
+            "src_lang": self.cfg.src_lang,
+            "tgt_lang": self.cfg.tgt_lang,
+            "dataset": self.cfg.dataset,
+        }

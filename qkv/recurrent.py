@@ -1,0 +1,265 @@
+"""The world before attention: recurrent encoder-decoders, as baselines for the Transformer.
+
+Both read the source with a bidirectional GRU (one state per source token: the forward and the
+backward direction's, side by side) and write the target with a GRU, one token at a time:
+
+- FixedVector ("gru"): the decoder sees the source only through one fixed-size vector, the
+  encoder's final states (the forward direction's at the last token, the backward direction's at
+  the first): the encoder-decoder of Cho et al. 2014 and Sutskever et al. 2014, whose whole
+  sentence must fit in that vector.
+- AdditiveAttention ("gru-attention"): before each output token the decoder's previous state
+  scores every encoder state, score_j = v . tanh(W s + U h_j) (Bahdanau et al. 2015), and the
+  softmax-weighted mix of the encoder states (the context) joins the decoder's input.
+
+They share the Transformer models' interface (`encode`, `decoder(tgt, memory, mask)`, `lm_head`,
+`start`/`step` with an explicit cache), so training, search, translation, evaluation and
+`explain` run on them unchanged. d_model is the embedding and decoder width; each encoder
+direction has d_model / 2, so an encoder state is d_model wide. Shapes: B batch, S source
+length, T target length, D d_model, L decoder layers, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .config import ModelConfig
+from .masks import padding_mask
+
+
+class RecurrentEncoder(nn.Module):
+    """Token embeddings -> a bidirectional GRU -> one state per source token (B, S, D)."""
+
+    def __init__(
+        self, embed: nn.Embedding, d_model: int, n_layers: int, dropout: float, scale: float
+    ):
+        super().__init__()
+        self.embed, self.scale = embed, scale
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = nn.GRU(
+            d_model,
+            d_model // 2,
+            num_layers=n_layers,
+            bidirectional=True,
+            batch_first=True,
+            dropout=dropout if n_layers > 1 else 0.0,
+        )
+
+    def forward(self, src: Tensor, mask: Tensor) -> Tensor:
+        """src (B, S) and its padding mask (B, 1, 1, S) -> states (B, S, D); zeros on padding.
+        Packed by length, so the backward direction starts at each sentence's own last token."""
+        lengths = mask[:, 0, 0, :].sum(-1).cpu()
+        x = self.dropout(self.embed(src) * self.scale)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        return out
+
+
+def final_state(memory: Tensor, mask: Tensor) -> Tensor:
+    """The encoder's summary of a sentence (B, D): the forward direction's state at the last real
+    token and the backward direction's at the first, each having read the whole sentence."""
+    half = memory.shape[-1] // 2
+    last = mask[:, 0, 0, :].sum(-1) - 1  # (B,)
+    forward = memory[torch.arange(len(memory), device=memory.device), last, :half]
+    return torch.cat([forward, memory[:, 0, half:]], dim=-1)
+
+
+class RecurrentCache:
+    """What a recurrent decoder carries between steps: its hidden states (L, B, D), and what it
+    reads of the source: all encoder states, their projected keys and mask (attention), or the one
+    fixed vector (B, D). `select` keeps rows `index`, in that order (beam search's reorder)."""
+
+    def __init__(self, hidden: Tensor, memory: Tensor, mask: Tensor, keys: Tensor | None = None):
+        self.hidden, self.memory, self.mask, self.keys = hidden, memory, mask, keys
+        self.length = 0  # target positions consumed so far
+
+    def select(self, index: Tensor) -> None:
+        self.hidden = self.hidden.index_select(1, index)
+        self.memory = self.memory.index_select(0, index)
+        self.mask = self.mask.index_select(0, index)
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index)
+
+
+class FixedVectorDecoder(nn.Module):
+    """A GRU over the target whose only view of the source is the fixed vector c: it sets the
+    first state, s_0 = tanh(W c), and is part of every step's input and of the readout."""
+
+    def __init__(
+        self, embed: nn.Embedding, d_model: int, n_layers: int, dropout: float, scale: float
+    ):
+        super().__init__()
+        self.embed, self.scale = embed, scale
+        self.dropout = nn.Dropout(dropout)
+        self.init = nn.Linear(d_model, n_layers * d_model)
+        self.rnn = nn.GRU(
+            2 * d_model,
+            d_model,
+            num_layers=n_layers,
+            batch_first=True,
+            dropout=dropout if n_layers > 1 else 0.0,
+        )
+        self.readout = nn.Linear(3 * d_model, d_model)
+        self.n_layers, self.d_model = n_layers, d_model
+
+    def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
+        c = final_state(memory, mask)  # everything the decoder will ever know of the source
+        h0 = torch.tanh(self.init(c)).view(len(c), self.n_layers, self.d_model)
+        return RecurrentCache(h0.transpose(0, 1).contiguous(), c, mask)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: RecurrentCache | None = None,
+    ) -> Tensor:
+        """tgt (B, T) -> readout vectors (B, T, D). Without a cache, decodes from the start."""
+        if cache is None:
+            assert memory is not None and mask is not None
+            cache = self.start(memory, mask)
+        c = cache.memory[:, None].expand(-1, tgt.shape[1], -1)  # (B, T, D), the same each step
+        y = self.dropout(self.embed(tgt) * self.scale)
+        s, cache.hidden = self.rnn(torch.cat([y, c], dim=-1), cache.hidden)
+        cache.length += tgt.shape[1]
+        return self.dropout(torch.tanh(self.readout(torch.cat([s, y, c], dim=-1))))
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention: score_j = v . tanh(W s + U h_j); weights = softmax over the source.
+
+    Keys U h_j are computed once per sentence (`keys`); each step adds the query's W s. Weights
+    go to `recorder` when set (qkv.inspect.record_attention), as (B, 1 head, T, S)."""
+
+    def __init__(self, d_query: int, d_key: int, d_attn: int):
+        super().__init__()
+        self.query = nn.Linear(d_query, d_attn, bias=False)
+        self.key = nn.Linear(d_key, d_attn)
+        self.v = nn.Linear(d_attn, 1, bias=False)
+        self.recorder: Callable[[nn.Module, Tensor], None] | None = None
+
+    def keys(self, memory: Tensor) -> Tensor:
+        return self.key(memory)  # (B, S, A)
+
+    def forward(
+        self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """query (B, Dq), keys (B, S, A), memory (B, S, D), mask (B, S) -> context (B, D) and
+        weights (B, S), which sum to 1 over the real source tokens."""
+        scores = self.v(torch.tanh(keys + self.query(query)[:, None])).squeeze(-1)  # (B, S)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        context = torch.bmm(weights[:, None], memory).squeeze(1)  # (B, D)
+        return context, weights
+
+
+class AttentionDecoder(nn.Module):
+    """A stack of GRU cells that attends before each token (Bahdanau et al. 2015, section 3.1):
+    the top layer's previous state s_{i-1} queries the encoder states for context c_i; the first
+    layer reads [y_{i-1}; c_i]; the readout mixes [s_i; y_{i-1}; c_i]. Sequential by nature: the
+    query of step i is the state step i - 1 produced."""
+
+    def __init__(
+        self, embed: nn.Embedding, d_model: int, n_layers: int, dropout: float, scale: float
+    ):
+        super().__init__()
+        self.embed, self.scale = embed, scale
+        self.dropout = nn.Dropout(dropout)
+        self.init = nn.Linear(d_model, n_layers * d_model)
+        self.cross_attn = AdditiveAttention(d_model, d_model, d_model)
+        self.cells = nn.ModuleList(
+            [nn.GRUCell(2 * d_model if i == 0 else d_model, d_model) for i in range(n_layers)]
+        )
+        self.readout = nn.Linear(3 * d_model, d_model)
+        self.n_layers, self.d_model = n_layers, d_model
+
+    def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
+        c = final_state(memory, mask)
+        h0 = torch.tanh(self.init(c)).view(len(c), self.n_layers, self.d_model)
+        keys = self.cross_attn.keys(memory)
+        return RecurrentCache(h0.transpose(0, 1).contiguous(), memory, mask[:, 0, 0, :], keys)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: RecurrentCache | None = None,
+    ) -> Tensor:
+        """tgt (B, T) -> readout vectors (B, T, D). Without a cache, decodes from the start."""
+        if cache is None:
+            assert memory is not None and mask is not None
+            cache = self.start(memory, mask)
+        assert cache.keys is not None
+        ys = self.dropout(self.embed(tgt) * self.scale)  # (B, T, D)
+        hidden = list(cache.hidden.unbind(0))  # L x (B, D)
+        outputs, all_weights = [], []
+        for t in range(tgt.shape[1]):
+            context, weights = self.cross_attn(hidden[-1], cache.keys, cache.memory, cache.mask)
+            x = torch.cat([ys[:, t], context], dim=-1)
+            for i, cell in enumerate(self.cells):
+                hidden[i] = cell(x, hidden[i])
+                x = self.dropout(hidden[i])
+            outputs.append(torch.cat([hidden[-1], ys[:, t], context], dim=-1))
+            all_weights.append(weights)
+        cache.hidden = torch.stack(hidden)
+        cache.length += tgt.shape[1]
+        if self.cross_attn.recorder is not None:  # one record per call, as the Transformer's
+            self.cross_attn.recorder(self.cross_attn, torch.stack(all_weights, 1)[:, None])
+        return self.dropout(torch.tanh(self.readout(torch.stack(outputs, dim=1))))
+
+
+class RecurrentEncoderDecoder(nn.Module):
+    """A bidirectional GRU encoder and a GRU decoder, with (config.arch "gru-attention") or
+    without ("gru") attention over the encoder states; the output projection is tied to the
+    target embedding, as in the Transformer models."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.d_model
+        src_tok = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_id)
+        tgt_tok = (
+            src_tok
+            if cfg.share_embeddings
+            else nn.Embedding(cfg.target_vocab, d, padding_idx=cfg.pad_id)
+        )
+        for emb in {id(src_tok): src_tok, id(tgt_tok): tgt_tok}.values():
+            nn.init.normal_(emb.weight, std=d**-0.5)
+            with torch.no_grad():
+                emb.weight[cfg.pad_id].zero_()
+        # std D^-1/2 and a sqrt(D) scale: unit-variance inputs, and unit-scale logits through
+        # the tied output (as the Transformer models)
+        scale = d**0.5 if cfg.scale_embedding else 1.0
+        self.encoder = RecurrentEncoder(src_tok, d, cfg.n_encoder_layers, cfg.dropout, scale)
+        decoder = AttentionDecoder if cfg.arch == "gru-attention" else FixedVectorDecoder
+        self.decoder = decoder(tgt_tok, d, cfg.n_decoder_layers, cfg.dropout, scale)
+        self.lm_head = nn.Linear(d, cfg.target_vocab, bias=cfg.output_bias)
+        if cfg.tie_output:
+            self.lm_head.weight = tgt_tok.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=d**-0.5)
+        if cfg.output_bias:
+            nn.init.zeros_(self.lm_head.bias)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src ids (B, S) -> encoder states (B, S, D) and the padding mask (B, 1, 1, S)."""
+        mask = padding_mask(src, self.config.pad_id)
+        return self.encoder(src, mask), mask
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """src (B, S), tgt (B, T) (starting with bos) -> logits (B, T, V) for the next tokens."""
+        memory, mask = self.encode(src)
+        return self.lm_head(self.decoder(tgt, memory, mask))
+
+    def start(self, src: Tensor) -> RecurrentCache:
+        memory, mask = self.encode(src)
+        return self.decoder.start(memory, mask)
+
+    def step(self, tokens: Tensor, cache: RecurrentCache, last: bool = False) -> Tensor:
+        """New target tokens (B, T) -> logits (B, T, V), or (B, 1, V) with `last`."""
+        h = self.decoder(tokens, cache=cache)
+        return self.lm_head(h[:, -1:] if last else h)
