@@ -15,7 +15,8 @@ resumable (a killed run continues where it stopped when the script is run again)
 3. test BLEU (test_2016_flickr, greedy) at equal time and at equal updates, overall and by
    source length (subwords: <=10, 11-15, 16-20, 21-25, >25);
 4. path length: how much of an output position's gradient reaches the source token d positions
-   from the one aligned with it (the diagonal), d = 0, 1, 5, 10, 20, relative to d = 0;
+   from the one aligned with it (the diagonal), d = 0, 1, 5, 10, 20, relative to d = 0; and
+   inside the encoder, how much of state i's gradient reaches source token i +- d;
 5. results.json, results.md and the plots in --out.
 """
 
@@ -222,6 +223,45 @@ def gradient_reach(translator: Translator, pairs, n_sentences: int = 30) -> dict
     return {str(d): statistics.median(v) if v else float("nan") for d, v in ratios.items()}
 
 
+def encoder_reach(translator: Translator, pairs, n_sentences: int = 30) -> dict[str, float]:
+    """Path length inside the encoder: median of |d h_i / d e_j| / |d h_i / d e_i| (the
+    gradient of a fixed random projection of encoder state i) over positions i and j = i +- d,
+    on the longest test sentences. A recurrent encoder reaches j only through |i - j| steps of
+    recurrence; self-attention in one step."""
+    model, tok = translator.model, translator.tokenizer
+    model.eval()
+    longest = sorted(pairs, key=lambda p: -len(tok.encode_batch([p[0]])[0]))[:n_sentences]
+    ratios: dict[int, list[float]] = {d: [] for d in DISTANCES}
+    g = torch.Generator().manual_seed(0)
+    for src_text, _ in longest:
+        src = torch.tensor([translator.encode_sources([src_text])[0]])
+        captured = []
+
+        def keep_first(module, inputs, output, store=captured):
+            if not store:
+                store.append(output)
+
+        hook = source_embedding(model).register_forward_hook(keep_first)
+        with torch.enable_grad():
+            try:
+                memory, _ = model.encode(src)  # (1, S, D)
+            finally:
+                hook.remove()
+            u = torch.randn(memory.shape[-1], generator=g)
+            s = src.shape[1]
+            for i in range(s):
+                (grad,) = torch.autograd.grad(memory[0, i] @ u, captured[0], retain_graph=True)
+                norms = grad[0].norm(dim=-1)
+                base = float(norms[i])
+                if base <= 0:
+                    continue
+                for d in DISTANCES:
+                    for j in {i - d, i + d}:
+                        if 0 <= j < s:
+                            ratios[d].append(float(norms[j]) / base)
+    return {str(d): statistics.median(v) if v else float("nan") for d, v in ratios.items()}
+
+
 # --- the report -----------------------------------------------------------------------------
 
 
@@ -256,8 +296,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench/runs/big_deal")
     ap.add_argument("--test-sentences", type=int, default=0, help="0: all 1,000 (for a trial)")
     ap.add_argument("--reach-sentences", type=int, default=30, help="longest test sentences")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from results")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.report:
+        write_report(json.loads((out / "results.json").read_text()), out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("QKV_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -293,6 +337,8 @@ def main() -> None:
         results["equal_updates"] = {}
         for arch in ["gru", "gru-attention"]:
             n = steps[arch]
+            if not (out / "transformer" / f"step-{n}").is_dir():
+                continue  # the Transformer took fewer steps: see the validation curves
             log(f"test BLEU: the transformer after {n} updates, as many as {arch}")
             results["equal_updates"][arch] = {
                 "updates": n,
@@ -307,6 +353,15 @@ def main() -> None:
         for arch in ARCHS:
             log(f"gradient reach: {arch}")
             results["gradient_reach"][arch] = gradient_reach(
+                load(out / arch / "last"), pairs, args.reach_sentences
+            )
+        results_path.write_text(json.dumps(results, indent=2))
+
+    if "encoder_reach" not in results:
+        results["encoder_reach"] = {}
+        for arch in ARCHS:
+            log(f"encoder reach: {arch}")
+            results["encoder_reach"][arch] = encoder_reach(
                 load(out / arch / "last"), pairs, args.reach_sentences
             )
         results_path.write_text(json.dumps(results, indent=2))
@@ -347,11 +402,20 @@ def write_report(r: dict, out: Path) -> None:
     reach = r["gradient_reach"]
     plot.lines(
         {a: (DISTANCES, [reach[a][str(d)] for d in DISTANCES]) for a in ARCHS},
-        "gradient reaching source tokens d positions from the aligned one",
+        "output's gradient reaching source tokens d positions from the aligned one",
         "d (source positions)",
         "gradient norm / at d = 0",
         out / "gradient_reach.png",
     )
+    if "encoder_reach" in r:
+        enc = r["encoder_reach"]
+        plot.lines(
+            {a: (DISTANCES, [enc[a][str(d)] for d in DISTANCES]) for a in ARCHS},
+            "encoder state i's gradient reaching source token i +- d",
+            "d (source positions)",
+            "gradient norm / at d = 0",
+            out / "encoder_reach.png",
+        )
     lines = [
         f"# The big deal, measured ({r['cpu']}, {r['minutes']:g} minutes per model)",
         "",
@@ -372,18 +436,49 @@ def write_report(r: dict, out: Path) -> None:
             f"| {a} | {r['parameters'][a]:,} | {r['steps'][a]} | {tps[a]:,.0f} | "
             f"{e['bleu']:.2f} | " + " | ".join(cells) + " |"
         )
+    lines += [
+        "",
+        "How fast BLEU falls with source length (buckets in order, weighted by sentences):",
+    ]
+    lines += ["", "| model | BLEU per bucket, least-squares slope | longest bucket / shortest |"]
+    lines += ["|---|---:|---:|"]
+    for a in ARCHS:
+        by = r["equal_time"][a]["by_length"]
+        xs = [i for i, b in enumerate(names) if b in by]
+        ys = [by[names[i]]["bleu"] for i in xs]
+        ws = [by[names[i]]["sentences"] for i in xs]
+        mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / sum(ws)
+        my = sum(w * y for w, y in zip(ws, ys, strict=True)) / sum(ws)
+        num = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True))
+        den = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True))
+        ratio = ys[-1] / ys[0] if ys[0] > 0 else math.nan
+        lines.append(f"| {a} | {num / den:+.2f} | {ratio:.2f} |")
     lines += ["", "Equal updates (the Transformer's snapshot at the GRU's last step):", ""]
     lines += ["| updates | GRU model | its BLEU | Transformer BLEU |", "|---:|---|---:|---:|"]
     for a, v in r["equal_updates"].items():
         lines.append(
             f"| {v['updates']} | {a} | {v[a]['bleu']:.2f} | {v['transformer']['bleu']:.2f} |"
         )
+    lines += ["", "Validation BLEU (200 sentences, greedy) at equal updates, from the curves:", ""]
+    common = sorted(set.intersection(*({c["step"] for c in r["curves"][a]} for a in ARCHS)) - {0})
+    lines += ["| model | " + " | ".join(f"step {n}" for n in common) + " |"]
+    lines += ["|---|" + "---:|" * len(common)]
+    for a in ARCHS:
+        at = {c["step"]: c["valid_bleu"] for c in r["curves"][a]}
+        lines.append(f"| {a} | " + " | ".join(f"{at[n]:.1f}" for n in common) + " |")
     lines += ["", "Gradient reach (relative to the aligned source token):", ""]
     lines += ["| model | " + " | ".join(f"d={d}" for d in DISTANCES) + " |"]
     lines += ["|---|" + "---:|" * len(DISTANCES)]
     for a in ARCHS:
         g = r["gradient_reach"][a]
         lines.append(f"| {a} | " + " | ".join(f"{g[str(d)]:.3f}" for d in DISTANCES) + " |")
+    if "encoder_reach" in r:
+        lines += ["", "Encoder reach: |d h_i / d e_j| / |d h_i / d e_i| at j = i +- d:", ""]
+        lines += ["| model | " + " | ".join(f"d={d}" for d in DISTANCES) + " |"]
+        lines += ["|---|" + "---:|" * len(DISTANCES)]
+        for a in ARCHS:
+            g = r["encoder_reach"][a]
+            lines.append(f"| {a} | " + " | ".join(f"{g[str(d)]:.3f}" for d in DISTANCES) + " |")
     lines += ["", "Minutes to a validation BLEU (200 sentences, greedy):", ""]
     targets = [5, 10, 15, 20, 25]
     lines += ["| model | " + " | ".join(f">= {t}" for t in targets) + " |"]

@@ -297,6 +297,9 @@ class TrainConfig:
     byte_fallback: bool = knob(
         False, "subwords: a character never seen in training becomes its UTF-8 bytes, not <unk>"
     )
+    split_cjk: bool = knob(
+        False, "subwords: each Chinese/Japanese character is its own token (no merges)"
+    )
     # batching and optimisation
     max_tokens: int = knob(4096, "padded tokens (source or target, the larger) per batch")
     accumulate: int = knob(1, "batches per optimizer step")

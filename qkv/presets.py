@@ -33,6 +33,7 @@ _MULTI30K = TrainConfig(
 _TATOEBA = _MULTI30K.replace(
     dataset="tatoeba",
     byte_fallback=True,
+    split_cjk=True,
     # a short budget (a few hundred updates on 2 cores): brief warmup, cosine to the end
     warmup=100,
     schedule="cosine",

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from .config import ModelConfig
 
@@ -62,6 +62,9 @@ ALPHABET = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x
 ALPHABET += list("‘’‚“”„–—…•€™")
 
 
+# CJK radicals, symbols and punctuation, kana, ideographs (with extension A), compatibility
+# ideographs, full-width forms
+CJK = "[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]"
 BYTES = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback's tokens, HF tokenizers' spelling
 
 
@@ -106,14 +109,25 @@ class Subwords:
         vocab_size: int = 8000,
         min_frequency: int = 2,
         byte_fallback: bool = False,
+        split_cjk: bool = False,
     ) -> Subwords:
         """BPE over the texts. `byte_fallback`: 256 byte tokens <0x00>..<0xFF> join the
         vocabulary (within vocab_size), and a character that is not in it is spelled as its
         UTF-8 bytes instead of <unk>, decoded back to the character: for scripts with thousands
-        of characters (Chinese), where training text never has them all."""
+        of characters (Chinese), where training text never has them all. `split_cjk`: every
+        Chinese/Japanese character and full-width punctuation mark is a token of its own (no
+        merges: written without spaces, a whole sentence would otherwise be one "word" whose
+        merges make rare multi-character tokens); decoding joins them without spaces."""
         tok = HFTokenizer(models.BPE(unk_token="<unk>"))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        if split_cjk:
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Metaspace(),
+                    pre_tokenizers.Split(Regex(CJK), behavior="isolated"),
+                ]
+            )
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size - (len(BYTES) if byte_fallback else 0),

@@ -97,3 +97,14 @@ def test_chinese_bleu_uses_the_zh_tokenizer():
     # the default tokenizer sees each unspaced sentence as one word: a different, wrong score
     assert bleu(hyps, refs) != pytest.approx(s.bleu)
     assert "tok:13a" in score(["a b c d"], ["a b c d"], "en").bleu_signature
+
+
+def test_split_cjk_makes_every_chinese_character_a_token():
+    texts = ["我不知道他为什么没来。", "我爱你。", "I do not know why he did not come."] * 30
+    tok = Subwords.train(texts, vocab_size=1000, byte_fallback=True, split_cjk=True)
+    pieces = [tok.id_to_token(i) for i in tok.encode("我不知道。")]
+    assert [p for p in pieces if p != "▁"] == ["我", "不", "知", "道", "。"]  # never merged
+    merged = Subwords.train(texts, vocab_size=1000, byte_fallback=True)
+    assert len(merged.encode("我不知道。")) < len(tok.encode("我不知道。"))  # plain BPE merges
+    for text in ["我爱你。", "I love 北京 and Tom's 3 cats！", "猫和狗"]:
+        assert tok.decode(tok.encode(text)) == text  # no spaces appear between characters

@@ -103,7 +103,9 @@ class Translation:
             tok = Subwords.load(tok_path)
         else:
             texts = [s for s, _ in corpus.train] + [t for _, t in corpus.train]
-            tok = Subwords.train(texts, cfg.vocab_size, byte_fallback=cfg.byte_fallback)
+            tok = Subwords.train(
+                texts, cfg.vocab_size, byte_fallback=cfg.byte_fallback, split_cjk=cfg.split_cjk
+            )
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text_atomic(tok_path, tok.to_str())
         self.tokenizer = tok
