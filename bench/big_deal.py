@@ -176,6 +176,17 @@ def source_embedding(model):
     )
 
 
+def add_ratios(ratios: dict[int, list[float]], norms: torch.Tensor, center: int) -> None:
+    """Append |gradient at center +- d| / |gradient at center| for each distance d."""
+    base = float(norms[center])
+    if base <= 0:
+        return
+    for d in DISTANCES:
+        for j in {center - d, center + d}:
+            if 0 <= j < len(norms):
+                ratios[d].append(float(norms[j]) / base)
+
+
 def forward_keeping_source_embedding(model, src, tgt):
     """log-probabilities (T, V) of the teacher-forced pass, and the source embeddings (B, S, D)
     it used (the hooked module's first output: the encoder runs before the decoder)."""
@@ -212,14 +223,7 @@ def gradient_reach(translator: Translator, pairs, n_sentences: int = 30) -> dict
             for t in range(t_len):
                 (g,) = torch.autograd.grad(logp[t, out[t]], emb, retain_graph=True)
                 norms = g[0].norm(dim=-1)  # (S,)
-                center = round(t * (s - 1) / max(t_len - 1, 1))
-                base = float(norms[center])
-                if base <= 0:
-                    continue
-                for d in DISTANCES:
-                    for j in {center - d, center + d}:
-                        if 0 <= j < s:
-                            ratios[d].append(float(norms[j]) / base)
+                add_ratios(ratios, norms, round(t * (s - 1) / max(t_len - 1, 1)))
     return {str(d): statistics.median(v) if v else float("nan") for d, v in ratios.items()}
 
 
@@ -251,14 +255,7 @@ def encoder_reach(translator: Translator, pairs, n_sentences: int = 30) -> dict[
             s = src.shape[1]
             for i in range(s):
                 (grad,) = torch.autograd.grad(memory[0, i] @ u, captured[0], retain_graph=True)
-                norms = grad[0].norm(dim=-1)
-                base = float(norms[i])
-                if base <= 0:
-                    continue
-                for d in DISTANCES:
-                    for j in {i - d, i + d}:
-                        if 0 <= j < s:
-                            ratios[d].append(float(norms[j]) / base)
+                add_ratios(ratios, grad[0].norm(dim=-1), i)
     return {str(d): statistics.median(v) if v else float("nan") for d, v in ratios.items()}
 
 

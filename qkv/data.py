@@ -258,20 +258,6 @@ TATOEBA_SPLITS = ("train", "valid", "test")
 TATOEBA_SEED = 20141  # fixed: the split is part of the data set's definition here
 
 
-def read_tatoeba(path: str | Path) -> list[Pair]:
-    """(English, Chinese) pairs of a Tatoeba/manythings file: English TAB translation TAB
-    attribution per line (the attribution, CC-BY 2.0 France, stays in the file)."""
-    pairs = []
-    for i, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue  # the manythings file ends with an empty line
-        cols = line.split("\t")
-        if len(cols) < 2:
-            raise DataError(f"{path}:{i}: expected English<TAB>translation<TAB>attribution")
-        pairs.append((cols[0].strip(), cols[1].strip()))
-    return pairs
-
-
 def split_by_source(pairs: Sequence[Pair], seed: int = TATOEBA_SEED) -> dict[str, list[Pair]]:
     """train / valid / test (90 / 5 / 5% of the distinct first sides, shuffled with `seed`), all
     pairs of one first side in one split; pairs keep their file order within a split."""
@@ -294,7 +280,8 @@ def tatoeba(split: str, src: str, tgt: str, data_dir: str | Path | None = None) 
         raise DataError(f"tatoeba has no split {split!r} (choose from {', '.join(TATOEBA_SPLITS)})")
     if {src, tgt} != set(TATOEBA_LANGS):
         raise DataError(f"tatoeba pairs English and Chinese: en->zh or zh->en, not {src}->{tgt}")
-    pairs = split_by_source(read_tatoeba(local_dataset_file(TATOEBA_FILE, data_dir)))[split]
+    # English TAB translation TAB attribution (CC-BY 2.0 France; it stays in the file)
+    pairs = split_by_source(read_tsv(local_dataset_file(TATOEBA_FILE, data_dir)))[split]
     return pairs if src == "en" else [(b, a) for a, b in pairs]
 
 

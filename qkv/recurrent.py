@@ -68,6 +68,13 @@ def final_state(memory: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([forward, memory[:, 0, half:]], dim=-1)
 
 
+def first_hidden(init: nn.Linear, c: Tensor, n_layers: int) -> Tensor:
+    """The decoder's starting states (L, B, D) from the source summary c (B, D): s_0 = tanh(W c),
+    one slice of W's output per layer."""
+    h0 = torch.tanh(init(c)).view(len(c), n_layers, -1)
+    return h0.transpose(0, 1).contiguous()
+
+
 class RecurrentCache:
     """What a recurrent decoder carries between steps: its hidden states (L, B, D), and what it
     reads of the source: all encoder states, their projected keys and mask (attention), or the one
@@ -104,12 +111,11 @@ class FixedVectorDecoder(nn.Module):
             dropout=dropout if n_layers > 1 else 0.0,
         )
         self.readout = nn.Linear(3 * d_model, d_model)
-        self.n_layers, self.d_model = n_layers, d_model
+        self.n_layers = n_layers
 
     def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
         c = final_state(memory, mask)  # everything the decoder will ever know of the source
-        h0 = torch.tanh(self.init(c)).view(len(c), self.n_layers, self.d_model)
-        return RecurrentCache(h0.transpose(0, 1).contiguous(), c, mask)
+        return RecurrentCache(first_hidden(self.init, c, self.n_layers), c, mask)
 
     def forward(
         self,
@@ -174,13 +180,11 @@ class AttentionDecoder(nn.Module):
             [nn.GRUCell(2 * d_model if i == 0 else d_model, d_model) for i in range(n_layers)]
         )
         self.readout = nn.Linear(3 * d_model, d_model)
-        self.n_layers, self.d_model = n_layers, d_model
+        self.n_layers = n_layers
 
     def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
-        c = final_state(memory, mask)
-        h0 = torch.tanh(self.init(c)).view(len(c), self.n_layers, self.d_model)
-        keys = self.cross_attn.keys(memory)
-        return RecurrentCache(h0.transpose(0, 1).contiguous(), memory, mask[:, 0, 0, :], keys)
+        h0 = first_hidden(self.init, final_state(memory, mask), self.n_layers)
+        return RecurrentCache(h0, memory, mask[:, 0, 0, :], self.cross_attn.keys(memory))
 
     def forward(
         self,

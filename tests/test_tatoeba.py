@@ -6,7 +6,7 @@ import gzip
 import pytest
 from sacrebleu.metrics import BLEU
 
-from qkv.data import DataError, read_tatoeba, split_by_source, tatoeba
+from qkv.data import DataError, split_by_source, tatoeba
 from qkv.evaluate import bleu, score
 from qkv.tokenizer import UNK, Subwords
 
@@ -59,8 +59,8 @@ def test_the_real_file_when_present():
 
 def test_bad_lines_and_directions(tmp_path):
     write_file(tmp_path, ["Hi.\t嗨。\tattribution", "no tab here"])
-    with pytest.raises(DataError, match=r"cmn.txt.gz:2: expected English<TAB>translation"):
-        read_tatoeba(tmp_path / "cmn-eng" / "cmn.txt.gz")
+    with pytest.raises(DataError, match=r"cmn.txt.gz:2: expected source<TAB>target"):
+        tatoeba("train", "en", "zh", tmp_path)
     write_file(tmp_path, synthetic())
     with pytest.raises(DataError, match="en->zh or zh->en"):
         tatoeba("train", "en", "de", tmp_path)
