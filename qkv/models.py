@@ -13,6 +13,8 @@ touches layers. Shapes: B batch, S source length, T target length, D d_model, V 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -22,10 +24,9 @@ from .decoder import Decoder, DecoderLayer
 from .embedding import Embeddings
 from .encoder import Encoder, EncoderLayer
 from .masks import padding_mask
-from .recurrent import RecurrentEncoderDecoder
 
 
-def _token_embedding(vocab: int, d_model: int, pad_id: int) -> nn.Embedding:
+def token_embedding(vocab: int, d_model: int, pad_id: int) -> nn.Embedding:
     emb = nn.Embedding(vocab, d_model, padding_idx=pad_id)
     # std D^-1/2, so that after the sqrt(D) scale the inputs have unit variance
     nn.init.normal_(emb.weight, std=d_model**-0.5)
@@ -73,7 +74,7 @@ def _decoder(cfg: ModelConfig, token: nn.Embedding, cross_attention: bool) -> De
     return Decoder(_embeddings(cfg, token), layers, _final_norm(cfg))
 
 
-def _output(cfg: ModelConfig, vocab: int, token: nn.Embedding) -> nn.Linear:
+def output_projection(cfg: ModelConfig, vocab: int, token: nn.Embedding) -> nn.Linear:
     """The projection from D to vocabulary scores, optionally tied to the input embedding."""
     head = nn.Linear(cfg.d_model, vocab, bias=cfg.output_bias)
     if cfg.output_bias:
@@ -106,25 +107,13 @@ def pool(x: Tensor, mask: Tensor, how: str = "mean", weights: Tensor | None = No
     return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
-class EncoderDecoder(nn.Module):
-    """Encoder over the source, decoder over the target with cross-attention to the encoder."""
+class Seq2Seq(nn.Module):
+    """What every encoder-decoder does with its parts, whatever their layers (the Transformer's
+    here, qkv.recurrent's GRUs): `encoder(src, mask)` -> memory, `decoder(tgt, memory, mask)` or
+    `decoder(tokens, cache=...)` -> hidden states, `decoder.start(memory, mask)` -> the cache,
+    `lm_head` -> vocabulary scores. Subclasses build the parts and set `config`."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        src_tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
-        tgt_tok = (
-            src_tok
-            if cfg.share_embeddings
-            else _token_embedding(cfg.target_vocab, cfg.d_model, cfg.pad_id)
-        )
-        self.encoder = _encoder(cfg, src_tok)
-        self.decoder = _decoder(cfg, tgt_tok, cross_attention=True)
-        self.lm_head = _output(cfg, cfg.target_vocab, tgt_tok)
-        # tied weights belong to the embedding and keep its init
-        _init_linear(nn.ModuleList([self.encoder.layers, self.decoder.layers]))
-        if not cfg.tie_output:
-            nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
+    config: ModelConfig
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src ids (B, S) -> memory (B, S, D) and its padding mask (B, 1, 1, S)."""
@@ -136,16 +125,37 @@ class EncoderDecoder(nn.Module):
         memory, mask = self.encode(src)
         return self.lm_head(self.decoder(tgt, memory, mask))
 
-    def start(self, src: Tensor) -> DecoderCache:
-        """Encode the source once; return the cache that `step` grows."""
+    def start(self, src: Tensor) -> Any:
+        """Encode the source once; return the cache that `step` grows (the decoder's kind)."""
         memory, mask = self.encode(src)
         return self.decoder.start(memory, mask)
 
-    def step(self, tokens: Tensor, cache: DecoderCache, last: bool = False) -> Tensor:
+    def step(self, tokens: Tensor, cache: Any, last: bool = False) -> Tensor:
         """New target tokens (B, T) -> logits (B, T, V); `cache` grows by T positions. `last`:
         only the last position's logits (B, 1, V), all that search needs after a prefix."""
         h = self.decoder(tokens, cache=cache)
         return self.lm_head(h[:, -1:] if last else h)
+
+
+class EncoderDecoder(Seq2Seq):
+    """Encoder over the source, decoder over the target with cross-attention to the encoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        src_tok = token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        tgt_tok = (
+            src_tok
+            if cfg.share_embeddings
+            else token_embedding(cfg.target_vocab, cfg.d_model, cfg.pad_id)
+        )
+        self.encoder = _encoder(cfg, src_tok)
+        self.decoder = _decoder(cfg, tgt_tok, cross_attention=True)
+        self.lm_head = output_projection(cfg, cfg.target_vocab, tgt_tok)
+        # tied weights belong to the embedding and keep its init
+        _init_linear(nn.ModuleList([self.encoder.layers, self.decoder.layers]))
+        if not cfg.tie_output:
+            nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
 
 
 class DecoderOnly(nn.Module):
@@ -154,9 +164,9 @@ class DecoderOnly(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        tok = token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         self.decoder = _decoder(cfg, tok, cross_attention=False)
-        self.lm_head = _output(cfg, cfg.vocab_size, tok)
+        self.lm_head = output_projection(cfg, cfg.vocab_size, tok)
         _init_linear(self.decoder.layers)
         if not cfg.tie_output:
             nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
@@ -184,7 +194,7 @@ class EncoderOnly(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        tok = _token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        tok = token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         self.encoder = _encoder(cfg, tok)
         _init_linear(self.encoder.layers)
         # a weight per vocabulary entry for "weighted" pooling: set from the training text's
@@ -195,7 +205,7 @@ class EncoderOnly(nn.Module):
         if cfg.n_classes:
             self.classifier = nn.Linear(cfg.d_model, cfg.n_classes)
         else:
-            self.lm_head = _output(cfg, cfg.vocab_size, tok)
+            self.lm_head = output_projection(cfg, cfg.vocab_size, tok)
             if not cfg.tie_output:
                 nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
 
@@ -214,7 +224,7 @@ class EncoderOnly(nn.Module):
         return self.lm_head(x)  # (B, S, V)
 
 
-Model = EncoderDecoder | DecoderOnly | EncoderOnly | RecurrentEncoderDecoder
+Model = Seq2Seq | DecoderOnly | EncoderOnly  # Seq2Seq: the Transformer's, or a GRU baseline
 
 
 def from_config(cfg: ModelConfig) -> Model:
@@ -227,6 +237,8 @@ def from_config(cfg: ModelConfig) -> Model:
         case "encoder-only":
             return EncoderOnly(cfg)
         case "gru" | "gru-attention":
+            from .recurrent import RecurrentEncoderDecoder  # built on this module's Seq2Seq
+
             return RecurrentEncoderDecoder(cfg)
     raise AssertionError(cfg.arch)  # ModelConfig validated it
 

@@ -119,6 +119,12 @@ class ProbeReport:
         return data
 
 
+def real_queries(batch: Seq2SeqBatch, encoder: bool, pad: int) -> torch.Tensor:
+    """True on the queries that count: real source tokens (encoder self-attention), target
+    positions with a target (decoder self- and cross-attention)."""
+    return batch.src != pad if encoder else batch.tgt_out != pad
+
+
 class Prober:
     def __init__(
         self,
@@ -165,8 +171,7 @@ class Prober:
             with record_attention(self.model) as rec:
                 self.model(batch.src, batch.tgt_in)
             for path, (w,) in rec.items():
-                # real query positions: source tokens, or target positions with a target
-                real = batch.src != pad if path.startswith("encoder") else batch.tgt_out != pad
+                real = real_queries(batch, path.startswith("encoder"), pad)
                 ent, top = head_stats(w, real)
                 n = float(real.sum())
                 acc = sums.setdefault(path, [torch.zeros_like(ent), torch.zeros_like(top), 0.0])
@@ -199,7 +204,7 @@ class Prober:
                 self.model(batch.src, batch.tgt_in)
             picked_by_kind: dict[AttentionKind, Any] = {}
             for path, (w,) in sorted(rec.items()):  # w (B, H, T, S)
-                real = batch.src != pad if path.startswith("encoder") else batch.tgt_out != pad
+                real = real_queries(batch, path.startswith("encoder"), pad)
                 top = w.argmax(-1).transpose(1, 2)  # (B, T, H): each head's top key
                 picked = torch.zeros_like(w[:, 0]).scatter_(2, top, 1.0)  # (B, T, S)
                 distinct = picked.sum(-1)[real].sum().item()
@@ -209,18 +214,18 @@ class Prober:
                 kind = attention_kind(path)
                 before = picked_by_kind.get(kind)
                 picked_by_kind[kind] = picked if before is None else before.maximum(picked)
-                union.setdefault(kind, [real, 0.0, 0.0])[0] = real
             for kind, picked in picked_by_kind.items():
-                real = union[kind][0]
-                union[kind][1] += picked.sum(-1)[real].sum().item()
-                union[kind][2] += float(real.sum())
+                real = real_queries(batch, kind is AttentionKind.ENCODER_SELF, pad)
+                acc = union.setdefault(kind, [0.0, 0.0])
+                acc[0] += picked.sum(-1)[real].sum().item()
+                acc[1] += float(real.sum())
         out: dict[AttentionKind, dict[str, Any]] = {}
         for path in sorted(sums, key=module_order):
             distinct, many, n = sums[path]
             kind = out.setdefault(attention_kind(path), {"distinct_top": [], "strong": []})
             kind["distinct_top"].append(distinct / float(n))
             kind["strong"].append(many / float(n))
-        for kind, (_, total, n) in union.items():
+        for kind, (total, n) in union.items():
             out[kind]["distinct_top_all"] = total / n
         return out
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig
-from .masks import padding_mask
+from .models import Seq2Seq, output_projection, token_embedding
 
 
 class RecurrentEncoder(nn.Module):
@@ -216,7 +216,7 @@ class AttentionDecoder(nn.Module):
         return self.dropout(torch.tanh(self.readout(torch.stack(outputs, dim=1))))
 
 
-class RecurrentEncoderDecoder(nn.Module):
+class RecurrentEncoderDecoder(Seq2Seq):
     """A bidirectional GRU encoder and a GRU decoder, with (config.arch "gru-attention") or
     without ("gru") attention over the encoder states; the output projection is tied to the
     target embedding, as in the Transformer models."""
@@ -225,45 +225,16 @@ class RecurrentEncoderDecoder(nn.Module):
         super().__init__()
         self.config = cfg
         d = cfg.d_model
-        src_tok = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_id)
+        src_tok = token_embedding(cfg.vocab_size, d, cfg.pad_id)
         tgt_tok = (
-            src_tok
-            if cfg.share_embeddings
-            else nn.Embedding(cfg.target_vocab, d, padding_idx=cfg.pad_id)
+            src_tok if cfg.share_embeddings else token_embedding(cfg.target_vocab, d, cfg.pad_id)
         )
-        for emb in {id(src_tok): src_tok, id(tgt_tok): tgt_tok}.values():
-            nn.init.normal_(emb.weight, std=d**-0.5)
-            with torch.no_grad():
-                emb.weight[cfg.pad_id].zero_()
         # std D^-1/2 and a sqrt(D) scale: unit-variance inputs, and unit-scale logits through
         # the tied output (as the Transformer models)
         scale = d**0.5 if cfg.scale_embedding else 1.0
         self.encoder = RecurrentEncoder(src_tok, d, cfg.n_encoder_layers, cfg.dropout, scale)
         decoder = AttentionDecoder if cfg.arch == "gru-attention" else FixedVectorDecoder
         self.decoder = decoder(tgt_tok, d, cfg.n_decoder_layers, cfg.dropout, scale)
-        self.lm_head = nn.Linear(d, cfg.target_vocab, bias=cfg.output_bias)
-        if cfg.tie_output:
-            self.lm_head.weight = tgt_tok.weight
-        else:
+        self.lm_head = output_projection(cfg, cfg.target_vocab, tgt_tok)
+        if not cfg.tie_output:
             nn.init.normal_(self.lm_head.weight, std=d**-0.5)
-        if cfg.output_bias:
-            nn.init.zeros_(self.lm_head.bias)
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """src ids (B, S) -> encoder states (B, S, D) and the padding mask (B, 1, 1, S)."""
-        mask = padding_mask(src, self.config.pad_id)
-        return self.encoder(src, mask), mask
-
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """src (B, S), tgt (B, T) (starting with bos) -> logits (B, T, V) for the next tokens."""
-        memory, mask = self.encode(src)
-        return self.lm_head(self.decoder(tgt, memory, mask))
-
-    def start(self, src: Tensor) -> RecurrentCache:
-        memory, mask = self.encode(src)
-        return self.decoder.start(memory, mask)
-
-    def step(self, tokens: Tensor, cache: RecurrentCache, last: bool = False) -> Tensor:
-        """New target tokens (B, T) -> logits (B, T, V), or (B, 1, V) with `last`."""
-        h = self.decoder(tokens, cache=cache)
-        return self.lm_head(h[:, -1:] if last else h)
