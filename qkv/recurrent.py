@@ -68,13 +68,6 @@ def final_state(memory: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([forward, memory[:, 0, half:]], dim=-1)
 
 
-def first_hidden(init: nn.Linear, c: Tensor, n_layers: int) -> Tensor:
-    """The decoder's starting states (L, B, D) from the source summary c (B, D): s_0 = tanh(W c),
-    one slice of W's output per layer."""
-    h0 = torch.tanh(init(c)).view(len(c), n_layers, -1)
-    return h0.transpose(0, 1).contiguous()
-
-
 class RecurrentCache:
     """What a recurrent decoder carries between steps: its hidden states (L, B, D), and what it
     reads of the source: all encoder states, their projected keys and mask (attention), or the one
@@ -92,9 +85,11 @@ class RecurrentCache:
             self.keys = self.keys.index_select(0, index)
 
 
-class FixedVectorDecoder(nn.Module):
-    """A GRU over the target whose only view of the source is the fixed vector c: it sets the
-    first state, s_0 = tanh(W c), and is part of every step's input and of the readout."""
+class RecurrentDecoder(nn.Module):
+    """What both GRU decoders share: the target embedding, the first states from the source
+    summary (s_0 = tanh(W c), one slice per layer), and the readout: each step's [s_i; y_{i-1};
+    c_i] through tanh(W_o .) to a D-wide vector for the output projection. Subclasses say how
+    the source enters (`start`) and run the recurrence (`run`)."""
 
     def __init__(
         self, embed: nn.Embedding, d_model: int, n_layers: int, dropout: float, scale: float
@@ -103,19 +98,21 @@ class FixedVectorDecoder(nn.Module):
         self.embed, self.scale = embed, scale
         self.dropout = nn.Dropout(dropout)
         self.init = nn.Linear(d_model, n_layers * d_model)
-        self.rnn = nn.GRU(
-            2 * d_model,
-            d_model,
-            num_layers=n_layers,
-            batch_first=True,
-            dropout=dropout if n_layers > 1 else 0.0,
-        )
         self.readout = nn.Linear(3 * d_model, d_model)
         self.n_layers = n_layers
 
+    def first_hidden(self, c: Tensor) -> Tensor:
+        """The starting states (L, B, D) from the source summary c (B, D)."""
+        h0 = torch.tanh(self.init(c)).view(len(c), self.n_layers, -1)
+        return h0.transpose(0, 1).contiguous()
+
     def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
-        c = final_state(memory, mask)  # everything the decoder will ever know of the source
-        return RecurrentCache(first_hidden(self.init, c, self.n_layers), c, mask)
+        raise NotImplementedError
+
+    def run(self, y: Tensor, cache: RecurrentCache) -> Tensor:
+        """Embedded targets (B, T, D) -> [s_i; y_{i-1}; c_i] per step (B, T, 3D); updates
+        cache.hidden."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -128,11 +125,35 @@ class FixedVectorDecoder(nn.Module):
         if cache is None:
             assert memory is not None and mask is not None
             cache = self.start(memory, mask)
-        c = cache.memory[:, None].expand(-1, tgt.shape[1], -1)  # (B, T, D), the same each step
-        y = self.dropout(self.embed(tgt) * self.scale)
-        s, cache.hidden = self.rnn(torch.cat([y, c], dim=-1), cache.hidden)
+        mixed = self.run(self.dropout(self.embed(tgt) * self.scale), cache)
         cache.length += tgt.shape[1]
-        return self.dropout(torch.tanh(self.readout(torch.cat([s, y, c], dim=-1))))
+        return self.dropout(torch.tanh(self.readout(mixed)))
+
+
+class FixedVectorDecoder(RecurrentDecoder):
+    """A GRU over the target whose only view of the source is the fixed vector c: it sets the
+    first state, s_0 = tanh(W c), and is part of every step's input and of the readout."""
+
+    def __init__(
+        self, embed: nn.Embedding, d_model: int, n_layers: int, dropout: float, scale: float
+    ):
+        super().__init__(embed, d_model, n_layers, dropout, scale)
+        self.rnn = nn.GRU(
+            2 * d_model,
+            d_model,
+            num_layers=n_layers,
+            batch_first=True,
+            dropout=dropout if n_layers > 1 else 0.0,
+        )
+
+    def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
+        c = final_state(memory, mask)  # everything the decoder will ever know of the source
+        return RecurrentCache(self.first_hidden(c), c, mask)
+
+    def run(self, y: Tensor, cache: RecurrentCache) -> Tensor:
+        c = cache.memory[:, None].expand(-1, y.shape[1], -1)  # (B, T, D), the same each step
+        s, cache.hidden = self.rnn(torch.cat([y, c], dim=-1), cache.hidden)
+        return torch.cat([s, y, c], dim=-1)
 
 
 class AdditiveAttention(nn.Module):
@@ -162,7 +183,7 @@ class AdditiveAttention(nn.Module):
         return context, weights
 
 
-class AttentionDecoder(nn.Module):
+class AttentionDecoder(RecurrentDecoder):
     """A stack of GRU cells that attends before each token (Bahdanau et al. 2015, section 3.1):
     the top layer's previous state s_{i-1} queries the encoder states for context c_i; the first
     layer reads [y_{i-1}; c_i]; the readout mixes [s_i; y_{i-1}; c_i]. Sequential by nature: the
@@ -171,49 +192,32 @@ class AttentionDecoder(nn.Module):
     def __init__(
         self, embed: nn.Embedding, d_model: int, n_layers: int, dropout: float, scale: float
     ):
-        super().__init__()
-        self.embed, self.scale = embed, scale
-        self.dropout = nn.Dropout(dropout)
-        self.init = nn.Linear(d_model, n_layers * d_model)
+        super().__init__(embed, d_model, n_layers, dropout, scale)
         self.cross_attn = AdditiveAttention(d_model, d_model, d_model)
         self.cells = nn.ModuleList(
             [nn.GRUCell(2 * d_model if i == 0 else d_model, d_model) for i in range(n_layers)]
         )
-        self.readout = nn.Linear(3 * d_model, d_model)
-        self.n_layers = n_layers
 
     def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
-        h0 = first_hidden(self.init, final_state(memory, mask), self.n_layers)
+        h0 = self.first_hidden(final_state(memory, mask))
         return RecurrentCache(h0, memory, mask[:, 0, 0, :], self.cross_attn.keys(memory))
 
-    def forward(
-        self,
-        tgt: Tensor,
-        memory: Tensor | None = None,
-        mask: Tensor | None = None,
-        cache: RecurrentCache | None = None,
-    ) -> Tensor:
-        """tgt (B, T) -> readout vectors (B, T, D). Without a cache, decodes from the start."""
-        if cache is None:
-            assert memory is not None and mask is not None
-            cache = self.start(memory, mask)
+    def run(self, y: Tensor, cache: RecurrentCache) -> Tensor:
         assert cache.keys is not None
-        ys = self.dropout(self.embed(tgt) * self.scale)  # (B, T, D)
         hidden = list(cache.hidden.unbind(0))  # L x (B, D)
         outputs, all_weights = [], []
-        for t in range(tgt.shape[1]):
+        for t in range(y.shape[1]):
             context, weights = self.cross_attn(hidden[-1], cache.keys, cache.memory, cache.mask)
-            x = torch.cat([ys[:, t], context], dim=-1)
+            x = torch.cat([y[:, t], context], dim=-1)
             for i, cell in enumerate(self.cells):
                 hidden[i] = cell(x, hidden[i])
                 x = self.dropout(hidden[i])
-            outputs.append(torch.cat([hidden[-1], ys[:, t], context], dim=-1))
+            outputs.append(torch.cat([hidden[-1], y[:, t], context], dim=-1))
             all_weights.append(weights)
         cache.hidden = torch.stack(hidden)
-        cache.length += tgt.shape[1]
         if self.cross_attn.recorder is not None:  # one record per call, as the Transformer's
             self.cross_attn.recorder(self.cross_attn, torch.stack(all_weights, 1)[:, None])
-        return self.dropout(torch.tanh(self.readout(torch.stack(outputs, dim=1))))
+        return torch.stack(outputs, dim=1)
 
 
 class RecurrentEncoderDecoder(Seq2Seq):
