@@ -82,6 +82,12 @@ def _explicit_is_faster(q: Tensor, dropout: float) -> bool:
     )
 
 
+def _ungroup(x: Tensor, group: int) -> Tensor:
+    """(n, H, g*T, X) -> (n*g, H, T, X): undo the grouping of a sentence's beams' queries."""
+    n, h, gt, last = x.shape
+    return x.view(n, h, group, gt // group, last).transpose(1, 2).reshape(-1, h, gt // group, last)
+
+
 class MultiHeadAttention(nn.Module):
     """H heads attend in parallel, each in its own Dh = D / H subspace; their outputs are
     concatenated and projected back to D. Self-attention when `memory` is None, else
@@ -146,6 +152,11 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, S, Dh), S = cached + T
 
+        group = cache.group if cache is not None and cache.static else 1
+        if group > 1:  # a sentence's beams share its keys: its g rows' queries become g*T queries
+            n, h, t, dh = q.shape
+            q = q.view(n // group, group, h, t, dh).transpose(1, 2).reshape(-1, h, group * t, dh)
+
         need_weights = self.recorder is not None
         out, weights = attention(
             q,
@@ -156,6 +167,9 @@ class MultiHeadAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             need_weights=need_weights,
         )
+        if group > 1:  # back to one row per beam: (N, H, T, ...)
+            out = _ungroup(out, group)
+            weights = _ungroup(weights, group) if weights is not None else None
         if self.recorder is not None and weights is not None:
             self.recorder(self, weights)
         if self.head_mask is not None:

@@ -27,6 +27,13 @@ class KVCache:
         self._k: Tensor | None = None
         self._v: Tensor | None = None
         self.length = 0
+        # Cross-attention: each cached row serves `group` consecutive query rows (one sentence's
+        # beams), so a sentence's keys/values are stored and read once, not once per beam.
+        self.group = 1
+
+    @property
+    def rows(self) -> int:
+        return 0 if self._k is None else self._k.shape[0]
 
     @property
     def k(self) -> Tensor:
@@ -60,11 +67,18 @@ class KVCache:
         self._k, self._v = new_k, new_v
 
     def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` (B',), in that order: beam search's reorder."""
-        if self._k is not None and self._v is not None:
-            # The whole buffer, spare capacity included, so the next append need not grow it.
-            self._k = self._k.index_select(0, index)
-            self._v = self._v.index_select(0, index)
+        """Keep batch rows `index` (B',), in that order: beam search's reorder. Only the used
+        positions are copied, into a buffer as large as before (the next append need not grow)."""
+        if self._k is None or self._v is None:
+            return
+        if self._k.requires_grad and torch.is_grad_enabled():  # out= does not differentiate
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            return
+        new_k = self._k.new_empty(len(index), *self._k.shape[1:])
+        new_v = self._v.new_empty(len(index), *self._v.shape[1:])
+        torch.index_select(self.k, 0, index, out=new_k[:, :, : self.length])
+        torch.index_select(self.v, 0, index, out=new_v[:, :, : self.length])
+        self._k, self._v = new_k, new_v
 
 
 @dataclass
@@ -73,16 +87,18 @@ class DecoderCache:
     per-layer cross-attention keys/values (projected once from the encoder output), and the
     memory padding mask. `select` reorders all of it at once.
 
-    `source` (B,) says which source sentence each row decodes. Beam search's reorder moves rows
-    only among the beams of one sentence, whose cross-attention keys/values are equal, so a
-    select that leaves `source` unchanged skips them; only dropping or repeating sentences moves
-    them (HF transformers and fairseq make the same saving).
+    The cross-attention caches and `memory_mask` hold one row per source sentence; `source` (N,)
+    says which of them each decoder row reads. While the rows come in equal consecutive groups
+    per sentence (beam search: a sentence's K beams, which only ever move among themselves),
+    the K beams share their sentence's row (`KVCache.group` = K): nothing is copied K times at
+    the start, a reorder among beams moves nothing, and cross-attention reads each sentence's
+    keys once for all its beams. Only dropping sentences moves them.
     """
 
     self_attn: list[KVCache]
     cross_attn: list[KVCache] | None = None
-    memory_mask: Tensor | None = None  # (B, 1, 1, S)
-    source: Tensor | None = None  # (B,)
+    memory_mask: Tensor | None = None  # (sentences, 1, 1, S)
+    source: Tensor | None = None  # (N,) the cross-attention row of each decoder row
     offsets: Tensor | None = None  # (B,) left pads before each row's first token (prompts)
 
     @property
@@ -95,12 +111,26 @@ class DecoderCache:
             c.select(index)
         if self.offsets is not None:
             self.offsets = self.offsets[index]
-        if self.source is not None:
-            source = self.source[index]
-            if torch.equal(source, self.source):  # rows moved only among equal sources
-                return
-            self.source = source
-        for c in self.cross_attn or []:
-            c.select(index)
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, index)
+        if self.source is None or not self.cross_attn:
+            return
+        source = self.source[index]
+        rows, group = _groups(source)
+        n = self.cross_attn[0].rows
+        unchanged = len(rows) == n and bool((rows == torch.arange(n, device=rows.device)).all())
+        for c in self.cross_attn:
+            if not unchanged:
+                c.select(rows)
+            c.group = group
+        if self.memory_mask is not None and not unchanged:
+            self.memory_mask = self.memory_mask.index_select(0, rows)
+        self.source = torch.arange(len(rows), device=source.device).repeat_interleave(group)
+
+
+def _groups(source: Tensor) -> tuple[Tensor, int]:
+    """Rows (n,) and a group size g with source == rows.repeat_interleave(g), rows distinct; or
+    (source, 1) when source is not made of equal runs of distinct values."""
+    rows, counts = torch.unique_consecutive(source, return_counts=True)
+    g = int(counts[0]) if len(counts) else 1
+    if g > 1 and bool((counts == g).all()) and len(torch.unique(rows)) == len(rows):
+        return rows, g
+    return source, 1

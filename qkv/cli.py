@@ -25,6 +25,7 @@ from .distributed import DistributedError
 from .flags import (
     Parser,
     UsageError,
+    add_compile_flag,
     add_decode_flags,
     command,
     config_flags,
@@ -275,6 +276,7 @@ def add_translate(sub) -> None:
     p.add_argument("--output", help="file to write (default: stdout)")
     p.add_argument("--trace", help="also write the beam-search tree to this .html or .json file")
     add_decode_flags(p)
+    add_compile_flag(p)
     p.set_defaults(func=run_translate)
 
 
@@ -347,6 +349,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--hyp", help="hypothesis file (instead of --model)")
     p.add_argument("--ref", help="reference file")
     add_decode_flags(p)
+    add_compile_flag(p)
     p.set_defaults(func=run_evaluate)
 
 

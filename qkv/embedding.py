@@ -81,3 +81,12 @@ class Embeddings(nn.Module):
         if self.scale != 1.0:
             x = x * self.scale
         return self.dropout(x + pos)  # (B, T, D)
+
+    def at(self, ids: Tensor, position: Tensor) -> Tensor:
+        """ids (B, 1) all at one position given as a tensor (1,), so that a compiled decoding
+        step sees the same code at every position (qkv.fixed)."""
+        table = self.learned.weight if self.learned is not None else self.sinusoids
+        x = self.token(ids)
+        if self.scale != 1.0:
+            x = x * self.scale
+        return self.dropout(x + table.index_select(0, position))  # (B, 1, D)

@@ -113,6 +113,16 @@ def add_decode_flags(p: argparse.ArgumentParser, strategy: str = "beam") -> None
     p.set_defaults(default_strategy=strategy)
 
 
+def add_compile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="fixed-shape decoding compiled with torch.compile (qkv/fixed.py): pays a compile "
+        "per batch shape (kept on disk under ~/.cache/qkv/inductor for the next run); "
+        "see bench/README.md for when it is faster",
+    )
+
+
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
     """The DecodeConfig the flags ask for; contradictions are usage errors, not guesses."""
     values = given(args, "d_")
@@ -148,9 +158,11 @@ def device_of_flag(name: str) -> torch.device:
         raise UsageError(f"--device: {e}") from None
 
 
-def load_model_dir(args: argparse.Namespace, task: str | None, int8: bool = False):
+def load_model_dir(
+    args: argparse.Namespace, task: str | None, int8: bool = False, packed: bool = True
+):
     """(model on --device packed for inference, tokenizer, meta) of a model directory trained
-    for `task` (None: for any task)."""
+    for `task` (None: for any task). `packed=False`: the plain model, in eval mode."""
     from .checkpoint import load
     from .packed import available, pack
 
@@ -163,17 +175,30 @@ def load_model_dir(args: argparse.Namespace, task: str | None, int8: bool = Fals
         raise UsageError(f"{args.model}: a model for {trained_for}, not for {task}")
     if tok is None:
         raise UsageError(f"{args.model}: the model directory has no tokenizer")
-    return pack(model, int8), tok, meta
+    return (pack(model, int8) if packed else model.eval()), tok, meta
 
 
 def load_translator(args: argparse.Namespace, int8: bool = False):
-    """A Translator over a model directory, on --device, packed for CPU inference."""
+    """A Translator over a model directory, on --device, packed for CPU inference (or, with
+    --compile, plain for inductor, which packs the weights its own way)."""
     from .translate import Translator
 
-    model, tok, meta = load_model_dir(args, "translation", int8)
+    compile = getattr(args, "compile", False)
+    if compile and int8:
+        raise UsageError("--compile and --int8 do not go together (int8 runs eagerly)")
+    model, tok, meta = load_model_dir(args, "translation", int8, packed=not compile)
     if not hasattr(model, "step") or not hasattr(model, "encode"):
         raise UsageError(f"{args.model}: not an encoder-decoder model")
-    return Translator(model, tok, getattr(args, "batch_size", 64)), meta
+    fixed = None
+    if compile:
+        from .fixed import FixedDecoder, use_disk_cache
+        from .models import EncoderDecoder
+
+        if not isinstance(model, EncoderDecoder):
+            raise UsageError(f"{args.model}: --compile decodes Transformer models only")
+        use_disk_cache()
+        fixed = FixedDecoder(model, compile=True)
+    return Translator(model, tok, getattr(args, "batch_size", 64), fixed), meta
 
 
 def task_of(model_dir: str) -> str:

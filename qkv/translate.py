@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from .config import DecodeConfig
+from .fixed import FixedDecoder, bucket
 from .models import EncoderDecoder, device_of
-from .search import BeamTrace, Hypothesis, decode, model_step
+from .search import BeamTrace, Hypothesis, decode, max_lengths, model_step
 from .tokenizer import Tokenizer
 
 
@@ -27,9 +30,16 @@ class Translation:
 class Translator:
     """A model plus its tokenizer, ready to turn sentences into translations."""
 
-    def __init__(self, model: EncoderDecoder, tokenizer: Tokenizer, batch_size: int = 64):
+    def __init__(
+        self,
+        model: EncoderDecoder,
+        tokenizer: Tokenizer,
+        batch_size: int = 64,
+        fixed: FixedDecoder | None = None,
+    ):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.config = model.config
+        self.fixed = fixed  # fixed-shape (compiled) decoding instead of the eager step
 
     def encode_sources(self, sentences: Sequence[str]) -> list[list[int]]:
         limit = self.config.max_len - 1
@@ -56,9 +66,10 @@ class Translator:
             for row, i in enumerate(idx):
                 src[row, : len(sources[i])] = torch.tensor(sources[i])
             trace = BeamTrace() if trees is not None else None
+            step, state, lengths = self._start(src.to(device), lengths, cfg)
             batch = decode(
-                model_step(self.model),
-                self.model.start(src.to(device)),
+                step,
+                state,
                 lengths,
                 cfg,
                 bos=mc.bos_id,
@@ -67,11 +78,27 @@ class Translator:
                 max_positions=mc.max_len,
                 trace=trace,
             )
-            for row, (i, hyps) in enumerate(zip(idx, batch, strict=True)):
+            for row, (i, hyps) in enumerate(zip(idx, batch[: len(idx)], strict=True)):
                 results[i] = hyps
                 if trees is not None and trace is not None:
                     trees[i] = trace.trees[row]
         return results
+
+    def _start(self, src: Tensor, lengths: Tensor, cfg: DecodeConfig) -> tuple[Any, Any, Tensor]:
+        """The search's step function and state for one batch (and its lengths). Fixed-shape
+        decoding pads the batch to bucketed shapes (rows, source length, steps), so that a
+        compiled step sees few distinct shapes; the padding rows repeat the first sentence and
+        their outputs are dropped. Sampling stays eager: its random draws depend on the rows."""
+        if self.fixed is None or cfg.strategy == "sample":
+            return model_step(self.model), self.model.start(src), lengths
+        rows, s = self.batch_size - len(src), bucket(src.shape[1], 8) - src.shape[1]
+        src = torch.cat([src, src[:1].expand(rows, -1)]) if rows > 0 else src
+        src = F.pad(src, (0, s), value=self.config.pad_id)
+        lengths = torch.cat([lengths, lengths[:1].expand(max(rows, 0))])
+        cap = self.config.max_len - 1
+        steps = bucket(int(max_lengths(cfg, lengths, cap).max()) + 1, 16)
+        step, state = self.fixed.start(src, steps)
+        return step, state, lengths
 
     def translate(self, sentences: Sequence[str], cfg: DecodeConfig) -> list[list[Translation]]:
         hyps = self.translate_ids(self.encode_sources(sentences), cfg)

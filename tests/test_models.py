@@ -81,6 +81,34 @@ def test_incremental_after_select_equals_full(tiny):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_beams_share_their_sentence_cross_attention_rows(tiny):
+    from qkv.inspect import record_attention
+
+    model = tiny()
+    src, tgt = batch()
+    src[1, -3:] = 0  # a padded source: its mask must follow its keys
+    k = 4
+    cache = model.start(src)
+    cache.select(torch.arange(3).repeat_interleave(k))  # beam search's start: K rows each
+    assert [c.rows for c in cache.cross_attn] == [3, 3] and cache.cross_attn[0].group == k
+    rows = torch.arange(3).repeat_interleave(k)
+    with record_attention(model) as rec:
+        got = model.step(tgt[rows, :4], cache)
+    with record_attention(model) as want_rec:
+        want = model(src[rows], tgt[rows, :4])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    name = "decoder.layers.1.cross_attn"
+    torch.testing.assert_close(rec[name][0], want_rec[name][0], atol=1e-6, rtol=1e-5)
+    # reorder among beams and drop sentence 1: the shared rows follow the sentences
+    index = torch.tensor([3, 3, 1, 0, 8, 9, 11, 11])
+    cache.select(index)
+    assert [c.rows for c in cache.cross_attn] == [2, 2] and cache.memory_mask.shape[0] == 2
+    rows = rows[index]
+    tokens = torch.cat([tgt[rows, :4], tgt[:2, 4:].repeat(4, 1)], 1)
+    got = model.step(tokens[:, 4:], cache)
+    torch.testing.assert_close(got, model(src[rows], tokens)[:, 4:], atol=1e-5, rtol=1e-5)
+
+
 def test_one_model_serves_two_decodes_at_once(tiny):
     model = tiny()
     src, tgt = batch()
