@@ -1,6 +1,7 @@
 """PyTorch's CPU dropout vs qkv's (`qkv.dropout.dropout`: its mask applied as one
-multiplication, since 2026-11-30) and the torch.where version it replaced, forward + backward, on a tensor the size of one feed-forward activation of a 2048-token batch
-(64 x 32 x 1024), 2 threads, alternated.
+multiplication, since 2026-11-29) and the torch.where version it replaced, forward + backward,
+on a tensor the size of one feed-forward activation of a 2048-token batch (64 x 32 x 1024),
+2 threads, alternated.
 
     .venv/bin/python bench/dropout_speed.py
 """
@@ -14,7 +15,7 @@ from qkv.dropout import dropout
 
 
 def dropout_by_where(x: torch.Tensor, p: float) -> torch.Tensor:
-    """qkv's dropout until 2026-11-30: the same 16-bit draws and mask, applied with torch.where
+    """qkv's dropout until 2026-11-29: the same 16-bit draws and mask, applied with torch.where
     (same values and gradients as the multiplication)."""
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)

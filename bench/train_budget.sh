@@ -13,7 +13,7 @@ shift $(($# < 4 ? $# : 4))
 qkv=${QKV:-.venv/bin/qkv}
 mkdir -p "$out"
 if [ -f "$out/last/trainer.json" ]; then
-    $qkv train --out "$out" --resume 2>&1 | tee -a "$out/train.log"
+    $qkv train --out "$out" --resume --threads "${THREADS:-0}" 2>&1 | tee -a "$out/train.log"
 else
     $qkv train --preset "multi30k-$src-$tgt" --out "$out" --overwrite \
         --max-steps "$steps" --max-minutes 0 --threads "${THREADS:-0}" \

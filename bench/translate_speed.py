@@ -30,6 +30,7 @@ import transformers
 
 from qkv import checkpoint
 from qkv.config import DecodeConfig
+from qkv.fixed import FixedDecoder, use_disk_cache
 from qkv.marian import convert
 from qkv.packed import pack
 from qkv.search import beam_search, greedy, model_step
@@ -99,9 +100,12 @@ def sources(args: argparse.Namespace) -> list[torch.Tensor]:
     return [src[i : i + args.batch] for i in range(0, len(src), args.batch)]
 
 
-def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace):
-    # as `qkv translate` runs it: linear layers prepacked (or 8-bit with --int8)
-    model = pack(checkpoint.load(model_dir)[0], int8=int8)
+def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace, compiled: bool = False):
+    # as `qkv translate` runs it: linear layers prepacked (or 8-bit with --int8); or as
+    # `qkv translate --compile`: fixed-shape decoding compiled by inductor (the plain model)
+    model = checkpoint.load(model_dir)[0].eval() if compiled else None
+    fixed = FixedDecoder(model, compile=True) if compiled else None
+    model = model or pack(checkpoint.load(model_dir)[0], int8=int8)
     batches, n = sources(args), args.out_len
     kw = dict(bos=PAD, eos=EOS, pad=PAD)
 
@@ -110,7 +114,9 @@ def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace):
         with torch.inference_mode():
             for x in batches[:n_batches]:
                 lengths = torch.full((len(x),), x.shape[1])
-                state = model.start(x)
+                step, state = model_step(model), model.start(x)
+                if fixed is not None:
+                    step, state = fixed.start(x, n + 1)
                 cfg = DecodeConfig(
                     beam=beam,
                     alpha=1.0,
@@ -121,9 +127,9 @@ def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace):
                     at_max="stop",
                 )
                 if beam == 1:
-                    out += [h.tokens for h in greedy(model_step(model), state, lengths, cfg, **kw)]
+                    out += [h.tokens for h in greedy(step, state, lengths, cfg, **kw)]
                 else:
-                    hyps = beam_search(model_step(model), state, lengths, cfg, **kw)
+                    hyps = beam_search(step, state, lengths, cfg, **kw)
                     out += [n[0].tokens for n in hyps]
         return out
 
@@ -191,6 +197,9 @@ def worker(name: str, tmp: Path, args: argparse.Namespace, conn) -> None:
     match name:
         case "qkv" | "qkv-int8":
             run = qkv_engine(tmp / "qkv", name == "qkv-int8", args)
+        case "qkv-compiled":
+            use_disk_cache()
+            run = qkv_engine(tmp / "qkv", False, args, compiled=True)
         case "hf":
             run = hf_engine(tmp / "hf", args)
         case _:
@@ -213,12 +222,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="beam5,greedy")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between runs")
+    ap.add_argument(
+        "--compiled", action="store_true", help="also qkv --compile (minutes of compiling first)"
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="qkv-speed-"))
     hf_model(args.size).save_pretrained(tmp / "hf")
     convert(tmp / "hf", tmp / "qkv")
-    names = ["qkv", "qkv-int8", "hf"]
+    names = ["qkv", "qkv-int8", "hf"] + (["qkv-compiled"] if args.compiled else [])
     for name, quant in (("ct2-fp32", None), ("ct2-int8", "int8")):
         if ct2_convert(tmp / "hf", tmp / name, quant) is not None:
             names.append(name)
@@ -242,9 +254,15 @@ def main() -> None:
         beam = 1 if mode == "greedy" else int(mode.removeprefix("beam"))
         best: dict[str, float] = {}
         outputs: dict[str, list[list[int]]] = {}
-        for conn in conns.values():  # warm-up (first calls pack weights, allocate): one batch
+        for name, conn in conns.items():  # warm-up (pack weights, allocate, compile): 1 batch
+            t0 = time.perf_counter()
             conn.send((beam, 1))
             conn.recv()
+            if name == "qkv-compiled":
+                print(
+                    f"{mode}: qkv-compiled's first batch, compiling: "
+                    f"{time.perf_counter() - t0:.1f} s"
+                )
         for _ in range(args.repeats):
             for name, conn in conns.items():  # alternated, so drifts hit every engine alike
                 time.sleep(args.pause)  # let the previous engine's threads go idle

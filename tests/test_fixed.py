@@ -75,6 +75,16 @@ def test_compiled_equals_eager_and_recompiles_for_new_weights(tiny, tmp_path, mo
     with torch.no_grad():  # new weights in place (frozen into the old graph as constants)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    got = compiled.translate_ids(src, cfg)
+    same(compiled.translate_ids(src, cfg), eager.translate_ids(src, cfg))
     assert fixed.compiles == 2
-    same(got, eager.translate_ids(src, cfg))
+
+
+def test_compile_with_int8_is_a_usage_error(capsys, trained):
+    from tests.test_cli_translation import run
+
+    out_dir, _, _ = trained
+    rc, _, err = run(
+        capsys, "translate", "--model", str(out_dir), "--compile", "--int8", stdin="x\n"
+    )
+    assert rc == 2 and "--compile and --int8 do not go together" in err
+    assert len(err.strip().splitlines()) == 1
