@@ -268,6 +268,7 @@ def add_translate(sub) -> None:
             "echo 'Ein Mann fährt Fahrrad.' | qkv translate --model runs/de-en",
             "qkv translate --model runs/de-en --input in.de --output out.en --beam 5 --nbest 3",
             "qkv translate --model runs/de-en --int8 < in.de    # 8-bit weights: faster on CPU",
+            "qkv translate --model runs/de-en --compile < in.de  # compiled fixed-shape steps",
             "qkv translate --model opus-de-en --penalty power --alpha 1 --at-max stop  # as HF",
         ],
     )

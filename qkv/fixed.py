@@ -203,8 +203,9 @@ def weights_key(model: torch.nn.Module) -> str:
 
 
 def use_disk_cache(root: Path | None = None) -> Path:
-    """Keep inductor's compiled kernels and graphs under the qkv cache dir, so a second run of
-    `qkv translate --compile` finds them instead of compiling again."""
+    """Keep inductor's compiled kernels under the qkv cache dir, so a second run of
+    `qkv translate --compile` skips their C++ compilation (not the tracing and lowering of each
+    graph, which it still pays: bench/README.md)."""
     path = root or Path(os.environ.get("QKV_CACHE", Path.home() / ".cache" / "qkv")) / "inductor"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])

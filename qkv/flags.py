@@ -117,9 +117,9 @@ def add_compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="fixed-shape decoding compiled with torch.compile (qkv/fixed.py): pays a compile "
-        "per batch shape (kept on disk under ~/.cache/qkv/inductor for the next run); "
-        "see bench/README.md for when it is faster",
+        help="fixed-shape decoding compiled with torch.compile (qkv/fixed.py): same outputs, "
+        "but tens of seconds of compiling per batch shape (kernels cached under "
+        "~/.cache/qkv/inductor); pays only over many batches; see bench/README.md",
     )
 
 
