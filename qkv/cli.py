@@ -243,6 +243,7 @@ def run_train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = _train_configs(args)
     world = distributed.from_env()  # torchrun's processes, or this one alone
     device = distributed.init(world, device_of_flag(args.device))
+    finished = False
     try:
         train(
             task_for(train_cfg),
@@ -253,8 +254,9 @@ def run_train(args: argparse.Namespace) -> int:
             device=device,
             world=world,
         )
+        finished = True
     finally:
-        distributed.close(world)
+        distributed.close(world, finished)
     return 0
 
 

@@ -14,6 +14,7 @@ clear message instead of waiting forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -88,8 +89,15 @@ def init(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def close(world: World) -> None:
+def close(world: World, finished: bool = False) -> None:
+    """Leave the process group. `finished` (every rank completed): first wait for the others,
+    since a gloo peer that tears down while another is still finishing can abort that one at
+    exit ("terminate called without an active exception", seen once in the two-process resume
+    test). After an error nobody waits: the peers may be gone."""
     if world.active and dist.is_initialized():
+        if finished:  # (a peer already gone: nothing left to wait for)
+            with contextlib.suppress(RuntimeError, dist.DistBackendError):
+                dist.barrier()
         dist.destroy_process_group()
 
 
