@@ -344,24 +344,14 @@ def main() -> None:
             }
         results_path.write_text(json.dumps(results, indent=2))
 
-    # 4. path length: the gradient's reach
-    if "gradient_reach" not in results:
-        results["gradient_reach"] = {}
-        for arch in ARCHS:
-            log(f"gradient reach: {arch}")
-            results["gradient_reach"][arch] = gradient_reach(
-                load(out / arch / "last"), pairs, args.reach_sentences
-            )
-        results_path.write_text(json.dumps(results, indent=2))
-
-    if "encoder_reach" not in results:
-        results["encoder_reach"] = {}
-        for arch in ARCHS:
-            log(f"encoder reach: {arch}")
-            results["encoder_reach"][arch] = encoder_reach(
-                load(out / arch / "last"), pairs, args.reach_sentences
-            )
-        results_path.write_text(json.dumps(results, indent=2))
+    # 4. path length: the gradient's reach, at the output and inside the encoder
+    for key, measure in (("gradient_reach", gradient_reach), ("encoder_reach", encoder_reach)):
+        if key not in results:
+            results[key] = {}
+            for arch in ARCHS:
+                log(f"{key.replace('_', ' ')}: {arch}")
+                results[key][arch] = measure(load(out / arch / "last"), pairs, args.reach_sentences)
+            results_path.write_text(json.dumps(results, indent=2))
 
     results["curves"] = {a: curve(out / a) for a in ARCHS}
     results_path.write_text(json.dumps(results, indent=2))
