@@ -20,7 +20,7 @@ from qkv.config import DecodeConfig
 from qkv.fixed import FixedDecoder, use_disk_cache
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import decode, model_step
+from qkv.search import decode, max_steps, model_step
 
 
 def main() -> None:
@@ -47,6 +47,7 @@ def main() -> None:
     )
     kw = dict(bos=PAD, eos=EOS, pad=PAD)
     lengths = torch.full((batch,), 21)
+    steps = max_steps(cfg, lengths, None)
     fixed = {"fixed eager": FixedDecoder(packed), "fixed compiled": FixedDecoder(plain, True)}
 
     def run(name: str) -> tuple[float, list[list[int]]]:
@@ -56,13 +57,13 @@ def main() -> None:
                 if name == "packed eager":
                     step, state = model_step(packed), packed.start(x)
                 else:
-                    step, state = fixed[name].start(x, 26)
+                    step, state = fixed[name].start(x, steps)
                 out += [h[0].tokens for h in decode(step, state, lengths, cfg, **kw)]
         return n / (time.perf_counter() - t0), out
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        step, state = fixed["fixed compiled"].start(src[:batch], 26)
+        step, state = fixed["fixed compiled"].start(src[:batch], steps)
         decode(step, state, lengths, cfg, **kw)
     print(f"first compiled batch, compiling included: {time.perf_counter() - t0:.1f} s")
     for _ in range(args.repeats):

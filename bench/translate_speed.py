@@ -33,7 +33,7 @@ from qkv.config import DecodeConfig
 from qkv.fixed import FixedDecoder, use_disk_cache
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import beam_search, greedy, model_step
+from qkv.search import beam_search, greedy, max_steps, model_step
 
 V, EOS, UNK, PAD = 8000, 0, 1, 7999
 SIZES = {
@@ -114,9 +114,6 @@ def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace, compiled: 
         with torch.inference_mode():
             for x in batches[:n_batches]:
                 lengths = torch.full((len(x),), x.shape[1])
-                step, state = model_step(model), model.start(x)
-                if fixed is not None:
-                    step, state = fixed.start(x, n + 1)
                 cfg = DecodeConfig(
                     beam=beam,
                     alpha=1.0,
@@ -126,6 +123,10 @@ def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace, compiled: 
                     min_len=n,
                     at_max="stop",
                 )
+                if fixed is None:
+                    step, state = model_step(model), model.start(x)
+                else:
+                    step, state = fixed.start(x, max_steps(cfg, lengths, None))
                 if beam == 1:
                     out += [h.tokens for h in greedy(step, state, lengths, cfg, **kw)]
                 else:

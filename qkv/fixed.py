@@ -93,7 +93,8 @@ class FixedCache:
     def __init__(self, model: EncoderDecoder, src: Tensor, steps: int):
         memory, mask = model.encode(src)
         self.memory_mask = mask  # (B, 1, 1, S)
-        self.cross = [layer.cross_attn.project_kv(memory) for layer in model.decoder.layers]
+        cross = [layer.cross_attn.project_kv(memory) for layer in model.decoder.layers]
+        self.cross_k, self.cross_v = [k for k, _ in cross], [v for _, v in cross]
         self.b, self.steps, self.group = src.shape[0], steps, 1
         self.heads = model.config.n_heads
         self.d_head = model.config.d_model // self.heads
@@ -101,7 +102,6 @@ class FixedCache:
         self.self_v: list[Tensor] = []
         self.phys = torch.arange(self.b, device=src.device)  # (n,)
         self.pos = 0
-        self.n_layers = len(model.decoder.layers)
 
     @property
     def rows(self) -> int:
@@ -109,8 +109,8 @@ class FixedCache:
 
     def _allocate(self, like: Tensor) -> None:
         shape = (self.rows, self.heads, self.steps, self.d_head)
-        self.self_k = [like.new_zeros(shape) for _ in range(self.n_layers)]
-        self.self_v = [like.new_zeros(shape) for _ in range(self.n_layers)]
+        self.self_k = [like.new_zeros(shape) for _ in self.cross_k]
+        self.self_v = [like.new_zeros(shape) for _ in self.cross_k]
 
     def select(self, index: Tensor) -> None:
         device = index.device
@@ -178,13 +178,12 @@ class FixedDecoder:
             if cache.pos >= cache.steps:
                 raise ValueError(f"fixed-shape decoding was sized for {cache.steps} steps")
             if not cache.self_k:
-                cache._allocate(cache.cross[0][0])
+                cache._allocate(cache.cross_k[0])
             full = tokens.new_full((cache.rows, 1), model.config.pad_id)
             full[cache.phys] = tokens
             pos = torch.tensor([cache.pos], device=tokens.device)
-            ck = [k for k, _ in cache.cross]
-            cv = [v for _, v in cache.cross]
-            out = fn(model, full, pos, cache.self_k, cache.self_v, ck, cv, cache.memory_mask)
+            c = cache
+            out = fn(model, full, pos, c.self_k, c.self_v, c.cross_k, c.cross_v, c.memory_mask)
             cache.pos += 1
             return out[cache.phys]
 

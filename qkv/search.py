@@ -61,6 +61,12 @@ def max_lengths(cfg: DecodeConfig, src_lengths: Tensor, cap: int) -> Tensor:
     return m.clamp(min=max(cfg.min_len, 1), max=max(cap, 1))
 
 
+def max_steps(cfg: DecodeConfig, src_lengths: Tensor, max_positions: int | None) -> int:
+    """The most steps `decode` may take on these inputs from `bos` (no prefix): the longest
+    output allowed, plus the step that must end it (what fixed-shape decoding preallocates)."""
+    return int(max_lengths(cfg, src_lengths, _cap(max_positions, 1)).max()) + 1
+
+
 def _start(prefix: Tensor | None, b: int, bos: int, device: torch.device) -> Tensor:
     if prefix is None:
         return torch.full((b, 1), bos, dtype=torch.long, device=device)  # (B, 1)

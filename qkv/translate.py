@@ -17,7 +17,7 @@ from torch import Tensor
 from .config import DecodeConfig
 from .fixed import FixedDecoder, bucket
 from .models import EncoderDecoder, device_of
-from .search import BeamTrace, Hypothesis, decode, max_lengths, model_step
+from .search import BeamTrace, Hypothesis, decode, max_steps, model_step
 from .tokenizer import Tokenizer
 
 
@@ -95,8 +95,7 @@ class Translator:
         src = torch.cat([src, src[:1].expand(rows, -1)]) if rows > 0 else src
         src = F.pad(src, (0, s), value=self.config.pad_id)
         lengths = torch.cat([lengths, lengths[:1].expand(max(rows, 0))])
-        cap = self.config.max_len - 1
-        steps = bucket(int(max_lengths(cfg, lengths, cap).max()) + 1, 16)
+        steps = bucket(max_steps(cfg, lengths, self.config.max_len), 16)
         step, state = self.fixed.start(src, steps)
         return step, state, lengths
 
