@@ -42,7 +42,7 @@ from .flags import (
 from .marian import MarianImportError
 from .nanogpt import NanoGPTImportError
 from .tokenizer import ItemError
-from .train import Diverged
+from .train import Diverged, Stopped
 
 
 def _languages(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, str]:
@@ -137,7 +137,8 @@ def add_train(sub) -> None:
         "Train a model for a task on a named data set (Multi30k, Tiny Shakespeare, SST-2, STS-B, "
         "MovieLens-1M) or your own "
         "files. Shows loss, lr, tokens/s and ETA; keeps the best checkpoint in OUT/best and a "
-        "resumable one in OUT/last. Values: the preset, then --config, then flags.",
+        "resumable one in OUT/last; SIGTERM or Ctrl-C saves OUT/last after the step in progress "
+        "and stops (exit 143 or 130). Values: the preset, then --config, then flags.",
         [
             "qkv train --preset multi30k-de-en --out runs/de-en --max-minutes 60",
             "qkv train --preset multi30k-de-en --src my.de --tgt my.en --out runs/mine",
@@ -255,6 +256,9 @@ def run_train(args: argparse.Namespace) -> int:
             world=world,
         )
         finished = True
+    except Stopped:
+        finished = True  # every process stopped at the same step: they can meet to leave
+        raise
     finally:
         distributed.close(world, finished)
     return 0
@@ -778,6 +782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DistributedError as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        print(f"qkv: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """The training loop, for any task: AdamW with warmup and inverse-square-root decay, gradient
 accumulation and clipping, progress with loss, tokens/s and ETA, periodic validation, the best
 checkpoint by the task's metric, the average of the last N validated ones, resumable checkpoints,
-and step / epoch / time budgets.
+and step / epoch / time budgets. SIGTERM or Ctrl-C (SIGINT) ends the step in progress, saves
+last/ and stops (a second one stops at once): a preempted run resumes where it was told to stop.
 
 A task (qkv.tasks) says what data it reads, which model it trains, how a batch becomes a loss and
 how validation is scored; the loop knows nothing else of it.
@@ -23,7 +24,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +49,40 @@ BAD_STEPS_LIMIT = 5  # non-finite steps in a row before training stops
 
 class Diverged(Exception):
     """Training stopped after non-finite losses or gradients; the message is one line."""
+
+
+class Stopped(Exception):
+    """Training was asked to stop by a signal and saved last/ first; `signum` says which."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Signals:
+    """While training: SIGTERM and SIGINT only note that a stop was asked for (the loop saves
+    and stops after the step in progress) and restore the old handler, so a second signal acts
+    at once. Signals can only be caught on the main thread; elsewhere this does nothing."""
+
+    CAUGHT = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def _caught(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._old[signum])
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.CAUGHT:
+                self._old[sig] = signal.signal(sig, self._caught)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _stderr(msg: str) -> None:
@@ -482,6 +519,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def run(self, on_step: Callable[[int], None] | None = None) -> None:
+        with _Signals() as signals:
+            self._run(on_step, signals)
+
+    def _run(self, on_step: Callable[[int], None] | None, signals: _Signals) -> None:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -502,9 +543,6 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += len(group)
                 self.elapsed = elapsed0 + time.monotonic() - t0
-                if self.world.active:  # rank 0's clock decides, so all stop at the same step
-                    mine = self.elapsed if self.world.main else 0.0
-                    (self.elapsed,) = distributed.sum_floats(self.world, [mine], self.device)
                 if result is None:
                     self._skipped()
                 else:
@@ -514,6 +552,16 @@ class Trainer:
                     self.log(progress.line(self, lr, len(batches)))
                 if on_step is not None:
                     on_step(self.step)
+                signum = signals.signum
+                if self.world.active:  # rank 0's clock decides, so all stop at the same step;
+                    # a signal any process caught stops them all after this step
+                    mine = self.elapsed if self.world.main else 0.0
+                    self.elapsed, asked = distributed.sum_floats(
+                        self.world, [mine, float(signum)], self.device
+                    )
+                    signum = signum or (signal.SIGTERM if asked else 0)
+                if signum:
+                    self._stop_on_signal(signum)
                 stop = self._should_stop(len(batches))
                 if self.step % cfg.eval_every == 0 or stop:
                     self.validate()
@@ -525,6 +573,16 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
         self.finish()
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """Save last/ (no validation: a preempted job may have seconds) and stop."""
+        self.save_last()
+        name = signal.Signals(signum).name
+        raise Stopped(
+            signum,
+            f"{name}: stopped after step {self.step} and saved {self.out / 'last'}; "
+            "continue with --resume",
+        )
 
     def _skipped(self) -> None:
         """A step with a non-finite loss or gradient was skipped: say so; stop after

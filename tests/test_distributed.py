@@ -160,6 +160,39 @@ def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
             p.wait()
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_last_saved(corpus, tmp_path):
+    """A signal only rank 1 caught (a preempted node) reaches rank 0 through the step's
+    all-reduce: both save-and-stop after the same step, last/ holds it, and --resume works."""
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, "-m", "qkv", *flags(corpus, tmp_path / "run", 100000, 2)]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "last").exists():  # training is under way
+            assert time.monotonic() < deadline and procs[0].poll() is None
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(90) for p in procs]
+        errs = [p.stderr.read().strip().splitlines() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert codes == [128 + signal.SIGTERM] * 2, [e[-3:] for e in errs]
+    step = json.loads((tmp_path / "run" / "last" / "trainer.json").read_text())["step"]
+    for err in errs:
+        assert err[-1].startswith(f"qkv: SIGTERM: stopped after step {step} "), err[-3:]
+    torchrun(["train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", str(step + 2)])
+    assert json.loads((tmp_path / "run" / "last" / "trainer.json").read_text())["step"] == step + 2
+
+
 def test_a_language_model_too_with_its_validation_shared(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question.\n" * 200, encoding="utf-8")

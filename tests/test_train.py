@@ -2,6 +2,10 @@
 the translation task: it learns, and its checkpoints decode like the model in memory."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from qkv.loss import smoothed_cross_entropy
 from qkv.models import from_config
 from qkv.presets import PRESETS
 from qkv.tasks import task_for
-from qkv.train import Trainer, inverse_sqrt, train
+from qkv.train import Stopped, Trainer, inverse_sqrt, train
 from qkv.translate import Translator
 
 
@@ -183,6 +187,98 @@ def test_the_loop_trains_another_task_and_resumes_bit_identically(tmp_path):
     meta = checkpoint.read_config(tmp_path / "straight" / "best")[1]
     assert meta["task"] == "counting" and meta["modulus"] == 10
     assert runs[0].best == min(losses)
+
+
+class Unhandled(Exception):
+    pass
+
+
+@pytest.fixture
+def guarded():
+    """SIGTERM and SIGINT raise Unhandled here unless something else catches them (without
+    this, a signal the trainer failed to catch would end the test process)."""
+    calls = []
+
+    def guard(signum, frame):
+        calls.append(signum)
+        raise Unhandled(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, guard) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield calls, guard
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_last_and_stops_and_the_resume_is_bit_identical(tmp_path, guarded, sig):
+    """SIGTERM (a preempted job) or Ctrl-C at step 13: the step ends, last/ holds step 13 (no
+    periodic save would have: every 100), Stopped names the signal, the handlers are put back;
+    resuming gives the weights of a run never stopped."""
+    _, guard = guarded
+    model_cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.1, max_len=16)
+    cfg = TrainConfig(threads=1, lr=3e-3, warmup=5, max_steps=20, save_every=100, eval_every=100)
+    run = lambda out, **kw: train(Counting(seed=3), model_cfg, cfg, out, log=lambda s: None, **kw)
+    run(tmp_path / "straight")
+
+    def stop(step):
+        if step == 13:
+            os.kill(os.getpid(), sig)
+
+    with pytest.raises(Stopped) as stopped:
+        run(tmp_path / "stopped", on_step=stop)
+    assert stopped.value.signum == sig and signal.Signals(sig).name in str(stopped.value)
+    assert "step 13" in str(stopped.value) and "--resume" in str(stopped.value)
+    assert signal.getsignal(signal.SIGTERM) is guard and signal.getsignal(signal.SIGINT) is guard
+    assert checkpoint.load_trainer_state(tmp_path / "stopped" / "last")["json"]["step"] == 13
+    assert not (tmp_path / "stopped" / "averaged").exists()  # a stopped run has not finished
+    run(tmp_path / "stopped", resume=True)
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_signal_acts_at_once(tmp_path, guarded):
+    calls, _ = guarded
+    model_cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, max_len=16)
+    cfg = TrainConfig(threads=1, max_steps=20, save_every=100, eval_every=100)
+
+    def twice(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the old handler again: not waited for
+
+    with pytest.raises(Unhandled):
+        train(Counting(seed=3), model_cfg, cfg, tmp_path, log=lambda s: None, on_step=twice)
+    assert calls == [signal.SIGTERM]
+
+
+def test_qkv_train_stopped_by_sigterm_says_so_in_one_line_and_resumes(corpus, tmp_path):
+    root, _, _ = corpus
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "qkv", "train", "--preset", "tiny", "--out", str(out),
+            "--src", str(root / "train.de"), "--tgt", str(root / "train.en"), "--threads", "1",
+            "--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000",
+            "--log-every", "1"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith("step 3 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[1].splitlines()
+    assert proc.returncode == 128 + signal.SIGTERM, lines + rest
+    assert [r for r in rest if r.startswith("qkv:")] == rest[-1:], rest  # one line, no traceback
+    assert "SIGTERM: stopped after step" in rest[-1] and "--resume" in rest[-1]
+    stopped_at = checkpoint.load_trainer_state(out / "last")["json"]["step"]
+    assert f"step {stopped_at} " in rest[-1] + " " and stopped_at >= 3
+    resumed = subprocess.run(
+        [sys.executable, "-m", "qkv", "train", "--out", str(out), "--resume", "--threads", "1",
+         "--max-steps", str(stopped_at + 2)],  # fmt: skip
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.load_trainer_state(out / "last")["json"]["step"] == stopped_at + 2
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(corpus, tmp_path):
