@@ -48,7 +48,10 @@ def main() -> None:
     kw = dict(bos=PAD, eos=EOS, pad=PAD)
     lengths = torch.full((batch,), 21)
     steps = max_steps(cfg, lengths, None)
-    fixed = {"fixed eager": FixedDecoder(packed), "fixed compiled": FixedDecoder(plain, True)}
+    fixed = {
+        "fixed eager": FixedDecoder(packed),
+        "fixed compiled": FixedDecoder(plain, True, freeze=not args.no_freeze),
+    }
 
     def run(name: str) -> tuple[float, list[list[int]]]:
         out, t0 = [], time.perf_counter()

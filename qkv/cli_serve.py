@@ -34,6 +34,13 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="the large linear layers' number format on the CPU; auto: bf16 only where the "
+        "CPU has bf16 units and a quick measurement finds it faster (default auto)",
+    )
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, default=64, help="inputs per batched call (64)")
     g.add_argument(
@@ -71,6 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be > 0; --max-wait-ms and --drain >= 0")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.precision == "bf16" and device_of_flag(args.device).type != "cpu":
+        raise UsageError("--precision bf16 is for CPU inference with oneDNN (this device: fp32)")
     device_of_flag(args.device)
     _check_port(args.host, args.port)
     limits = Limits(
@@ -79,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         batching=not args.no_batching,
     )
-    options = ServeOptions(args.host, args.port, args.drain, limits)
+    options = ServeOptions(args.host, args.port, args.drain, limits, args.precision)
 
     def announce(line: str) -> None:
         print(f"qkv: {line}", file=sys.stderr, flush=True)

@@ -235,7 +235,7 @@ Task = Literal["translation", "lm", "classify", "similarity", "items"]
 ItemLoss = Literal["ce", "bce"]
 TokenizerKind = Literal["bpe", "char"]
 Schedule = Literal["inverse_sqrt", "cosine"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 DATASETS = {
     "multi30k": "translation",
     "tatoeba": "translation",
@@ -326,7 +326,8 @@ class TrainConfig:
     precision: Precision = knob(
         "fp32",
         "bf16: the forward pass and loss in bfloat16 autocast, weights and optimizer in fp32 "
-        "(a GPU, or a CPU with bf16 units)",
+        "(a GPU, or a CPU with bf16 units); auto: bf16 only where the device has bf16 units "
+        "and a quick measurement finds it faster",
     )
     log_every: int = knob(20, "steps between progress lines")
 

@@ -6,7 +6,10 @@ reorders each weight once into the blocked layout of oneDNN's GEMM (the fp32 lin
 `torch.compile`'s CPU backend uses for frozen weights): the same function, with float rounding
 differences around 1e-6. `int8=True` instead quantizes each weight row to 8 bits and each input
 row on the fly (dynamic quantization, fbgemm): about 4x fewer weight bytes and integer
-arithmetic, at a small accuracy cost that bench/README.md measures in BLEU.
+arithmetic, at a small accuracy cost that bench/README.md measures in BLEU. `bf16=True` keeps a
+bfloat16 copy of each weight (packed for oneDNN's bf16 GEMM where the CPU has bf16 units, else a
+plain bf16 matmul) and casts each input to bf16 and each output back to fp32 (qkv/precision.py
+says when that is faster).
 
 `pack(model)` is an explicit inference step, called by the commands that serve inference, never
 on a model that is training. It swaps each large nn.Linear for a PackedLinear, and each
@@ -53,17 +56,27 @@ class Packed:
     """y = x W^T + b where W (and b) stack the weights of `linears` (their outputs concatenated),
     computed on a packed copy made once, at construction."""
 
-    def __init__(self, linears: Sequence[nn.Linear], int8: bool = False, reorder: bool = True):
+    def __init__(
+        self,
+        linears: Sequence[nn.Linear],
+        int8: bool = False,
+        reorder: bool = True,
+        bf16: bool = False,
+    ):
         """reorder=False keeps the stacked copy as it is (plain F.linear): for matrices too small
         to gain from the packed kernels, stacking alone still saves work on every call."""
         self.linears = tuple(linears)  # a tuple, so nn.Module does not register them twice
         if len({m.bias is None for m in self.linears}) > 1:
             raise ValueError("Packed: the linear layers must all have a bias or all have none")
-        self.int8, self.reorder = int8, reorder or int8
+        if int8 and bf16:
+            raise ValueError("Packed: int8 or bf16, not both")
+        self.int8, self.bf16, self.reorder = int8, bf16, reorder or int8
+        self._packed = None
         with torch.no_grad():
             w, b = self._weights()
-            w = w.detach().float().contiguous()
-            self._bias = None if b is None else b.detach().float().contiguous()
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            w = w.detach().to(dtype).contiguous()
+            self._bias = None if b is None else b.detach().to(dtype).contiguous()
             self._stacked = w
             if not self.reorder:
                 return
@@ -75,6 +88,8 @@ class Packed:
                     warnings.simplefilter("ignore")
                     qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
                     self._packed = torch.ops.quantized.linear_prepack(qw, self._bias)
+            elif bf16:
+                self._packed = _bf16_packed(w, self._bias)
             else:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
@@ -90,6 +105,13 @@ class Packed:
     def __call__(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, *self._weights())
+        if self.bf16:  # bf16 in, fp32 out: everything around the matmul stays fp32
+            x2 = x.reshape(-1, x.shape[-1]).bfloat16()
+            if self._packed is None:
+                y = F.linear(x2, self._stacked, self._bias)
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")
+            return y.float().view(*x.shape[:-1], y.shape[-1])
         if not self.reorder:
             return F.linear(x, self._stacked, self._bias)
         x2 = x.reshape(-1, x.shape[-1])  # the kernels' fast path is 2-D
@@ -99,6 +121,22 @@ class Packed:
         else:
             y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _bf16_packed(w: Tensor, bias: Tensor | None) -> Tensor | None:
+    """w (bf16) reordered for oneDNN's bf16 GEMM, or None where that kernel is missing or
+    refuses (CPUs without bf16 units): the caller then multiplies the plain bf16 copy."""
+    from .precision import bf16_units
+
+    if not bf16_units(torch.device("cpu")):
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        probe = torch.zeros(1, w.shape[1], dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+    except RuntimeError:
+        return None
+    return packed
 
 
 def _refuse_training(module: nn.Module) -> None:
@@ -111,11 +149,11 @@ def _refuse_training(module: nn.Module) -> None:
 class PackedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state-dict keys) whose inference runs packed."""
 
-    def __init__(self, linear: nn.Linear, int8: bool = False):
+    def __init__(self, linear: nn.Linear, int8: bool = False, bf16: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # shared, so tying survives
-        self.packed = Packed([self], int8)
+        self.packed = Packed([self], int8, bf16=bf16)
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,20 +161,23 @@ class PackedLinear(nn.Linear):
         return self.packed(x)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", int8" if self.packed.int8 else ", packed")
+        kind = "int8" if self.packed.int8 else "bf16" if self.packed.bf16 else "packed"
+        return f"{super().extra_repr()}, {kind}"
 
 
 class PackedAttention(MultiHeadAttention):
     """A MultiHeadAttention (same submodules and parameters) whose self-attention q/k/v
     projection runs as one packed matrix: one matmul per decoding step for q, k and v."""
 
-    def __init__(self, attn: MultiHeadAttention, int8: bool = False, reorder: bool = True):
+    def __init__(
+        self, attn: MultiHeadAttention, int8: bool = False, reorder: bool = True, bf16: bool = False
+    ):
         nn.Module.__init__(self)
         self.n_heads, self.d_head, self.dropout = attn.n_heads, attn.d_head, attn.dropout
         self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
         self.out_proj = attn.out_proj
         self.recorder, self.head_mask = attn.recorder, attn.head_mask
-        self.packed_qkv = Packed([self.q_proj, self.k_proj, self.v_proj], int8, reorder)
+        self.packed_qkv = Packed([self.q_proj, self.k_proj, self.v_proj], int8, reorder, bf16)
         self.eval()
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,10 +186,15 @@ class PackedAttention(MultiHeadAttention):
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
 
-def pack(model: nn.Module, int8: bool = False, min_weights: int | None = None) -> nn.Module:
+def pack(
+    model: nn.Module, int8: bool = False, min_weights: int | None = None, bf16: bool = False
+) -> nn.Module:
     """Swap model's linear layers with at least `min_weights` weights (and attention layers
     whose q/k/v matrix has that many) for packed ones, in place, for inference; returns the
-    model in eval mode. Packing twice, or a model that is not on the CPU, changes nothing."""
+    model in eval mode. int8 or bf16: those layers' weights in that format (see above).
+    Packing twice, or a model that is not on the CPU, changes nothing."""
+    if int8 and bf16:
+        raise ValueError("pack: int8 or bf16, not both")
     model.eval()
     min_weights = min_weights_default() if min_weights is None else min_weights
     if not available(int8) or any(p.device.type != "cpu" for p in model.parameters()):
@@ -161,9 +207,9 @@ def pack(model: nn.Module, int8: bool = False, min_weights: int | None = None) -
         for name, child in list(parent.named_children()):
             if type(child) is MultiHeadAttention and name == "self_attn":
                 big = 3 * child.q_proj.weight.numel() >= min_weights
-                setattr(parent, name, PackedAttention(child, int8 and big, reorder=big))
+                setattr(parent, name, PackedAttention(child, int8 and big, big, bf16 and big))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:
-                setattr(parent, name, PackedLinear(child, int8))
+                setattr(parent, name, PackedLinear(child, int8, bf16))
     return model

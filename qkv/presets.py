@@ -28,6 +28,7 @@ _MULTI30K = TrainConfig(
     eval_sentences=500,
     max_minutes=90.0,
     average_last=3,
+    precision="auto",  # bf16 only where the machine has the units and it measures faster
 )
 
 _TATOEBA = _MULTI30K.replace(

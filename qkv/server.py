@@ -183,16 +183,20 @@ class Served:
         return out
 
 
-def load_served(paths: Sequence[str], device: str = "auto") -> list[Served]:
-    """Each model directory, loaded on `device` and packed for inference, named by its
-    directory (made unique with a suffix)."""
+def load_served(
+    paths: Sequence[str], device: str = "auto", precision: str = "fp32"
+) -> list[Served]:
+    """Each model directory, loaded on `device` and packed for inference (bf16 weights where
+    `precision` says so: qkv.precision), named by its directory (made unique with a suffix)."""
     from .checkpoint import load
+    from .flags import inference_precision
     from .models import pick_device
     from .packed import pack
 
     served, names = [], set()
     for path in paths:
-        model, tok, meta = load(path, pick_device(device))
+        on = pick_device(device)
+        model, tok, meta = load(path, on)
         if tok is None:
             raise ValueError(f"{path}: the model directory has no tokenizer")
         name = Path(path).resolve().name
@@ -202,7 +206,8 @@ def load_served(paths: Sequence[str], device: str = "auto") -> list[Served]:
             name = f"{base}-{n}"
         names.add(name)
         task = meta.get("task", "translation")
-        served.append(Served(name, task, pack(model), tok, meta, str(path)))
+        bf16 = task != "items" and inference_precision(model, precision, on) == "bf16"
+        served.append(Served(name, task, pack(model, bf16=bf16), tok, meta, str(path)))
     return served
 
 
@@ -395,9 +400,11 @@ class _Guard:
         return b"".join(chunks)
 
 
-def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limits()) -> FastAPI:
+def create_app(
+    paths: Sequence[str], device: str = "auto", limits: Limits = Limits(), precision: str = "fp32"
+) -> FastAPI:
     """The FastAPI app over the models of `paths`, loaded (and every batch run) on the one
-    thread of its batcher."""
+    thread of its batcher; `precision` as `qkv serve --precision` (qkv.precision)."""
     from .web import PAGE
 
     metrics = Metrics()
@@ -416,7 +423,7 @@ def create_app(paths: Sequence[str], device: str = "auto", limits: Limits = Limi
         import torch
 
         torch.set_grad_enabled(False)  # for this thread, the only one that runs the models
-        loaded = load_served(paths, device)
+        loaded = load_served(paths, device, precision)
         for s in loaded:
             runners[s.name] = _runner(s, limits, metrics)
         return loaded
@@ -825,6 +832,7 @@ class ServeOptions:
     port: int = 8000
     drain_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     limits: Limits = field(default_factory=Limits)
+    precision: str = "auto"  # the large linear layers' number format (qkv.precision)
 
 
 def serve(
@@ -836,7 +844,7 @@ def serve(
 
     import uvicorn
 
-    app = create_app(paths, device, options.limits)
+    app = create_app(paths, device, options.limits, options.precision)
     served = app.state.served
     config = uvicorn.Config(
         app,

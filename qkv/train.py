@@ -311,6 +311,7 @@ class Trainer:
                 json.dumps({"model": to_dict(self.model_cfg), "train": to_dict(cfg)}, indent=2),
             )
         self.log(f"model: {count_parameters(self.model):,} parameters, on {self.device}")
+        self.precision = self._precision()
 
     def _has_unused_parameters(self) -> bool:
         """Whether the task's loss leaves some parameter without a gradient: one forward and
@@ -513,9 +514,21 @@ class Trainer:
         }
         return dataclasses.replace(batch, **moved)  # type: ignore[type-var]
 
+    def _precision(self) -> str:
+        """fp32 or bf16 (qkv.precision): "auto" times a feed-forward product of a batch's size
+        in both; rank 0's answer holds for every process, so all compute alike."""
+        from .precision import resolve, why
+
+        asked, m = self.cfg.precision, self.model_cfg
+        chosen = resolve(asked, self.device, self.cfg.max_tokens, m.d_model, m.d_ff, training=True)
+        chosen = distributed.broadcast(self.world, chosen)
+        if asked != "fp32":
+            self.log(f"precision: {why(asked, chosen, self.device)}")
+        return chosen
+
     def _autocast(self):
-        """bf16 autocast of the forward pass and loss when cfg.precision asks for it."""
-        on = self.cfg.precision == "bf16"
+        """bf16 autocast of the forward pass and loss when the precision is bf16."""
+        on = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def run(self, on_step: Callable[[int], None] | None = None) -> None:
