@@ -125,8 +125,9 @@ def add_compile_flag(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="fixed-shape decoding compiled with torch.compile (qkv/fixed.py): same outputs, "
-        "but tens of seconds of compiling per batch shape (kernels cached under "
-        "~/.cache/qkv/inductor); pays only over many batches; see bench/README.md",
+        "but 10-40 s of compiling per batch shape the first time (graphs and kernels cached "
+        "under ~/.cache/qkv/inductor: a later run takes a few seconds per shape); not faster "
+        "than the default on an AVX2 CPU; see bench/README.md",
     )
 
 

@@ -1,6 +1,8 @@
 """Fixed-shape decoding (qkv/fixed.py) against the eager path, the reference: same tokens and
 scores, eager and compiled; compiled graphs thrown away when the weights change."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,22 +63,69 @@ def test_weights_key_follows_values_not_identity(tiny):
     assert weights_key(model) != key
 
 
-def test_compiled_equals_eager_and_recompiles_for_new_weights(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("freeze", [False, True], ids=["weights-as-inputs", "frozen"])
+def test_compiled_equals_eager_and_follows_new_weights(tiny, tmp_path, monkeypatch, freeze):
+    """Compiled == eager; after an in-place change of every weight (as an optimizer makes) still
+    == eager: weights as graph inputs are read afresh (no new graph), frozen ones are constants
+    of the old graph, so the fingerprint check must throw it away and compile again."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = tiny(n_encoder_layers=1, n_decoder_layers=1)
     src = sources(n=4)
     cfg = CONFIGS[0]
     eager = Translator(model, None, batch_size=4)
-    fixed = FixedDecoder(model, compile=True)
+    fixed = FixedDecoder(model, compile=True, freeze=freeze)
     compiled = Translator(model, None, batch_size=4, fixed=fixed)
     same(compiled.translate_ids(src, cfg), eager.translate_ids(src, cfg))
     compiled.translate_ids(src, cfg)
     assert fixed.compiles == 1  # the same shapes and weights: no new graph
-    with torch.no_grad():  # new weights in place (frozen into the old graph as constants)
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     same(compiled.translate_ids(src, cfg), eager.translate_ids(src, cfg))
-    assert fixed.compiles == 2
+    assert fixed.compiles == (2 if freeze else 1)
+
+
+COMPILE_ONCE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from qkv.config import DecodeConfig
+from qkv.fixed import FixedDecoder
+from qkv.models import from_config
+from qkv.translate import Translator
+from tests.conftest import tiny_config
+torch.manual_seed(0)
+model = from_config(tiny_config(n_encoder_layers=1, n_decoder_layers=1)).eval()
+fixed = FixedDecoder(model, compile=True)
+cfg = DecodeConfig(strategy="greedy", max_len_a=1.0, max_len_b=4)
+out = Translator(model, None, batch_size=4, fixed=fixed).translate_ids([[5, 6, 7, 2]] * 4, cfg)
+print(json.dumps({"tokens": out[0][0].tokens, **counters["inductor"]}))
+"""
+
+
+def test_a_second_process_takes_the_compiled_graph_from_the_disk_cache(tmp_path):
+    """`qkv translate --compile` run twice: the second process finds the first one's graph in
+    inductor's on-disk cache (a hit, no miss) instead of lowering it again. (With frozen
+    weights inductor bypasses that cache: each process would lower every graph again.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_ONCE], env=env, capture_output=True, text=True,
+            timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["tokens"] == second["tokens"]
+    assert first.get("fxgraph_cache_miss", 0) >= 1, first
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_miss" not in second, second
 
 
 def test_compile_with_int8_is_a_usage_error(capsys, trained):
