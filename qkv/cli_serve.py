@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .flags import UsageError, command, device_of_flag
+from .flags import UsageError, add_precision_flag, command, device_of_flag
 
 
 def add_serve(sub) -> None:
@@ -34,13 +34,7 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="the large linear layers' number format on the CPU; auto: bf16 only where the "
-        "CPU has bf16 units and a quick measurement finds it faster (default auto)",
-    )
+    add_precision_flag(p)
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, default=64, help="inputs per batched call (64)")
     g.add_argument(

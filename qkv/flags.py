@@ -110,14 +110,18 @@ def add_decode_flags(p: argparse.ArgumentParser, strategy: str = "beam") -> None
     g.add_argument(
         "--int8", action="store_true", help="8-bit weights in the large linear layers (CPU)"
     )
-    g.add_argument(
+    add_precision_flag(g)
+    p.set_defaults(default_strategy=strategy)
+
+
+def add_precision_flag(p) -> None:
+    p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="the large linear layers' number format on the CPU; auto: bf16 only where the "
         "CPU has bf16 units and a quick measurement finds it faster, else fp32 (default auto)",
     )
-    p.set_defaults(default_strategy=strategy)
 
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:

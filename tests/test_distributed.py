@@ -131,9 +131,9 @@ def test_a_stopped_two_process_run_resumes_with_two_or_one_as_if_uninterrupted(
         assert_same_weights(tmp_path / "straight", tmp_path / name, atol=1e-5)
 
 
-def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
+def two_ranks_under_way(corpus, tmp_path: Path) -> list[subprocess.Popen]:
     """Two processes started as torchrun would (its environment variables), without torchrun,
-    so nothing but qkv decides what the survivor does when its peer is killed."""
+    training without end; returned once the first checkpoint is written."""
     port = str(free_port())
     procs = []
     for rank in (0, 1):
@@ -143,11 +143,22 @@ def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
         procs.append(
             subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
         )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "last").exists():  # training is under way
+        if time.monotonic() > deadline or procs[0].poll() is not None:
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise AssertionError("the two processes did not start training")
+        time.sleep(0.2)
+    return procs
+
+
+def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
+    """Two processes started as torchrun would (its environment variables), without torchrun,
+    so nothing but qkv decides what the survivor does when its peer is killed."""
+    procs = two_ranks_under_way(corpus, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "run" / "last").exists():  # training is under way
-            assert time.monotonic() < deadline and procs[0].poll() is None
-            time.sleep(0.2)
         procs[1].send_signal(signal.SIGKILL)
         code = procs[0].wait(90)  # not forever: the peer's socket closes, or the timeout
         err = procs[0].stderr.read().strip().splitlines()
@@ -163,20 +174,8 @@ def test_a_process_that_dies_stops_the_other_with_one_line(corpus, tmp_path):
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_last_saved(corpus, tmp_path):
     """A signal only rank 1 caught (a preempted node) reaches rank 0 through the step's
     all-reduce: both save-and-stop after the same step, last/ holds it, and --resume works."""
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        cmd = [sys.executable, "-m", "qkv", *flags(corpus, tmp_path / "run", 100000, 2)]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-        )
+    procs = two_ranks_under_way(corpus, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "run" / "last").exists():  # training is under way
-            assert time.monotonic() < deadline and procs[0].poll() is None
-            time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)
         codes = [p.wait(90) for p in procs]
         errs = [p.stderr.read().strip().splitlines() for p in procs]
