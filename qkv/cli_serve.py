@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .flags import UsageError, add_precision_flag, command, device_of_flag
+from .flags import UsageError, add_precision_flag, check_precision, command, device_of_flag
 
 
 def add_serve(sub) -> None:
@@ -72,9 +72,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be > 0; --max-wait-ms and --drain >= 0")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
-    if args.precision == "bf16" and device_of_flag(args.device).type != "cpu":
-        raise UsageError("--precision bf16 is for CPU inference with oneDNN (this device: fp32)")
-    device_of_flag(args.device)
+    check_precision(args.precision, device_of_flag(args.device))
     _check_port(args.host, args.port)
     limits = Limits(
         **sizes,

@@ -179,6 +179,7 @@ def load_model_dir(
     faster); the others stay fp32."""
     from .checkpoint import load
     from .packed import available, pack
+    from .precision import for_decoding
 
     device = device_of_flag(args.device)
     if int8 and (device.type != "cpu" or not available(int8=True)):
@@ -187,8 +188,7 @@ def load_model_dir(
     if precision == "bf16" and (int8 or not packed):
         other = "--int8" if int8 else "--compile"
         raise UsageError(f"--precision bf16 and {other} do not go together")
-    if precision == "bf16" and (device.type != "cpu" or not available()):
-        raise UsageError("--precision bf16 is for CPU inference with oneDNN (this device: fp32)")
+    check_precision(precision, device)
     model, tok, meta = load(args.model, device)
     trained_for = meta.get("task", "translation")
     if task is not None and trained_for != task:
@@ -197,22 +197,19 @@ def load_model_dir(
         raise UsageError(f"{args.model}: the model directory has no tokenizer")
     if not packed:
         return model.eval(), tok, meta
-    bf16 = not int8 and inference_precision(model, precision, device) == "bf16"
+    bf16 = not int8 and for_decoding(model, precision, device) == "bf16"
     model = pack(model, int8, bf16=bf16)
     if precision == "auto" and bf16 and bf16_layers(model):  # outputs differ a little: say so
         print("qkv: bf16 weights (auto: faster here); --precision fp32 for fp32", file=sys.stderr)
     return model, tok, meta
 
 
-def inference_precision(model, precision: str, device: torch.device) -> str:
-    """fp32 or bf16 for decoding with `model` (qkv.precision): "auto" times the output
-    projection at 32 rows, the largest product of a decoding step."""
-    from .precision import resolve
+def check_precision(precision: str, device: torch.device) -> None:
+    """--precision bf16 asks for the packed CPU path: refused elsewhere, in one line."""
+    from .packed import available
 
-    if precision == "fp32" or device.type != "cpu":
-        return "fp32"
-    cfg = model.config
-    return resolve(precision, device, 32, cfg.d_model, cfg.target_vocab)
+    if precision == "bf16" and (device.type != "cpu" or not available()):
+        raise UsageError("--precision bf16 is for CPU inference with oneDNN (this device: fp32)")
 
 
 def bf16_layers(model) -> int:

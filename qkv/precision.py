@@ -96,3 +96,12 @@ def why(choice: str, chosen: str, device: torch.device) -> str:
     if not bf16_units(device):
         return f"{chosen} (auto: no bf16 units on {device.type})"
     return f"{chosen} (auto: bf16 units, measured {'faster' if chosen == 'bf16' else 'not faster'})"
+
+
+def for_decoding(model, choice: str, device: torch.device) -> str:
+    """fp32 or bf16 for decoding with `model` (qkv.packed's bf16 weights are CPU-only): "auto"
+    times the output projection at 32 rows, the largest product of a decoding step."""
+    if choice == "fp32" or device.type != "cpu":
+        return "fp32"
+    cfg = model.config
+    return resolve(choice, device, 32, cfg.d_model, cfg.target_vocab)

@@ -189,9 +189,9 @@ def load_served(
     """Each model directory, loaded on `device` and packed for inference (bf16 weights where
     `precision` says so: qkv.precision), named by its directory (made unique with a suffix)."""
     from .checkpoint import load
-    from .flags import inference_precision
     from .models import pick_device
     from .packed import pack
+    from .precision import for_decoding
 
     served, names = [], set()
     for path in paths:
@@ -206,7 +206,7 @@ def load_served(
             name = f"{base}-{n}"
         names.add(name)
         task = meta.get("task", "translation")
-        bf16 = task != "items" and inference_precision(model, precision, on) == "bf16"
+        bf16 = task != "items" and for_decoding(model, precision, on) == "bf16"
         served.append(Served(name, task, pack(model, bf16=bf16), tok, meta, str(path)))
     return served
 
