@@ -242,14 +242,18 @@ def test_a_second_signal_acts_at_once(tmp_path, guarded):
     model_cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, max_len=16)
     cfg = TrainConfig(threads=1, max_steps=20, save_every=100, eval_every=100)
 
+    sent = []
+
     def twice(step):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the trainer: returns
+            sent.append(1)
             os.kill(os.getpid(), signal.SIGTERM)  # the old handler again: not waited for
+            sent.append(2)
 
     with pytest.raises(Unhandled):
         train(Counting(seed=3), model_cfg, cfg, tmp_path, log=lambda s: None, on_step=twice)
-    assert calls == [signal.SIGTERM]
+    assert sent == [1] and calls == [signal.SIGTERM]
 
 
 def test_qkv_train_stopped_by_sigterm_says_so_in_one_line_and_resumes(corpus, tmp_path):
