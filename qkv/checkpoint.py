@@ -90,15 +90,27 @@ def one_line(e: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def write_manifest(directory: Path) -> None:
-    """manifest.json: the size and SHA-256 of every other file under `directory`."""
+def manifest_text(directory: Path) -> str:
+    """manifest.json's contents: the size and SHA-256 of every other file under `directory`."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {
         str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
         for p in files
     }
-    text = json.dumps({"format": FORMAT, "files": entries}, indent=2)
-    (directory / MANIFEST).write_text(text, encoding="utf-8")
+    return json.dumps({"format": FORMAT, "files": entries}, indent=2)
+
+
+def write_manifest(directory: Path) -> None:
+    (directory / MANIFEST).write_text(manifest_text(directory), encoding="utf-8")
+
+
+def add_file(directory: str | Path, name: str, text: str) -> None:
+    """Add (or replace) one text file in an existing model directory, then its manifest, each
+    written atomically: a crash between the two leaves the file unlisted, which `verify` allows."""
+    directory = Path(directory)
+    write_text_atomic(directory / name, text)
+    if (directory / MANIFEST).is_file():
+        write_text_atomic(directory / MANIFEST, manifest_text(directory))
 
 
 def verify(path: str | Path) -> None:

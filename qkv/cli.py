@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, write_text_atomic
+from .checkpoint import CheckpointError, resolve, write_text_atomic
 from .cli_items import add_recommend
 from .cli_sentences import add_classify, add_embed, add_search
 from .cli_serve import add_serve
@@ -36,6 +36,7 @@ from .flags import (
     load_translator,
     model_flags,
     note_cut,
+    parse_floats,
     read_input,
     task_of,
 )
@@ -407,6 +408,80 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune(sub) -> None:
+    p = command(
+        sub,
+        "tune",
+        "choose a translation model's length penalty on held-out data (decoding.json)",
+        "Beam-search the validation sentences once per length-penalty alpha and keep the best "
+        "in the model directory's decoding.json, which translate, evaluate, explain and serve "
+        "then use unless --alpha says otherwise. Training a translation preset does this itself.",
+        [
+            "qkv tune --model runs/de-en              # best/, on Multi30k's val split",
+            "qkv tune --model runs/de-en/averaged --alphas 0.6,1,1.5 --limit 500",
+            "qkv tune --model runs/mine --src dev.de --ref dev.en --dry-run",
+        ],
+    )
+    model_flags(p, data=True)
+    p.add_argument("--split", help="default: the data set's validation split (Multi30k: val)")
+    p.add_argument("--src", help="source sentences, one per line (with --ref; instead of --split)")
+    p.add_argument("--ref", help="their reference translations")
+    p.add_argument(
+        "--alphas",
+        type=parse_floats,
+        default=(0.6, 1.0, 1.3, 1.6, 2.0),
+        metavar="A,B,...",
+        help="the alphas to try (default 0.6,1.0,1.3,1.6,2.0)",
+    )
+    p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    p.add_argument("--limit", type=int, help="the first N sentences (default 1000)")
+    p.add_argument("--dry-run", action="store_true", help="print the scores, write nothing")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from . import tuning
+
+    if not args.alphas or not all(0 <= a <= 10 for a in args.alphas):
+        raise UsageError("--alphas: numbers between 0 and 10, like 0.6,1,1.5")
+    args.limit = tuning.SENTENCES if args.limit is None else args.limit
+    if args.beam < 1 or args.limit < 1 or args.batch_size < 1:
+        raise UsageError("--beam, --limit and --batch-size must be >= 1")
+    if bool(args.src) != bool(args.ref):
+        raise UsageError("give both --src and --ref, or neither")
+    if args.src and args.split:
+        raise UsageError("--split or --src/--ref, not both")
+    translator, meta = load_translator(args)
+    if args.src:
+        srcs, refs = read_lines(args.src), read_lines(args.ref)
+        if len(srcs) != len(refs):
+            raise UsageError(f"{args.src} has {len(srcs)} lines but {args.ref} has {len(refs)}")
+        pairs, split = list(zip(srcs, refs, strict=True)), args.src
+        tgt_lang = args.tgt_lang or meta.get("tgt_lang")
+    else:
+        src_lang, tgt_lang = _languages(args, meta)
+        dataset = meta.get("dataset") or "multi30k"
+        split = args.split or PARALLEL_SPLITS[dataset][0]
+        pairs = parallel(dataset, split, src_lang, tgt_lang, args.data_dir)
+        split = f"{dataset} {split}"
+    pairs = pairs[: args.limit]
+    if not pairs:
+        raise UsageError("no sentences to tune on")
+    print(f"{args.model}: length penalty on {len(pairs):,} sentences of {split}, beam {args.beam}")
+    tuned = tuning.tune_alpha(
+        translator.translate_best, pairs, tgt_lang, args.alphas, args.beam, log=print
+    )
+    best = f"alpha {tuned.alpha:g}: BLEU {tuned.bleu[tuned.alpha]:.2f}"
+    if args.dry_run:
+        print(f"best: {best} (--dry-run: nothing written)")
+        return 0
+    tuning.save(args.model, tuned, split)
+    print(f"best: {best}; written to {resolve(args.model) / tuning.FILE}")
+    return 0
+
+
 def add_explain(sub) -> None:
     p = command(
         sub,
@@ -733,6 +808,7 @@ COMMANDS = [
     add_train,
     add_translate,
     add_evaluate,
+    add_tune,
     add_explain,
     add_probe,
     add_generate,

@@ -18,6 +18,7 @@ Positions = Literal["sinusoidal", "learned"]
 Strategy = Literal["greedy", "sample", "beam"]
 Penalty = Literal["gnmt", "power"]
 AtMax = Literal["eos", "stop"]
+Finish = Literal["heuristic", "exact"]
 Pooling = Literal["mean", "weighted", "max", "first"]
 
 
@@ -321,6 +322,12 @@ class TrainConfig:
     eval_beam: int = knob(1, "beam size of validation decoding (1: greedy, fast)")
     save_every: int = knob(250, "steps between resumable checkpoints")
     average_last: int = knob(0, "also write the average of the last N validated checkpoints")
+    tune_alphas: tuple[float, ...] = knob(
+        (),
+        "translation, after training: beam-search the validation set with each of these "
+        "length-penalty alphas and keep the best in best/ and averaged/ decoding.json "
+        "(none: no tuning)",
+    )
     seed: int = knob(1, "random seed (initialisation, batch order, dropout)")
     threads: int = knob(0, "torch threads (0: PyTorch's default)")
     precision: Precision = knob(
@@ -332,7 +339,7 @@ class TrainConfig:
     log_every: int = knob(20, "steps between progress lines")
 
     def __post_init__(self) -> None:
-        for name in ("betas", "score_range"):
+        for name in ("betas", "score_range", "tune_alphas"):
             if isinstance(getattr(self, name), list):  # from JSON
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_types(self)
@@ -367,6 +374,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not all(0 <= a <= 10 for a in self.tune_alphas):
+            raise ConfigError(f"tune_alphas must be between 0 and 10, got {self.tune_alphas!r}")
         if not 0.0 <= self.token_dropout < 1.0:
             raise ConfigError(f"token_dropout must be in [0, 1), got {self.token_dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -426,6 +435,12 @@ class DecodeConfig:
     max_len_a: float = knob(1.5, "at most a * source length + b output tokens")
     max_len_b: int = knob(10, "see max_len_a")
     min_len: int = knob(0, "at least this many output tokens before end-of-sequence")
+    finish: Finish = knob(
+        "heuristic",
+        "beam search: a sentence is done when no live beam ending now beats its K finished "
+        "ones (heuristic, as HF), or only when none could at the longest allowed output "
+        "(exact; more steps)",
+    )
     at_max: AtMax = knob("eos", "at the maximum length: end with eos (scored), or stop (cut)")
     temperature: float = knob(1.0, "sampling: divide log-probabilities by this")
     top_k: int = knob(0, "sampling: only the k most likely tokens (0: all)")
@@ -462,10 +477,11 @@ class DecodeConfig:
             raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     def describe(self) -> str:
-        """How outputs are chosen, in a few words: "greedy", "sample (seed 0)", "beam 5"."""
+        """How outputs are chosen, in a few words: "greedy", "sample (seed 0)", "beam 5 (alpha
+        0.6)"."""
         if self.strategy == "sample":
             return f"sample (seed {self.seed})"
-        return "greedy" if self.strategy == "greedy" else f"beam {self.beam}"
+        return "greedy" if self.strategy == "greedy" else f"beam {self.beam} (alpha {self.alpha:g})"
 
     def replace(self, **changes: Any) -> DecodeConfig:
         return dataclasses.replace(self, **changes)

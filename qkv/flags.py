@@ -51,6 +51,8 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
+    if text.lower() == "none":
+        return ()
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
@@ -80,7 +82,7 @@ def config_flags(
             kwargs.update(type=parse_bool, metavar="true|false")
         elif typing.get_origin(tp) is tuple:
             kwargs.update(type=parse_floats, metavar="A,B")
-            default = ",".join(map(str, default))
+            default = ",".join(map(str, default)) or "none"
         elif tp in (int, float, str):
             kwargs["type"] = tp
         elif args and args[0] in (int, float, str):  # X | None
@@ -155,7 +157,24 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
             raise UsageError(f"--{flag} applies to sampling (--sample), not {strategy}")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    return DecodeConfig(**{**values, "strategy": strategy})
+    cfg = DecodeConfig(**{**values, "strategy": strategy})
+    stored = {k: v for k, v in stored_decoding(args).items() if k not in values}
+    return cfg.replace(**stored) if stored else cfg
+
+
+def stored_decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding defaults --model keeps in its decoding.json (qkv.tuning; flags win)."""
+    from .checkpoint import CheckpointError, resolve
+    from .tuning import read
+
+    model = getattr(args, "model", None)
+    if not model:
+        return {}
+    try:
+        resolve(model)
+    except CheckpointError:
+        return {}  # not a model directory: the loader says so, in its own words
+    return read(model)
 
 
 # --- what the commands share: a model directory, its device, the input lines ---------------

@@ -417,14 +417,20 @@ def beam_search(
         if trace is not None:
             trace.record(sent, t, norm, c)
 
-        # Done: K finished, and no live beam ending now would beat the worst of them. (The
-        # usual early-stop test; with alpha > 0 a longer beam could in principle still win.)
+        # Done: K finished, and no live beam would beat the worst of them: ending now (the
+        # usual test, HF's; with alpha > 0 a longer beam could still win), or ever ("exact": a
+        # log-prob only falls, so the best a live beam can reach is its log-prob now over the
+        # penalty of the longest output allowed).
         sents = sent.tolist()
         full = torch.tensor([len(finished[s]) >= k for s in sents], device=device)
         worst = [finished[s][-1].score if finished[s] else 0.0 for s in sents]
-        done = ~c.live.any(1) | (
-            full & (new_scores[:, 0] / norm <= torch.tensor(worst, device=device))
-        )
+        if cfg.finish == "exact" and cfg.alpha > 0:
+            longest = (limit[sent] + 1).float()
+            bound = (5 + longest) / 6 if cfg.penalty == "gnmt" else longest
+            best_live = new_scores[:, 0] / bound.pow(cfg.alpha)
+        else:
+            best_live = new_scores[:, 0] / norm
+        done = ~c.live.any(1) | (full & (best_live <= torch.tensor(worst, device=device)))
         if done.all():
             break
         keep = (~done).nonzero()[:, 0]  # (n',) the sentences that go on

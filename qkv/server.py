@@ -166,6 +166,11 @@ class Served:
     meta: dict
     path: str
     helper: Any = None  # Translator, Generator or SentenceEncoder
+    decoding: dict = field(default_factory=dict)  # its decoding.json (qkv.tuning)
+
+    def decode_default(self, strategy: str) -> DecodeConfig:
+        """The decoding a request gets for the fields it leaves out."""
+        return DecodeConfig(strategy=strategy, **self.decoding)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
         cfg = self.model.config
@@ -180,6 +185,8 @@ class Served:
         }
         if "labels" in self.meta:
             out["labels"] = self.meta["labels"]
+        if self.decoding:
+            out["decoding"] = self.decoding
         return out
 
 
@@ -188,6 +195,7 @@ def load_served(
 ) -> list[Served]:
     """Each model directory, loaded on `device` and packed for inference (bf16 weights where
     `precision` says so: qkv.precision), named by its directory (made unique with a suffix)."""
+    from . import tuning
     from .checkpoint import load
     from .models import pick_device
     from .packed import pack
@@ -207,7 +215,10 @@ def load_served(
         names.add(name)
         task = meta.get("task", "translation")
         bf16 = task != "items" and for_decoding(model, precision, on) == "bf16"
-        served.append(Served(name, task, pack(model, bf16=bf16), tok, meta, str(path)))
+        decoding = tuning.read(path)
+        served.append(
+            Served(name, task, pack(model, bf16=bf16), tok, meta, str(path), decoding=decoding)
+        )
     return served
 
 
@@ -568,7 +579,7 @@ def create_app(
     async def translate(req: TranslateRequest) -> dict:  # type: ignore[valid-type]
         s = pick(["translation"], req.model)
         check_texts(req.texts)
-        cfg = decode_config(req, DecodeConfig())
+        cfg = decode_config(req, s.decode_default("beam"))
         out = await run(s, ("translate", cfg, *unshared(cfg)), req.texts)
         return {
             "model": s.name,
@@ -588,7 +599,7 @@ def create_app(
         check_text(req.prompt, "prompt")
         if not 1 <= req.max_new_tokens <= limits.max_new_tokens:
             raise Refused(422, "max_new_tokens", f"between 1 and {limits.max_new_tokens}")
-        cfg = decode_config(req, DecodeConfig(strategy="sample"))
+        cfg = decode_config(req, s.decode_default("sample"))
         check_prompt(s, req.prompt, "prompt")
         if not req.stream:
             key = ("generate", cfg, req.max_new_tokens, *unshared(cfg))
@@ -659,7 +670,7 @@ def create_app(
                 check_text(r["pair"], "pair")
         if not 1 <= r["max_new_tokens"] <= limits.max_new_tokens:
             raise Refused(422, "max_new_tokens", f"between 1 and {limits.max_new_tokens}")
-        cfg = decode_config(req, DecodeConfig(strategy="sample" if s.task == "lm" else "beam"))
+        cfg = decode_config(req, s.decode_default("sample" if s.task == "lm" else "beam"))
         if s.task == "lm":
             check_prompt(s, r["text"], "text")
         (out,) = await run(s, (what, uuid.uuid4().hex), [(r, cfg)])

@@ -135,6 +135,10 @@ class Task(Protocol):
         """What the model directory records about the task (languages, labels, ...)."""
         ...
 
+    # Optional: `after_training(out, device, log)`, run once by rank 0 when the budget is spent
+    # and best/ and averaged/ are written: what the task does with them (translation: tune the
+    # length penalty on the validation set).
+
 
 def inverse_sqrt(step: int, warmup: int) -> float:
     """Linear warmup to 1, then 1/sqrt(step) decay (Vaswani et al. 2017, section 5.3); without
@@ -638,6 +642,9 @@ class Trainer:
             averaged.load_state_dict(checkpoint.average(self.averaged), strict=False)
             self._save("averaged", averaged, {})
             self.log(f"wrote the average of the last {len(self.averaged)} checkpoints to averaged/")
+        after = getattr(self.task, "after_training", None)
+        if after is not None and self.world.main:
+            after(self.out, self.device, self.log)
         self.log(
             f"done: step {self.step}, best validation {self.task.metric} {self.best:.3f} "
             f"(model in {self.out / 'best'})"

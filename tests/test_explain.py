@@ -44,7 +44,7 @@ def test_beam_explanation_follows_the_chosen_hypothesis(translator, corpus):
     opts = DecodeConfig(beam=3)
     e = explain(translator, src[1], opts)
     assert e.translation == translator.translate_best([src[1]], opts)[0]
-    assert e.mode == "beam 3"
+    assert e.mode == "beam 3 (alpha 0.6)"
     assert e.attention[AttentionKind.DECODER_SELF][0].shape[-1] == len(e.tgt_in)
 
 

@@ -90,6 +90,26 @@ def test_length_penalty_flips_the_winner():
     assert hyps[1].score == pytest.approx(gnmt(math.log(0.3), 2, alpha))
 
 
+def test_exact_finish_keeps_searching_for_a_longer_winner():
+    # [A] ends at step 1 with 0.55; [A, B, C] reaches 0.45 but ends only at step 3. With
+    # alpha 2 the longer one wins (0.45 over a larger penalty), but at step 1 the live [A, B],
+    # scored as if it ended then, loses to [A]: the usual test stops there, "exact" goes on.
+    table = {(): {A: 1.0}, (A,): {EOS: 0.55, B: 0.45}, (A, B): {C: 1.0}, (A, B, C): {EOS: 1.0}}
+
+    def run(**kw):
+        cfg = DecodeConfig(beam=1, **kw)
+        state = PrefixState(1, [table])
+        (hyps,) = beam_search(table_step, state, torch.tensor([3]), cfg, bos=BOS, eos=EOS)
+        return hyps[0], state.selects
+
+    (short, steps_h), (long, steps_e) = run(alpha=2.0), run(alpha=2.0, finish="exact")
+    assert short.tokens == [A] and short.score == pytest.approx(gnmt(math.log(0.55), 2, 2.0))
+    assert long.tokens == [A, B, C] and long.score == pytest.approx(gnmt(math.log(0.45), 4, 2.0))
+    assert long.score > short.score and steps_e > steps_h
+    # without a length penalty a log-prob only falls: the usual test is already exact
+    assert run(alpha=0.0)[0].tokens == run(alpha=0.0, finish="exact")[0].tokens == [A]
+
+
 def test_beam_one_is_greedy_on_the_table():
     (hyps,) = run_beam(beam=1, nbest=1)
     greedy_cfg = DecodeConfig(strategy="greedy")

@@ -1,5 +1,6 @@
 """Translation: an encoder-decoder trained on parallel text (a named data set or the user's
-files) with one joint BPE vocabulary, scored on validation by loss and greedy (or beam) BLEU."""
+files) with one joint BPE vocabulary, scored on validation by loss and greedy (or beam) BLEU;
+after training, the length penalty tuned on the validation set (qkv.tuning)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .. import checkpoint
+from .. import checkpoint, tuning
 from ..config import DecodeConfig, ModelConfig, TrainConfig
 from ..data import (
     PARALLEL_SPLITS,
@@ -177,6 +179,21 @@ class Translation:
                 [hyps[i] for i in range(len(pairs))], [t for _, t in pairs], self.cfg.tgt_lang
             ),
         }
+
+    def after_training(self, out: Path, device: torch.device, log) -> None:
+        """The length penalty of best/ and averaged/, tuned on the validation set."""
+        alphas = self.cfg.tune_alphas
+        pairs = self.valid_pairs[: tuning.SENTENCES]
+        if not alphas or not pairs:
+            return
+        for name in ("best", "averaged"):
+            if not (out / name / "model.safetensors").is_file():
+                continue
+            log(f"tuning the length penalty of {name}/ on {len(pairs):,} validation sentences")
+            tuned = tuning.tune_model_dir(
+                out / name, pairs, self.cfg.tgt_lang, alphas, "validation", device, log
+            )
+            log(f"{name}/{tuning.FILE}: alpha {tuned.alpha:g} (BLEU {tuned.bleu[tuned.alpha]:.2f})")
 
     def meta(self) -> dict[str, Any]:
         return {
