@@ -49,6 +49,7 @@ def main() -> None:
         eval_every=args.eval_every,
         eval_sentences=500,
         log_every=50,
+        tune_alphas=(),  # a throughput check: no decoding sweep at the end
     )
     logs: list[str] = []
 
