@@ -69,9 +69,6 @@ class Tuned:
     beam: int
     sentences: int
 
-    def summary(self) -> str:
-        return ", ".join(f"{a:g}: {s:.2f}" for a, s in self.bleu.items())
-
 
 def tune_alpha(
     translate: Callable[[list[str], DecodeConfig], list[str]],
