@@ -145,13 +145,14 @@ def edit_log_probs(
     return no_repeat_ngram(log_probs, history, cfg.no_repeat_ngram)
 
 
-def length_penalty(length: int, alpha: float, style: str = "gnmt") -> float:
-    """What a finished hypothesis' log-prob is divided by. "gnmt": ((5 + L) / 6)^alpha (Wu et al.
-    2016); "power": L^alpha (fairseq, HF transformers). alpha 0 = plain log-prob."""
+def length_penalty(length: int | Tensor, alpha: float, style: str = "gnmt") -> float | Tensor:
+    """What a finished hypothesis' log-prob is divided by (a tensor of lengths: elementwise).
+    "gnmt": ((5 + L) / 6)^alpha (Wu et al. 2016); "power": L^alpha (fairseq, HF transformers).
+    alpha 0 = plain log-prob."""
     if style == "gnmt":
         return ((5.0 + length) / 6.0) ** alpha
     if style == "power":
-        return float(length) ** alpha
+        return (length if isinstance(length, Tensor) else float(length)) ** alpha
     raise ValueError(f"unknown length penalty style {style!r}")
 
 
@@ -425,9 +426,8 @@ def beam_search(
         full = torch.tensor([len(finished[s]) >= k for s in sents], device=device)
         worst = [finished[s][-1].score if finished[s] else 0.0 for s in sents]
         if cfg.finish == "exact" and cfg.alpha > 0:
-            longest = (limit[sent] + 1).float()
-            bound = (5 + longest) / 6 if cfg.penalty == "gnmt" else longest
-            best_live = new_scores[:, 0] / bound.pow(cfg.alpha)
+            longest = (limit[sent] + 1).float()  # the longest output allowed, eos included
+            best_live = new_scores[:, 0] / length_penalty(longest, cfg.alpha, cfg.penalty)
         else:
             best_live = new_scores[:, 0] / norm
         done = ~c.live.any(1) | (full & (best_live <= torch.tensor(worst, device=device)))
