@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, resolve, write_text_atomic
+from .checkpoint import CheckpointError, write_text_atomic
 from .cli_items import add_recommend
 from .cli_sentences import add_classify, add_embed, add_search
 from .cli_serve import add_serve
@@ -470,15 +470,13 @@ def run_tune(args: argparse.Namespace) -> int:
     if not pairs:
         raise UsageError("no sentences to tune on")
     print(f"{args.model}: length penalty on {len(pairs):,} sentences of {split}, beam {args.beam}")
-    tuned = tuning.tune_alpha(
-        translator.translate_best, pairs, tgt_lang, args.alphas, args.beam, log=print
-    )
+    base = tuning.base_config(args.model, args.beam)
+    tuned = tuning.tune_alpha(translator.translate_best, pairs, tgt_lang, args.alphas, base, print)
     best = f"alpha {tuned.alpha:g}: BLEU {tuned.bleu[tuned.alpha]:.2f}"
     if args.dry_run:
         print(f"best: {best} (--dry-run: nothing written)")
         return 0
-    tuning.save(args.model, tuned, split)
-    print(f"best: {best}; written to {resolve(args.model) / tuning.FILE}")
+    print(f"best: {best}; written to {tuning.save(args.model, tuned, split)}")
     return 0
 
 

@@ -177,3 +177,20 @@ def test_training_tunes_best_and_averaged(corpus, tmp_path):
         assert any(f"{name}/decoding.json: alpha" in line for line in logs)
         checkpoint.load(tmp_path / name)
     assert not (tmp_path / "last" / tuning.FILE).exists()  # resuming trains; it decodes nothing
+
+
+def test_tuning_keeps_and_decodes_with_the_other_stored_fields(model_dir, corpus, monkeypatch):
+    seen: list[DecodeConfig] = []
+    real = Translator.translate
+
+    def spy(self, sentences, cfg):
+        seen.append(cfg)
+        return real(self, sentences, cfg)
+
+    monkeypatch.setattr(Translator, "translate", spy)
+    (model_dir / tuning.FILE).write_text(json.dumps({"alpha": 1.0, "no_repeat_ngram": 2}))
+    _, src, tgt = corpus
+    pairs = list(zip(src[:10], tgt[:10], strict=True))
+    tuned = tuning.tune_model_dir(model_dir, pairs, "en", (0.0, 2.0), "toy")
+    assert [(c.alpha, c.no_repeat_ngram) for c in seen] == [(0.0, 2), (2.0, 2)]
+    assert tuning.read(model_dir) == {"alpha": tuned.alpha, "no_repeat_ngram": 2, "penalty": "gnmt"}
