@@ -171,10 +171,10 @@ def stored_decoding(args: argparse.Namespace) -> dict[str, Any]:
     if not model:
         return {}
     try:
-        resolve(model)
+        path = resolve(model)
     except CheckpointError:
         return {}  # not a model directory: the loader says so, in its own words
-    return read(model)
+    return read(path)
 
 
 # --- what the commands share: a model directory, its device, the input lines ---------------
