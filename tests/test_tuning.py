@@ -46,6 +46,19 @@ def test_the_alpha_with_the_best_bleu_wins():
         tuning.tune_alpha(fake_translate({1.0}), PAIRS, "en", ())
 
 
+def configs_seen(monkeypatch) -> list[DecodeConfig]:
+    """Every DecodeConfig Translator.translate is called with from now on (it still runs)."""
+    seen: list[DecodeConfig] = []
+    real = Translator.translate
+
+    def spy(self, sentences, cfg):
+        seen.append(cfg)
+        return real(self, sentences, cfg)
+
+    monkeypatch.setattr(Translator, "translate", spy)
+    return seen
+
+
 @pytest.fixture
 def model_dir(trained, tmp_path):
     out, _, _ = trained
@@ -95,14 +108,7 @@ def test_a_bad_decoding_json_is_one_line_naming_it(model_dir, capsys, content, m
 def test_the_commands_default_to_the_stored_alpha_and_flags_win(
     model_dir, corpus, monkeypatch, tmp_path
 ):
-    seen: list[DecodeConfig] = []
-    real = Translator.translate
-
-    def spy(self, sentences, cfg):
-        seen.append(cfg)
-        return real(self, sentences, cfg)
-
-    monkeypatch.setattr(Translator, "translate", spy)
+    seen = configs_seen(monkeypatch)
     src = tmp_path / "in.de"
     src.write_text("\n".join(corpus[1][:3]) + "\n")
     run = [
@@ -180,14 +186,7 @@ def test_training_tunes_best_and_averaged(corpus, tmp_path):
 
 
 def test_tuning_keeps_and_decodes_with_the_other_stored_fields(model_dir, corpus, monkeypatch):
-    seen: list[DecodeConfig] = []
-    real = Translator.translate
-
-    def spy(self, sentences, cfg):
-        seen.append(cfg)
-        return real(self, sentences, cfg)
-
-    monkeypatch.setattr(Translator, "translate", spy)
+    seen = configs_seen(monkeypatch)
     (model_dir / tuning.FILE).write_text(json.dumps({"alpha": 1.0, "no_repeat_ngram": 2}))
     _, src, tgt = corpus
     pairs = list(zip(src[:10], tgt[:10], strict=True))
