@@ -88,19 +88,22 @@ class FixedCache:
 
     Search sees n live rows, in its own order; `phys` (n,) says where each lives among the N
     fixed rows. Sentences never move: the j-th live row of sentence s sits at row s * G + j.
+    Beam search (G = K rows per sentence) starts with one row per sentence, at s * G: the first
+    step computes the other rows too (the shapes are fixed) and the first select copies the
+    first row over them.
     """
 
-    def __init__(self, model: EncoderDecoder, src: Tensor, steps: int):
+    def __init__(self, model: EncoderDecoder, src: Tensor, steps: int, group: int = 1):
         memory, mask = model.encode(src)
         self.memory_mask = mask  # (B, 1, 1, S)
         cross = [layer.cross_attn.project_kv(memory) for layer in model.decoder.layers]
         self.cross_k, self.cross_v = [k for k, _ in cross], [v for _, v in cross]
-        self.b, self.steps, self.group = src.shape[0], steps, 1
+        self.b, self.steps, self.group = src.shape[0], steps, group
         self.heads = model.config.n_heads
         self.d_head = model.config.d_model // self.heads
         self.self_k: list[Tensor] = []
         self.self_v: list[Tensor] = []
-        self.phys = torch.arange(self.b, device=src.device)  # (n,)
+        self.phys = torch.arange(self.b, device=src.device) * group  # (n,)
         self.pos = 0
 
     @property
@@ -113,14 +116,7 @@ class FixedCache:
         self.self_v = [like.new_zeros(shape) for _ in self.cross_k]
 
     def select(self, index: Tensor) -> None:
-        device = index.device
-        if self.pos == 0:  # beam search's start: G rows per sentence
-            g = len(index) // self.b
-            if not torch.equal(index, torch.arange(self.b, device=device).repeat_interleave(g)):
-                raise ValueError("fixed-shape decoding starts with every sentence's G rows")
-            self.group, self.phys = g, torch.arange(self.b * g, device=device)
-            return
-        g = self.group
+        device, g = index.device, self.group
         if len(index) % g:
             raise ValueError(f"fixed-shape decoding keeps groups of {g} rows")
         # each group search keeps stays in its sentence's slot (its rows' physical group)
@@ -170,11 +166,12 @@ class FixedDecoder:
         return self._fn
 
     def start(
-        self, src: Tensor, steps: int
+        self, src: Tensor, steps: int, group: int = 1
     ) -> tuple[Callable[[Tensor, FixedCache], Tensor], FixedCache]:
-        """(step, state) for search over sources `src` (B, S), at most `steps` tokens each."""
+        """(step, state) for search over sources `src` (B, S), at most `steps` tokens each,
+        `group` rows per sentence (beam search: K)."""
         fn, model = self._step_fn(), self.model
-        state = FixedCache(model, src, steps)
+        state = FixedCache(model, src, steps, group)
 
         def step(tokens: Tensor, cache: FixedCache) -> Tensor:
             if tokens.shape[1] != 1:

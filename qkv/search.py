@@ -364,8 +364,9 @@ def beam_search(
     when it has K finished hypotheses and its best live beam, scored as if it ended now, cannot
     beat the worst of them; its rows then leave the batch.
     Scores are log-probabilities divided by the length penalty (length includes eos).
-    `state` must hold B rows; it is expanded to B*K here, then reordered and shrunk with one
-    select per step. The choices are made on tensors for all sentences at once; Python only
+    `state` must hold B rows. The first step runs on them (a sentence's K beams would all read
+    the same start), and its select expands them to B*K; each later step reorders and shrinks
+    them with one select. The choices are made on tensors for all sentences at once; Python only
     touches the few candidates that finish (and every candidate when `trace` records the tree).
     """
     device = src_lengths.device
@@ -373,7 +374,6 @@ def beam_search(
     start = _start(prefix, b, bos, device)  # (B, P)
     p = start.shape[1]
     limit = max_lengths(cfg, src_lengths, _cap(max_positions, p))  # (B,)
-    state.select(torch.arange(b, device=device).repeat_interleave(k))
     sent = torch.arange(b, device=device)  # (n,) the sentence behind each group of K rows
     tokens = start.repeat_interleave(k, dim=0)  # (N, L), the prefix included
     # only the first beam of each sentence is live at the start, so we do not get K copies
@@ -386,9 +386,12 @@ def beam_search(
 
     for t in range(int(limit.max()) + 1):
         n = len(sent)
-        feed = tokens if t == 0 else tokens[:, -1:]  # (N, P) first, then (N, 1)
+        feed = start if t == 0 else tokens[:, -1:]  # (B, P) first, then (N, 1)
         at_max = (t >= limit[sent]).repeat_interleave(k)  # (N,)
-        log_probs = edit_log_probs(step(feed, state), t, tokens[:, p:], at_max, cfg, eos, pad)
+        raw = step(feed, state)  # (N, V)
+        if t == 0:  # one row per sentence: each of its K beams starts from it
+            raw = raw.repeat_interleave(k, dim=0)
+        log_probs = edit_log_probs(raw, t, tokens[:, p:], at_max, cfg, eos, pad)
         v = log_probs.shape[-1]
         total = (scores.view(-1, 1) + log_probs).view(n, k * v)  # (n, K*V) whole-prefix log-probs
         top_lp, top_idx = total.topk(2 * k, dim=1)  # (n, 2K), best first
@@ -435,7 +438,9 @@ def beam_search(
             break
         keep = (~done).nonzero()[:, 0]  # (n',) the sentences that go on
         index = (keep[:, None] * k + new_origin[keep]).view(-1)  # (n' * K,) rows to keep
-        state.select(index)  # reorder beams and drop finished sentences: one select
+        # reorder beams and drop finished sentences: one select (after the first step the
+        # state still holds one row per sentence, and row i * K + j of the layout is its row i)
+        state.select(index if t else index // k)
         tokens = torch.cat([tokens[index], new_token[keep].view(-1, 1)], 1)
         scores, sent = new_scores[keep], sent[keep]
 

@@ -96,7 +96,7 @@ class Translator:
         src = F.pad(src, (0, s), value=self.config.pad_id)
         lengths = torch.cat([lengths, lengths[:1].expand(max(rows, 0))])
         steps = bucket(max_steps(cfg, lengths, self.config.max_len), 16)
-        step, state = self.fixed.start(src, steps)
+        step, state = self.fixed.start(src, steps, cfg.beam if cfg.strategy == "beam" else 1)
         return step, state, lengths
 
     def translate(self, sentences: Sequence[str], cfg: DecodeConfig) -> list[list[Translation]]:

@@ -282,3 +282,23 @@ def test_a_decode_from_a_prefix_equals_teacher_forcing(tiny):
                 lp = logits[prompt.shape[1] - 1 + j].log_softmax(-1)
                 lp[2] = float("-inf")  # eos is forbidden below min_len
                 assert int(lp.argmax()) == tok
+
+
+def test_beam_search_runs_its_first_step_once_per_sentence():
+    # a sentence's K beams all start from bos: the first step computes one row per sentence,
+    # the later ones K rows per sentence still searched
+    rows_seen: list[int] = []
+
+    def spy(tokens: torch.Tensor, state: PrefixState) -> torch.Tensor:
+        rows_seen.append(len(tokens))
+        return table_step(tokens, state)
+
+    cfg = DecodeConfig(beam=3, nbest=3, alpha=0.0)
+    hyps = beam_search(
+        spy, PrefixState(2, [TABLE, TABLE2]), torch.full((2,), 3), cfg, bos=BOS, eos=EOS
+    )
+    assert rows_seen[:2] == [2, 6]
+    # by hand: [A] 0.3 ends at step 1 ([B] 0.15 ranks 4th of 6, too low to end there); then
+    # [B, C] 0.25 and [A, C] 0.18 beat [A, B] 0.12; TABLE2: [B, B] 0.72
+    assert [h.tokens for h in hyps[0]] == [[A], [B, C], [A, C]]
+    assert hyps[1][0].tokens == [B, B]
