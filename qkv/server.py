@@ -820,14 +820,17 @@ async def _events(s: Served, updates: asyncio.Queue, task: asyncio.Future):
     sent = ""
     while True:
         getter = asyncio.ensure_future(updates.get())
-        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # a client that leaves cancels the wait: the getter must not outlive it
+            if not getter.done():
+                getter.cancel()
         if getter in done:
             text = getter.result()
             if text != sent:
                 sent = text
                 yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
             continue
-        getter.cancel()
         try:
             (g,) = task.result()
             final = {**_generation(s, g), "done": True}

@@ -545,3 +545,28 @@ def test_bad_serve_flags_are_one_line_and_exit_2(dirs, capsys, flags, message):
         assert main(["serve", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_stream_left_mid_way_leaves_no_task_behind():
+    # a client that disconnects cancels the stream while it waits for the next text: the
+    # queue's getter must be cancelled with it (else asyncio reports a pending task destroyed)
+    from qkv.server import _events
+
+    async def run() -> set:
+        updates: asyncio.Queue = asyncio.Queue()
+        generation = asyncio.get_running_loop().create_future()  # never finishes
+        stream = _events(None, updates, generation)  # type: ignore[arg-type]
+        await updates.put("Ein")
+        reader = asyncio.ensure_future(stream.__anext__())
+        assert json.loads((await reader)[6:])["text"] == "Ein"
+        reader = asyncio.ensure_future(stream.__anext__())  # now waits on the empty queue
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await asyncio.sleep(0)  # let cancellations run
+        generation.cancel()
+        await stream.aclose()
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(run()) == set()
