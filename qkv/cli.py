@@ -25,8 +25,10 @@ from .distributed import DistributedError
 from .flags import (
     Parser,
     UsageError,
+    add_batch_size_flag,
     add_compile_flag,
     add_decode_flags,
+    add_device_flag,
     command,
     config_flags,
     decode_config,
@@ -167,7 +169,7 @@ def add_train(sub) -> None:
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}} over the preset')
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out has a run")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_device_flag(p)
     p.add_argument("--src", help="your source file, one sentence per line (plain or .gz)")
     p.add_argument("--tgt", help="your target file, line-aligned with --src")
     p.add_argument(
@@ -436,8 +438,8 @@ def add_tune(sub) -> None:
     p.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
     p.add_argument("--limit", type=int, help="the first N sentences (default 1000)")
     p.add_argument("--dry-run", action="store_true", help="print the scores, write nothing")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_batch_size_flag(p)
+    add_device_flag(p)
     p.set_defaults(func=run_tune)
 
 
@@ -612,7 +614,7 @@ def add_probe(sub) -> None:
     p.add_argument("--tgt", help="and its reference file")
     p.add_argument("--beam", type=int, default=5, help="beam size for the beam-vs-greedy line")
     p.add_argument("--seed", type=int, default=0, help="for the subsample")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_device_flag(p)
     g = p.add_argument_group("language models")
     g.add_argument("--windows", type=int, default=64, help="validation windows (default 64)")
     g.add_argument("--text", help="validation text (default: the model's own validation split)")

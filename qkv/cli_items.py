@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .data import DataError
-from .flags import UsageError, command, load_model_dir, model_flags, read_input
+from .flags import UsageError, add_device_flag, command, load_model_dir, model_flags, read_input
 
 
 def _model(args: argparse.Namespace):
@@ -44,7 +44,7 @@ def add_recommend(sub) -> None:
     p.add_argument("--repeat", action="store_true", help="also recommend items already seen")
     p.add_argument("--json", action="store_true", help="JSON lines: history, items, scores")
     p.add_argument("--explain", metavar="DIR", help="pictures of why (one history only)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_device_flag(p)
     p.set_defaults(func=run_recommend)
 
 

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 
 from .data import sha256
-from .flags import UsageError, command, load_model_dir, model_flags, note_cut, read_input
+from .flags import (
+    UsageError,
+    add_batch_size_flag,
+    add_device_flag,
+    command,
+    load_model_dir,
+    model_flags,
+    note_cut,
+    read_input,
+)
 
 
 def _encoder(args: argparse.Namespace, pooling: str | None = None, task: str | None = None):
@@ -35,8 +44,8 @@ def _encoder(args: argparse.Namespace, pooling: str | None = None, task: str | N
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
     model_flags(p)
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_batch_size_flag(p)
+    add_device_flag(p)
 
 
 def _pooling_flag(p: argparse.ArgumentParser) -> None:

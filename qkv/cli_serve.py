@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .flags import UsageError, add_precision_flag, check_precision, command, device_of_flag
+from .flags import (
+    UsageError,
+    add_device_flag,
+    add_precision_flag,
+    check_precision,
+    command,
+    device_of_flag,
+)
 
 
 def add_serve(sub) -> None:
@@ -33,7 +40,7 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_device_flag(p)
     add_precision_flag(p)
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, default=64, help="inputs per batched call (64)")

@@ -107,13 +107,21 @@ def add_decode_flags(p: argparse.ArgumentParser, strategy: str = "beam") -> None
     g = p.add_argument_group("decoding shortcuts and inference")
     g.add_argument("--greedy", action="store_true", help="same as --strategy greedy")
     g.add_argument("--sample", action="store_true", help="same as --strategy sample")
-    g.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_batch_size_flag(g)
+    add_device_flag(g)
     g.add_argument(
         "--int8", action="store_true", help="8-bit weights in the large linear layers (CPU)"
     )
     add_precision_flag(g)
     p.set_defaults(default_strategy=strategy)
+
+
+def add_device_flag(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+
+
+def add_batch_size_flag(p) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
 
 
 def add_precision_flag(p) -> None:
