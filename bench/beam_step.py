@@ -41,24 +41,21 @@ class KRowStart:
     row per sentence and expands with the first select (index // K); any of a sentence's K
     equal rows serves, so that select maps back to the first."""
 
-    def __init__(self, state, k: int):
-        self.state, self.k = state, k
-        self.expanded = self.first = False  # first: the next select is the first step's
+    def __init__(self, state, b: int, k: int):
+        state.select(torch.arange(b).repeat_interleave(k))
+        self.state, self.k, self.first = state, k, True  # first: before the first select
 
     def select(self, index: torch.Tensor) -> None:
         self.state.select(index * self.k if self.first else index)
         self.first = False
 
-    def step(self, inner):
-        def step(tokens: torch.Tensor, st: "KRowStart") -> torch.Tensor:
-            if st.expanded:
-                return inner(tokens, st.state)
-            b = len(tokens)
-            st.state.select(torch.arange(b).repeat_interleave(st.k))
-            st.expanded, st.first = True, True
-            return inner(tokens.repeat_interleave(st.k, dim=0), st.state)[:: st.k]
+    def wrap(self, step):
+        def first_on_k_rows(tokens: torch.Tensor, st: "KRowStart") -> torch.Tensor:
+            if not st.first:
+                return step(tokens, st.state)
+            return step(tokens.repeat_interleave(st.k, dim=0), st.state)[:: st.k]
 
-        return step
+        return first_on_k_rows
 
 
 # name: (cross-attention grouping, cache reorder, first step once per sentence)
@@ -94,8 +91,8 @@ def main() -> None:
                 lengths = torch.full((len(x),), x.shape[1])
                 step, state = model_step(model), model.start(x)
                 if not once:
-                    state = KRowStart(state, cfg.beam)
-                    step = state.step(step)
+                    state = KRowStart(state, len(x), cfg.beam)
+                    step = state.wrap(step)
                 hyps = beam_search(step, state, lengths, cfg, bos=PAD, eos=EOS, pad=PAD)
                 out += [h[0].tokens for h in hyps]
         return args.sentences / (time.perf_counter() - t0), out

@@ -61,8 +61,8 @@ def configs(arch: str, minutes: float, vocab: int = 8000):
     train_cfg = train_cfg.replace(
         max_minutes=minutes, eval_every=100, save_every=100, eval_sentences=200, threads=2
     )
-    # the preset's recipe when the results in bench/README.md were made (before 2026-11-29's
-    # 3,000-update cosine recipe at 2e-3): the same for all three models, and reproducible
+    # the preset's recipe when the results in bench/README.md were made (before the 3,000-update
+    # cosine recipe of 2026-11-29): the same for all three models, and reproducible
     train_cfg = train_cfg.replace(
         lr=1e-3, schedule="inverse_sqrt", max_steps=0, average_last=3, tune_alphas=()
     )
