@@ -1,39 +1,60 @@
-"""PyTorch's label-smoothed cross-entropy vs qkv's (`qkv.loss.smoothed_cross_entropy`), forward
-+ backward, on the logits of one 2048-token batch's real target tokens (1,800 x 8k vocabulary),
-2 threads, alternated, best of 10.
+"""The vocabulary projection and the label-smoothed cross-entropy of one 2048-token batch's real
+target tokens (1,800 x 256 hidden states, 8k vocabulary), forward + backward, three ways:
+`F.linear` then PyTorch's `F.cross_entropy(..., label_smoothing=0.1)`; `F.linear` then qkv's
+closed-form `smoothed_cross_entropy` (the route before 2026-11-30); and qkv's
+`linear_cross_entropy`, projection and loss fused, chunk by chunk (the route now). In fp32, or
+with `--precision bf16` under bf16 autocast as `qkv train --precision bf16` runs it.
+Alternated, best of --repeats.
 
     .venv/bin/python bench/loss_speed.py
+    .venv/bin/python bench/loss_speed.py --precision bf16 --threads 1
 """
 
+import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
-from qkv.loss import smoothed_cross_entropy
+from qkv.loss import linear_cross_entropy, smoothed_cross_entropy
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    logits0 = torch.randn(1800, 8000, generator=g)
+    head = torch.nn.Linear(256, 8000, bias=False)
+    h0 = torch.randn(1800, 256, generator=g)
     target = torch.randint(0, 8000, (1800,), generator=g)
     systems = {
-        "F.cross_entropy": lambda x: F.cross_entropy(
-            x, target, reduction="sum", label_smoothing=0.1
+        "F.linear + F.cross_entropy": lambda h: F.cross_entropy(
+            head(h).float(), target, reduction="sum", label_smoothing=0.1
         ),
-        "qkv smoothed_cross_entropy": lambda x: smoothed_cross_entropy(x, target, 0.1),
+        "F.linear + smoothed_cross_entropy": lambda h: smoothed_cross_entropy(
+            head(h).float(), target, 0.1
+        ),
+        "linear_cross_entropy (fused)": lambda h: linear_cross_entropy(
+            h, head.weight, None, target, 0.1
+        ),
     }
     best = {name: float("inf") for name in systems}
-    for _ in range(10):
+    for _ in range(args.repeats):
         for name, fn in systems.items():
-            x = logits0.clone().requires_grad_()
+            h = h0.clone().requires_grad_()
+            head.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            fn(x).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = fn(h)
+            loss.backward()
             best[name] = min(best[name], time.perf_counter() - t0)
-    base = best["F.cross_entropy"]
+    print(f"{args.precision}, {args.threads} threads, best of {args.repeats}")
+    base = best["F.linear + F.cross_entropy"]
     for name, t in best.items():
-        print(f"{name:28} {t * 1e3:7.1f} ms   {base / t:.2f}x")
+        print(f"{name:34} {t * 1e3:7.1f} ms   {base / t:.2f}x")
 
 
 if __name__ == "__main__":

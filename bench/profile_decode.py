@@ -1,9 +1,12 @@
 """Where qkv's decoding time goes: torch.profiler over greedy and beam-5 search on the small
-random Marian model of translate_speed.py (batch 32, 20+eos source tokens, 25 forced outputs).
+random Marian model of translate_speed.py (batch 32, 20+eos source tokens, 25 forced outputs),
+packed as `qkv translate` runs it: fp32, or with `--precision bf16` bf16 weights.
 
     .venv/bin/python bench/profile_decode.py
+    .venv/bin/python bench/profile_decode.py --precision bf16 --threads 1
 """
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -19,10 +22,16 @@ from qkv.search import beam_search, greedy, model_step
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=10, help="operators listed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
     hf_model("small").save_pretrained(tmp / "hf")
-    model = pack(checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0])  # as qkv translate runs
+    model = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0]
+    model = pack(model, bf16=args.precision == "bf16")  # as qkv translate runs
     src = torch.randint(2, V - 1, (32, 21), generator=torch.Generator().manual_seed(1))
     src[:, -1] = EOS
     lengths = torch.full((32,), 21)
@@ -51,7 +60,7 @@ def main() -> None:
             for _ in range(3):
                 run(beam)
         print(f"beam {beam}" if beam > 1 else "greedy")
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

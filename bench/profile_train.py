@@ -1,12 +1,17 @@
 """Where a qkv training step's time goes: torch.profiler over 8 steps of the multi30k-de-en
-preset's model on real Multi30k De-En token batches (2048 tokens), dropout 0.1, AdamW.
+preset's model on real Multi30k De-En token batches (2048 tokens), dropout 0.1, AdamW; in fp32,
+or with `--precision bf16` in bf16 autocast as `qkv train --precision bf16` runs it.
 
     .venv/bin/python bench/profile_train.py
+    .venv/bin/python bench/profile_train.py --precision bf16 --threads 1
 """
+
+import argparse
 
 import torch
 from torch.profiler import profile
 
+from qkv.allocator import keep_freed_memory
 from qkv.data import collate, multi30k, token_batches
 from qkv.loss import seq2seq_loss
 from qkv.models import EncoderDecoder
@@ -16,7 +21,14 @@ from qkv.tokenizer import Subwords
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=12, help="operators listed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the `qkv` command runs
+    bf16 = args.precision == "bf16"
     model_cfg, _ = PRESETS["multi30k-de-en"]
     pairs = multi30k("train", "de", "en")[:6000]
     tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], 8000)
@@ -30,7 +42,9 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-9, fused=True)
 
     def step(batch) -> None:
-        (seq2seq_loss(model, batch, 0.1) / batch.tokens).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as qkv/train.py
+            loss = seq2seq_loss(model, batch, 0.1)
+        (loss / batch.tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -40,7 +54,7 @@ def main() -> None:
     with profile() as p:
         for batch in data[3:]:
             step(batch)
-    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

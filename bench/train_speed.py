@@ -4,11 +4,18 @@ Each step: forward, label-smoothed cross-entropy (0.1) on the real target tokens
 clipping, AdamW. Dropout 0.1 everywhere. Batches: "synthetic" (B sentences of fixed lengths, no
 padding) or "real" (Multi30k De-En token batches of 2048 as `qkv train` cuts them, the same
 batches for every system). Systems are alternated and each measured --repeats times; the best
-counts. Also a 2048x2048 fp32 matmul's GFLOP/s (this CPU's practical peak) and qkv's achieved
+counts. Also a 2048x2048 matmul's GFLOP/s (this CPU's practical peak) and qkv's achieved
 matmul GFLOP/s, so the distance to the physical limit is visible.
+
+`--precision bf16`: every system's forward pass and loss under the same bf16 autocast (as `qkv
+train --precision bf16` runs qkv; weights, gradients and AdamW in fp32), plus qkv in fp32
+("qkv-fp32") in the same alternation, for the bf16 / fp32 ratio; the peak is then a bf16 matmul's.
+The process keeps freed memory for reuse (`qkv.allocator`, as the `qkv` command does), which
+every system in it gains from alike.
 
     .venv/bin/python bench/train_speed.py --size small
     .venv/bin/python bench/train_speed.py --size base --steps 4
+    .venv/bin/python bench/train_speed.py --size small --precision bf16
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from qkv.allocator import keep_freed_memory
 from qkv.config import ModelConfig
 from qkv.data import Seq2SeqBatch
 from qkv.loss import seq2seq_loss
@@ -158,22 +166,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the `qkv` command runs; process-wide, so every system gains alike
     d, layers, ffn = SIZES[args.size]
+    bf16 = args.precision == "bf16"
 
-    a = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16 if bf16 else torch.float32)
     a @ a
     t0 = time.perf_counter()
     for _ in range(5):
         a @ a
     peak = 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
-    print(f"size {args.size}, {args.threads} threads; 2048^2 fp32 matmul: {peak:.1f} GFLOP/s")
+    print(
+        f"size {args.size}, {args.threads} threads, {args.precision}; "
+        f"2048^2 {args.precision} matmul: {peak:.1f} GFLOP/s"
+    )
 
-    systems = ["qkv", "hf", "torch"]
-    models = {s: build(s, args.size).train() for s in systems}
+    systems = ["qkv", "hf", "torch"] + (["qkv-fp32"] if bf16 else [])
+    models = {s: build(s.removesuffix("-fp32"), args.size).train() for s in systems}
     opts = {
-        s: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=(s == "qkv")) for s, m in models.items()
+        s: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=s.startswith("qkv"))
+        for s, m in models.items()
     }
     kinds = ["synthetic", "real"] if args.batches == "both" else [args.batches]
     for kind in kinds:
@@ -185,7 +200,10 @@ def main() -> None:
             t0 = time.perf_counter()
             for src, tgt_in, tgt_out in data:
                 n = int((tgt_out != PAD).sum())
-                (loss_of(system, model, src, tgt_in, tgt_out) / n).backward()
+                on = bf16 and system != "qkv-fp32"
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+                    loss = loss_of(system.removesuffix("-fp32"), model, src, tgt_in, tgt_out)
+                (loss / n).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -4,7 +4,9 @@ A random-init HF MarianMTModel (vocabulary 8k) is saved, converted to qkv (`qkv.
 and to CTranslate2 (its own converter), and all engines translate the same random sources with
 forced equal output lengths (min = max = --out-len new tokens), so every engine generates the
 same number of tokens. qkv runs as `qkv translate` does (linear layers prepacked, qkv.packed) and
-with 8-bit weights (`--int8`). Each engine runs in its own process (in one process,
+with 8-bit weights (`--int8`); on a CPU with bf16 units also with bf16 weights ("qkv-bf16", as
+`qkv translate --precision bf16` runs it), against CTranslate2's compute types for the CPU.
+Each engine runs in its own process (in one process,
 CTranslate2's OpenMP threads slow PyTorch's down by 20-25% after each of its runs, and the
 reverse may hold); runs are alternated between engines, with a pause between them, and
 repeated; the best of the repeats counts. Output: sentences/s per engine and the ratios, plus
@@ -33,6 +35,7 @@ from qkv.config import DecodeConfig
 from qkv.fixed import FixedDecoder, use_disk_cache
 from qkv.marian import convert
 from qkv.packed import pack
+from qkv.precision import bf16_units
 from qkv.search import beam_search, greedy, max_steps, model_step
 
 V, EOS, UNK, PAD = 8000, 0, 1, 7999
@@ -100,12 +103,15 @@ def sources(args: argparse.Namespace) -> list[torch.Tensor]:
     return [src[i : i + args.batch] for i in range(0, len(src), args.batch)]
 
 
-def qkv_engine(model_dir: Path, int8: bool, args: argparse.Namespace, compiled: bool = False):
-    # as `qkv translate` runs it: linear layers prepacked (or 8-bit with --int8); or as
-    # `qkv translate --compile`: fixed-shape decoding compiled by inductor (the plain model)
+def qkv_engine(
+    model_dir: Path, int8: bool, args: argparse.Namespace, compiled: bool = False, bf16=False
+):
+    # as `qkv translate` runs it: linear layers prepacked (8-bit with --int8, bf16 with
+    # --precision bf16); or as `qkv translate --compile`: fixed-shape decoding compiled by
+    # inductor (the plain model)
     model = checkpoint.load(model_dir)[0].eval() if compiled else None
     fixed = FixedDecoder(model, compile=True) if compiled else None
-    model = model or pack(checkpoint.load(model_dir)[0], int8=int8)
+    model = model or pack(checkpoint.load(model_dir)[0], int8=int8, bf16=bf16)
     batches, n = sources(args), args.out_len
     kw = dict(bos=PAD, eos=EOS, pad=PAD)
 
@@ -196,8 +202,8 @@ def worker(name: str, tmp: Path, args: argparse.Namespace, conn) -> None:
     send back (seconds, outputs); None ends it."""
     torch.set_num_threads(args.threads)
     match name:
-        case "qkv" | "qkv-int8":
-            run = qkv_engine(tmp / "qkv", name == "qkv-int8", args)
+        case "qkv" | "qkv-int8" | "qkv-bf16":
+            run = qkv_engine(tmp / "qkv", name == "qkv-int8", args, bf16=name == "qkv-bf16")
         case "qkv-compiled":
             use_disk_cache()
             run = qkv_engine(tmp / "qkv", False, args, compiled=True)
@@ -232,6 +238,7 @@ def main() -> None:
     hf_model(args.size).save_pretrained(tmp / "hf")
     convert(tmp / "hf", tmp / "qkv")
     names = ["qkv", "qkv-int8", "hf"] + (["qkv-compiled"] if args.compiled else [])
+    names += ["qkv-bf16"] if bf16_units(torch.device("cpu")) else []
     for name, quant in (("ct2-fp32", None), ("ct2-int8", "int8")):
         if ct2_convert(tmp / "hf", tmp / name, quant) is not None:
             names.append(name)
@@ -272,15 +279,16 @@ def main() -> None:
                 best[name] = max(best.get(name, 0.0), args.sentences / seconds)
         lengths = {name: {len(o) for o in outs} for name, outs in outputs.items()}
         print(f"\n{mode}: output lengths {lengths}")
-        print(f"{'engine':10} {'sent/s':>8} {'qkv / it':>9} {'qkv-int8 / it':>14}", end="")
+        ours = [n for n in ("qkv", "qkv-int8", "qkv-bf16") if n in best]
+        print(f"{'engine':12} {'sent/s':>8}" + "".join(f" {n + ' / it':>14}" for n in ours), end="")
         print(f" {'same as qkv':>12}")
         for name, rate in best.items():
             same = sum(a == b for a, b in zip(outputs[name], outputs["qkv"], strict=True))
             print(
-                f"{name:10} {rate:8.1f} {best['qkv'] / rate:8.2f}x "
-                f"{best['qkv-int8'] / rate:13.2f}x "
-                f"{100 * same / args.sentences:11.0f}%"
+                f"{name:12} {rate:8.1f}" + "".join(f" {best[n] / rate:13.2f}x" for n in ours),
+                end="",
             )
+            print(f" {100 * same / args.sentences:11.0f}%")
     for conn in conns.values():
         conn.send(None)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .allocator import keep_freed_memory
 from .checkpoint import CheckpointError, write_text_atomic
 from .cli_items import add_recommend
 from .cli_sentences import add_classify, add_embed, add_search
@@ -835,6 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # large temporaries reused, not re-faulted each step (qkv/allocator.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from qkv import checkpoint
+from qkv import loss as qkv_loss
 from qkv.config import DecodeConfig, ModelConfig, TrainConfig
-from qkv.loss import smoothed_cross_entropy
+from qkv.loss import linear_cross_entropy, smoothed_cross_entropy
 from qkv.models import from_config
 from qkv.presets import PRESETS
 from qkv.tasks import task_for
@@ -341,6 +342,99 @@ def test_smoothed_cross_entropy_matches_torch(eps):
     assert torch.autograd.gradcheck(
         lambda x: smoothed_cross_entropy(x, torch.tensor([0, 5, 5, 2]), eps), (small,)
     )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
+    """The fused projection + loss, chunk by chunk (chunks of 8 rows over 37, so the last is
+    short), against F.linear then PyTorch's own label-smoothed cross-entropy: the loss and the
+    gradients of h, the weight (tied: it also feeds an embedding lookup) and the bias."""
+    monkeypatch.setattr(qkv_loss, "CHUNK_ROWS", 8)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    if bias:
+        torch.nn.init.normal_(head.bias)
+    h = torch.randn(37, 16, requires_grad=True)
+    target = torch.randint(0, 50, (37,))
+    target[:5] = 7
+    ids = torch.tensor([3, 7, 7])
+
+    def grads(loss_fn):
+        head.zero_grad()
+        h.grad = None
+        loss = loss_fn() + (torch.nn.functional.embedding(ids, head.weight) ** 2).sum()
+        (loss * 2.5).backward()
+        bias_grad = head.bias.grad.clone() if bias else None
+        return loss.detach(), h.grad.clone(), head.weight.grad.clone(), bias_grad
+
+    def plain():
+        return torch.nn.functional.cross_entropy(
+            head(h), target, reduction="sum", label_smoothing=eps
+        )
+
+    got = grads(lambda: linear_cross_entropy(h, head.weight, head.bias, target, eps))
+    for a, b in zip(got, grads(plain), strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no gradients wanted: the value alone
+        torch.testing.assert_close(
+            linear_cross_entropy(h, head.weight, head.bias, target, eps), plain()
+        )
+
+
+def test_linear_cross_entropy_in_bf16_autocast_matches_the_plain_route_in_autocast(monkeypatch):
+    """Under bf16 autocast both routes multiply in bf16 and take the softmax in fp32: their
+    losses and gradients agree to bf16's rounding, and the gradients come back in fp32."""
+    monkeypatch.setattr(qkv_loss, "CHUNK_ROWS", 16)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False)
+    h = torch.randn(70, 32, requires_grad=True)
+    target = torch.randint(0, 300, (70,))
+    out = []
+    for fused in (False, True):
+        head.zero_grad()
+        h.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = linear_cross_entropy(h, head.weight, None, target, 0.1)
+            else:
+                loss = smoothed_cross_entropy(head(h).float(), target, 0.1)
+        loss.backward()
+        assert loss.dtype == h.grad.dtype == head.weight.grad.dtype == torch.float32
+        out.append((loss.detach(), h.grad.clone(), head.weight.grad.clone()))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+_FAULTS = """
+import resource, sys, torch
+from qkv.allocator import keep_freed_memory
+kept = keep_freed_memory()
+step = lambda: torch.empty(16, 1 << 20).fill_(1.0)  # a 64 MB temporary, as a training step makes
+for _ in range(3):  # glibc settles within the first few (a fault-free one may come before)
+    step()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_serves_a_repeated_large_temporary_without_new_pages():
+    """qkv.allocator: with glibc's defaults every 64 MB temporary arrives as 16,384 fresh 4 KB
+    pages (one fault each); kept for reuse, once the heap has settled, none does. Each setting
+    is process-wide, so each runs in its own interpreter."""
+    runs = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "QKV_KEEP_FREED_MEMORY": setting}
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True
+        )
+        kept, faults = out.stdout.split()
+        runs[setting] = kept, float(faults)
+    assert runs["1"][0] == "True" and runs["0"][0] == "False"
+    assert runs["1"][1] < 1000 < 10_000 < runs["0"][1]
 
 
 def test_bf16_autocast_trains_with_fp32_weights_and_a_loss_near_fp32(corpus, tmp_path):

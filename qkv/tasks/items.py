@@ -28,7 +28,7 @@ from ..items import (
     unseen_negatives,
     windows,
 )
-from ..loss import smoothed_cross_entropy
+from ..loss import linear_cross_entropy
 from ..recommend import BatchRanks, rank_targets, report
 from ..tokenizer import PAD, Items
 from . import decoder_only
@@ -144,8 +144,8 @@ def item_loss(model: nn.Module, batch: ItemBatch, label_smoothing: float = 0.0) 
         # scores against the item rows only (a contiguous matrix, not a slice of a larger one)
         weight, bias = model.lm_head.weight[Items.first :], model.lm_head.bias
         bias = None if bias is None else bias[Items.first :]
-        logits = F.linear(h[real], weight, bias).float()
-        return smoothed_cross_entropy(logits, batch.y[real] - Items.first, label_smoothing)
+        target = batch.y[real] - Items.first
+        return linear_cross_entropy(h[real], weight, bias, target, label_smoothing)
     weight = model.lm_head.weight  # the item embeddings (tied)
     h = h[real]  # (N, D)
     pos = (h * weight[batch.y[real]]).sum(-1)  # (N,)

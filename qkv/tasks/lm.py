@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..data import DataError, read_text, tinyshakespeare_file
-from ..loss import smoothed_cross_entropy
+from ..loss import linear_cross_entropy
 from ..models import device_of
 from ..tokenizer import Characters, Subwords, Tokenizer
 from . import decoder_only
@@ -60,9 +60,11 @@ class Windows:
 
 
 def lm_loss(model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Summed cross-entropy of a decoder-only model's next-token predictions over windows."""
-    logits = model(x)  # (B, T, V)
-    return smoothed_cross_entropy(logits.flatten(0, 1).float(), y.flatten(), label_smoothing)
+    """Summed cross-entropy of a decoder-only model's next-token predictions over windows (the
+    output layer fused with the loss: qkv.loss.linear_cross_entropy)."""
+    h = model.decoder(x).flatten(0, 1)  # (B * T, D): model(x) without its output layer
+    head = model.lm_head
+    return linear_cross_entropy(h, head.weight, head.bias, y.flatten(), label_smoothing)
 
 
 def spread(items: list[int], k: int) -> list[int]:
