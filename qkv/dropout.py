@@ -27,7 +27,10 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
     cut = round(p * 65536)  # drop when bits < -32768 + cut: probability cut / 65536
-    return x * (bits >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))
+    keep, scale = (bits >= cut - 32768).to(x.dtype), 65536 / (65536 - cut)
+    if x.dtype != torch.float32:  # bf16 (autocast): 1 / 0.9 in 8 bits would shrink every
+        return x * keep * scale  # kept value by 0.16%; scaled per product, the rounding is unbiased
+    return x * keep.mul_(scale)
 
 
 class Dropout(nn.Module):

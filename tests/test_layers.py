@@ -98,3 +98,17 @@ def test_dropout_statistics_and_gradient():
     assert layer(x) is x
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+
+
+def test_dropout_in_bf16_keeps_the_mean():
+    """In bf16 (autocast training) the kept values are scaled by 1 / (1 - p) without a bias:
+    a scale rounded once to bf16's 8 bits (1.109375 for 1.1111) would shrink them all by 0.16%,
+    ten times the tolerance here."""
+    from qkv.dropout import dropout
+
+    torch.manual_seed(0)
+    x = (torch.rand(1 << 20) + 1).bfloat16()  # values spread over [1, 2): roundings vary
+    y = dropout(x, 0.1)
+    kept = y != 0
+    ratio = (y[kept].double() / x[kept].double()).mean().item()
+    assert abs(ratio * (65536 - 6554) / 65536 - 1) < 1.6e-4
