@@ -3,11 +3,12 @@ target tokens (1,800 x 256 hidden states, 8k vocabulary), forward + backward, th
 `F.linear` then PyTorch's `F.cross_entropy(..., label_smoothing=0.1)`; `F.linear` then qkv's
 closed-form `smoothed_cross_entropy` (the route before 2026-11-30); and qkv's
 `linear_cross_entropy`, projection and loss fused, chunk by chunk (the route now). In fp32, or
-with `--precision bf16` under bf16 autocast as `qkv train --precision bf16` runs it.
-Alternated, best of --repeats.
+with `--precision bf16` under bf16 autocast as `qkv train --precision bf16` runs it; the fused
+route once per chunk size in `--chunks` (qkv.loss.CHUNK_ROWS is the default's). Alternated,
+best of --repeats.
 
     .venv/bin/python bench/loss_speed.py
-    .venv/bin/python bench/loss_speed.py --precision bf16 --threads 1
+    .venv/bin/python bench/loss_speed.py --precision bf16 --threads 1 --chunks 64,128,256,512
 """
 
 import argparse
@@ -16,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from qkv import loss
 from qkv.loss import linear_cross_entropy, smoothed_cross_entropy
 
 
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--chunks", default=str(loss.CHUNK_ROWS), help="rows per chunk, fused route")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -37,10 +40,14 @@ def main() -> None:
         "F.linear + smoothed_cross_entropy": lambda h: smoothed_cross_entropy(
             head(h).float(), target, 0.1
         ),
-        "linear_cross_entropy (fused)": lambda h: linear_cross_entropy(
-            h, head.weight, None, target, 0.1
-        ),
     }
+    for rows in map(int, args.chunks.split(",")):
+
+        def fused(h, rows=rows):
+            loss.CHUNK_ROWS = rows
+            return linear_cross_entropy(h, head.weight, None, target, 0.1)
+
+        systems[f"linear_cross_entropy, {rows} rows"] = fused
     best = {name: float("inf") for name in systems}
     for _ in range(args.repeats):
         for name, fn in systems.items():
@@ -48,8 +55,8 @@ def main() -> None:
             head.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = fn(h)
-            loss.backward()
+                value = fn(h)
+            value.backward()
             best[name] = min(best[name], time.perf_counter() - t0)
     print(f"{args.precision}, {args.threads} threads, best of {args.repeats}")
     base = best["F.linear + F.cross_entropy"]
