@@ -11,8 +11,8 @@ t=${THREADS:-2}
 py=.venv/bin/python
 mkdir -p "$out"
 lscpu | grep -E "Model name|^Flags" > "$out/cpu.txt"
-$py bench/loss_speed.py --threads "$t" --precision fp32 --chunks 64,128,256,512 | tee "$out/loss_fp32.txt"
-$py bench/loss_speed.py --threads "$t" --precision bf16 --chunks 64,128,256,512 | tee "$out/loss_bf16.txt"
+$py bench/loss_speed.py --threads "$t" --precision fp32 --chunks 32,64,131,256,512 | tee "$out/loss_fp32.txt"
+$py bench/loss_speed.py --threads "$t" --precision bf16 --chunks 32,64,131,256,512 | tee "$out/loss_bf16.txt"
 $py bench/page_faults.py --threads "$t" | tee "$out/page_faults.txt"
 $py bench/train_speed.py --threads "$t" --size small --precision bf16 | tee "$out/train_small_bf16.txt"
 $py bench/train_speed.py --threads "$t" --size small | tee "$out/train_small_fp32.txt"

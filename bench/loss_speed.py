@@ -4,8 +4,8 @@ target tokens (1,800 x 256 hidden states, 8k vocabulary), forward + backward, th
 closed-form `smoothed_cross_entropy` (the route before 2026-11-30); and qkv's
 `linear_cross_entropy`, projection and loss fused, chunk by chunk (the route now). In fp32, or
 with `--precision bf16` under bf16 autocast as `qkv train --precision bf16` runs it; the fused
-route once per chunk size in `--chunks` (qkv.loss.CHUNK_ROWS is the default's). Alternated,
-best of --repeats.
+route once per chunk size in `--chunks`, in rows (qkv.loss.CHUNK_SCORES / 8000 is qkv's).
+Alternated, best of --repeats.
 
     .venv/bin/python bench/loss_speed.py
     .venv/bin/python bench/loss_speed.py --precision bf16 --threads 1 --chunks 64,128,256,512
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--chunks", default=str(loss.CHUNK_ROWS), help="rows per chunk, fused route")
+    ap.add_argument("--chunks", default=str(loss.CHUNK_SCORES // 8000), help="rows per chunk")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -44,7 +44,7 @@ def main() -> None:
     for rows in map(int, args.chunks.split(",")):
 
         def fused(h, rows=rows):
-            loss.CHUNK_ROWS = rows
+            loss.CHUNK_SCORES = rows * 8000
             return linear_cross_entropy(h, head.weight, None, target, 0.1)
 
         systems[f"linear_cross_entropy, {rows} rows"] = fused

@@ -51,9 +51,11 @@ def smoothed_cross_entropy(logits: Tensor, target: Tensor, eps: float) -> Tensor
     return SmoothedCrossEntropy.apply(logits, target, eps)
 
 
-# Rows of logits per chunk in LinearCrossEntropy: (128, 8k) fp32 is 4 MB, about what a core's L2
-# cache holds on the CPUs we measured, and still a large enough matrix product to run at speed.
-CHUNK_ROWS = 128
+# Scores per chunk in LinearCrossEntropy: 2^20 fp32 values (4 MB, 131 rows of an 8k vocabulary)
+# stay in a core's L2 cache on the CPU it was tuned on (bench/loss_speed.py sweeps the size), and
+# still make a matrix product large enough to run at speed; a character vocabulary takes a whole
+# batch in one chunk, so small vocabularies pay no per-chunk overhead.
+CHUNK_SCORES = 1 << 20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -82,16 +84,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             n, v = h.shape[0], weight.shape[0]
             g = torch.empty(n, v, dtype=dtype, device=h.device) if grads else None
             loss = torch.zeros((), device=h.device)
-            for i in range(0, n, CHUNK_ROWS):
-                t = target[i : i + CHUNK_ROWS, None]
-                log_probs = F.linear(hc[i : i + CHUNK_ROWS], wc, bc).float().log_softmax(-1)
+            rows = max(1, CHUNK_SCORES // v)
+            for i in range(0, n, rows):
+                t = target[i : i + rows, None]
+                log_probs = F.linear(hc[i : i + rows], wc, bc).float().log_softmax(-1)
                 # -sum_j q_j log p_j, q = (1 - eps) on the right token + eps / V on every token
                 right = log_probs.gather(1, t).sum()
                 loss -= (1 - eps) * right + eps / v * log_probs.sum()
                 if g is not None:  # p - q, as SmoothedCrossEntropy.backward
                     p = log_probs.exp_().sub_(eps / v)
                     p.scatter_add_(1, t, p.new_full(t.shape, -(1 - eps)))
-                    g[i : i + CHUNK_ROWS] = p
+                    g[i : i + rows] = p
             if g is not None:
                 need = ctx.needs_input_grad
                 ctx.grads = (

@@ -350,7 +350,7 @@ def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
     """The fused projection + loss, chunk by chunk (chunks of 8 rows over 37, so the last is
     short), against F.linear then PyTorch's own label-smoothed cross-entropy: the loss and the
     gradients of h, the weight (tied: it also feeds an embedding lookup) and the bias."""
-    monkeypatch.setattr(qkv_loss, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(qkv_loss, "CHUNK_SCORES", 8 * 50)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     if bias:
@@ -385,7 +385,7 @@ def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
 def test_linear_cross_entropy_in_bf16_autocast_matches_the_plain_route_in_autocast(monkeypatch):
     """Under bf16 autocast both routes multiply in bf16 and take the softmax in fp32: their
     losses and gradients agree to bf16's rounding, and the gradients come back in fp32."""
-    monkeypatch.setattr(qkv_loss, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(qkv_loss, "CHUNK_SCORES", 16 * 300)
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 300, bias=False)
     h = torch.randn(70, 32, requires_grad=True)
