@@ -20,3 +20,6 @@ $py bench/train_speed.py --threads "$t" --size base --steps 4 --precision bf16 |
 $py bench/train_speed.py --threads "$t" --size base --steps 4 | tee "$out/train_base_fp32.txt"
 $py bench/translate_speed.py --threads "$t" --size small --sentences 256 --repeats 2 | tee "$out/translate_small.txt"
 $py bench/translate_speed.py --threads "$t" --size base --sentences 128 --repeats 2 | tee "$out/translate_base.txt"
+# CTranslate2 ran slower at 2 threads than at 1 on the machine of 2026-11-30: both thread counts
+$py bench/translate_speed.py --threads 1 --size small --sentences 256 --repeats 2 | tee "$out/translate_small_1thread.txt"
+$py bench/translate_speed.py --threads 1 --size base --sentences 64 --repeats 2 | tee "$out/translate_base_1thread.txt"
