@@ -5,8 +5,9 @@ returns them to the kernel when they are freed, and the heap's free top above 12
 block of that size then arrives as fresh pages, which the kernel zero-fills one 4 KB page at a
 time on first touch. A training step makes and frees the same large tensors every step
 (activations, gradients, optimizer temporaries: over 100 MB for a 2,048-token batch of the
-Multi30k model), so it paid tens of thousands of page faults per step (27,000 in fp32, counted
-on one machine), a cost no kernel choice removes. PyTorch's CPU tuning guide swaps the allocator
+Multi30k model), so it paid tens of thousands of page faults per step (31,000 in fp32 on the
+Xeon of bench/README.md, 52 with this setting: bench/page_faults.py), a cost no kernel choice
+removes. PyTorch's CPU tuning guide swaps the allocator
 (jemalloc, tcmalloc) by preloading it; glibc's own two settings give the same reuse at these
 sizes without a new dependency: serve every block below 1 GB from the heap, and never trim the
 heap. The price: the process keeps the memory of its largest step instead of giving it back.

@@ -108,8 +108,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        grads = ctx.grads
-        del ctx.grads  # a second backward through the same graph finds none, as autograd's own
+        grads = ctx.__dict__.pop("grads", None)  # made in forward, handed over once
+        if grads is None:
+            raise RuntimeError("linear_cross_entropy: backward through the same loss twice")
         if grad_out.item() != 1.0:  # the usual case, loss.backward(), skips a pass
             grads = tuple(None if x is None else x * grad_out for x in grads)
         return (*grads, None, None, None)

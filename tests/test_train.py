@@ -377,9 +377,12 @@ def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
     for a, b in zip(got, grads(plain), strict=True):
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # no gradients wanted: the value alone
-        torch.testing.assert_close(
-            linear_cross_entropy(h, head.weight, head.bias, target, eps), plain()
-        )
+        value = linear_cross_entropy(h, head.weight, head.bias, target, eps)
+        torch.testing.assert_close(value, plain())
+    loss = linear_cross_entropy(h, head.weight, head.bias, target, eps)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):  # its gradients were handed over once
+        loss.backward()
 
 
 def test_linear_cross_entropy_in_bf16_autocast_matches_the_plain_route_in_autocast(monkeypatch):
