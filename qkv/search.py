@@ -208,8 +208,14 @@ def sample(
     log-probability of what was drawn."""
     generator = torch.Generator(device=src_lengths.device).manual_seed(cfg.seed)
 
+    # Temperature -> 0 is greedy, -> infinity uniform over the allowed tokens. With the best
+    # score moved to 0 first and the temperature kept within fp32's range, both ends stay finite
+    # (a temperature of 1e-45 or 3.5e38 used raw made every score -inf or NaN).
+    temperature = min(max(cfg.temperature, 1e-30), 1e30)
+
     def draw(log_probs: Tensor) -> Tensor:
-        logits = top_p_filter(top_k_filter(log_probs / cfg.temperature, cfg.top_k), cfg.top_p)
+        scaled = (log_probs - log_probs.amax(-1, keepdim=True)) / temperature
+        logits = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
     return _one_per_row(

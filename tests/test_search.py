@@ -189,6 +189,17 @@ def test_sampling_respects_top_k_and_top_p():
     assert cold.count((A,)) == len(cold)
 
 
+@pytest.mark.parametrize("t", [5e-324, 1e-45, 3.4028235677973366e38, 1e308])
+def test_sampling_at_extreme_temperatures_is_greedy_or_uniform_never_nan(t):
+    """Temperatures beyond fp32's range (found by the server's schema fuzzing: 3.4028235677973366e38
+    overflowed to inf, and -inf / inf is NaN): near 0 sampling is greedy, huge it is uniform."""
+    outs = _sample_many(DecodeConfig(strategy="sample", temperature=t), n=2000)
+    if t < 1:
+        assert set(outs) == {(A,)}
+    else:  # A or B first, each half the time (0.6 / 0.4 at temperature 1)
+        assert abs(sum(o[0] == A for o in outs) / len(outs) - 0.5) < 0.04
+
+
 def test_min_and_max_length():
     (hyps,) = run_beam(beam=2, nbest=1, min_len=2)
     assert hyps[0].tokens == [B, C]  # [A] alone is too short
