@@ -6,11 +6,11 @@ packed as `qkv translate` runs it: fp32, or with `--precision bf16` bf16 weights
     .venv/bin/python bench/profile_decode.py --precision bf16 --threads 1
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
+from timing import profiler_flags
 from torch.profiler import profile
 from translate_speed import EOS, PAD, V, hf_model
 
@@ -22,12 +22,7 @@ from qkv.search import beam_search, greedy, model_step
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=10, help="operators listed")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = profiler_flags(__doc__, 10)
     tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
     hf_model("small").save_pretrained(tmp / "hf")
     model = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0]

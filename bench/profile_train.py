@@ -6,9 +6,8 @@ or with `--precision bf16` in bf16 autocast as `qkv train --precision bf16` runs
     .venv/bin/python bench/profile_train.py --precision bf16 --threads 1
 """
 
-import argparse
-
 import torch
+from timing import profiler_flags
 from torch.profiler import profile
 
 from qkv.allocator import keep_freed_memory
@@ -21,12 +20,7 @@ from qkv.tokenizer import Subwords
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=12, help="operators listed")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = profiler_flags(__doc__, 12)
     keep_freed_memory()  # as the `qkv` command runs
     bf16 = args.precision == "bf16"
     model_cfg, _ = PRESETS["multi30k-de-en"]

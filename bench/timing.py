@@ -1,7 +1,10 @@
-"""Shared timing helper for the micro-benchmarks."""
+"""Shared helpers for the benchmarks: timing, and the profilers' flags."""
 
+import argparse
 import time
 from collections.abc import Callable
+
+import torch
 
 
 def best_of(fn: Callable[[], object], repeats: int = 5, n: int = 100) -> float:
@@ -15,3 +18,14 @@ def best_of(fn: Callable[[], object], repeats: int = 5, n: int = 100) -> float:
             fn()
         times.append((time.perf_counter() - t0) / n * 1e6)
     return min(times)
+
+
+def profiler_flags(doc: str, rows: int) -> argparse.Namespace:
+    """The profile_*.py scripts' flags (--precision, --threads, --rows), with threads set."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=rows, help="operators listed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

@@ -49,11 +49,14 @@ def _best_of(fn, reps: int) -> float:
 
 @cache
 def bf16_speedup(
-    rows: int, d_in: int, d_out: int, device_type: str, training: bool = False, reps: int = 5
+    rows: int, d_in: int, d_out: int, device_type: str, training: bool = False, reps: int = 20
 ) -> float:
     """fp32 time / bf16 time of a (rows x d_in) by (d_in x d_out) product on the device, each
     the best of `reps` (cached per shape for the life of the process). On the CPU, inference
-    is timed with the packed kernels it uses (qkv.packed), training with plain matmuls."""
+    is timed with the packed kernels it uses (qkv.packed), training with plain matmuls. On a
+    busy machine most single timings are disturbed: with 5, a 7.6x gain once measured under
+    1.2x (bf16 refused); 20 found 7-8x under the same load, for about 0.1 s, and a measurement
+    under MIN_SPEEDUP is repeated (up to three in all, the largest kept) before saying no."""
     device = torch.device(device_type)
     x = torch.randn(rows, d_in, device=device)
     w = torch.randn(d_out, d_in, device=device)
@@ -72,7 +75,12 @@ def bf16_speedup(
         w16, x16 = w.bfloat16(), x.bfloat16()
         f32 = lambda: (F.linear(x, w), sync())
         f16 = lambda: (F.linear(x16, w16), sync())
-    return _best_of(f32, reps) / _best_of(f16, reps)
+    best = 0.0
+    for _ in range(3):
+        best = max(best, _best_of(f32, reps) / _best_of(f16, reps))
+        if best >= MIN_SPEEDUP:
+            break
+    return best
 
 
 def resolve(
