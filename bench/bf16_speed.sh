@@ -23,3 +23,5 @@ $py bench/translate_speed.py --threads "$t" --size base --sentences 128 --repeat
 # CTranslate2 ran slower at 2 threads than at 1 on the machine of 2026-11-30: both thread counts
 $py bench/translate_speed.py --threads 1 --size small --sentences 256 --repeats 2 | tee "$out/translate_small_1thread.txt"
 $py bench/translate_speed.py --threads 1 --size base --sentences 64 --repeats 2 | tee "$out/translate_base_1thread.txt"
+$py bench/ct2_threads.py | tee "$out/ct2_threads_default.txt"
+$py bench/ct2_threads.py --wait-policy ACTIVE | tee "$out/ct2_threads_ACTIVE.txt"
