@@ -19,7 +19,6 @@ heap. The price: the process keeps the memory of its largest step instead of giv
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -31,10 +30,9 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse (see above); True if it agreed."""
     if not sys.platform.startswith("linux") or os.environ.get("QKV_KEEP_FREED_MEMORY") == "0":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    try:  # the process's own symbols, libc's among them (find_library would start ldconfig)
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a libc without mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # older glibc refuses thresholds above 32 MB: then the largest it accepts
