@@ -15,39 +15,16 @@ import sys
 import time
 
 import torch
+from profile_train import training_step
 
 from qkv.allocator import keep_freed_memory
-from qkv.data import collate, multi30k, token_batches
-from qkv.loss import seq2seq_loss
-from qkv.models import EncoderDecoder
-from qkv.presets import PRESETS
-from qkv.tasks.translation import encode_pairs
-from qkv.tokenizer import Subwords
 
 
 def one(keep: bool, precision: str, threads: int) -> None:
     torch.set_num_threads(threads)
     if keep:
         assert keep_freed_memory()
-    model_cfg, _ = PRESETS["multi30k-de-en"]
-    pairs = multi30k("train", "de", "en")[:6000]
-    tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], 8000)
-    examples, _ = encode_pairs(tok, pairs, 250)
-    cut = token_batches(examples, 2048, 0, 0)[:10]
-    data = [collate([examples[i] for i in b], 0, 1, 2) for b in cut]
-    torch.manual_seed(0)
-    model = EncoderDecoder(model_cfg.replace(vocab_size=tok.vocab_size, share_embeddings=True))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-9, fused=True)
-
-    def step(batch) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = seq2seq_loss(model, batch, 0.1)
-        (loss / batch.tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step, data = training_step(precision == "bf16", 10)
     for batch in data[:3]:
         step(batch)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -19,30 +19,35 @@ from qkv.tasks.translation import encode_pairs
 from qkv.tokenizer import Subwords
 
 
-def main() -> None:
-    args = profiler_flags(__doc__, 12)
-    keep_freed_memory()  # as the `qkv` command runs
-    bf16 = args.precision == "bf16"
+def training_step(bf16: bool, batches: int):
+    """The multi30k-de-en preset's model on the first `batches` real Multi30k De-En token batches
+    of 2048, and one training step as qkv/train.py runs it (autocast in bf16, AdamW)."""
     model_cfg, _ = PRESETS["multi30k-de-en"]
     pairs = multi30k("train", "de", "en")[:6000]
     tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], 8000)
     examples, _ = encode_pairs(tok, pairs, 250)
-    data = [
-        collate([examples[i] for i in b], 0, 1, 2) for b in token_batches(examples, 2048, 0, 0)[:11]
-    ]
+    cut = token_batches(examples, 2048, 0, 0)[:batches]
+    data = [collate([examples[i] for i in b], 0, 1, 2) for b in cut]
     torch.manual_seed(0)
     model = EncoderDecoder(model_cfg.replace(vocab_size=tok.vocab_size, share_embeddings=True))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-9, fused=True)
 
     def step(batch) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as qkv/train.py
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = seq2seq_loss(model, batch, 0.1)
         (loss / batch.tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, data
+
+
+def main() -> None:
+    args = profiler_flags(__doc__, 12)
+    keep_freed_memory()  # as the `qkv` command runs
+    step, data = training_step(args.precision == "bf16", 11)
     for batch in data[:3]:  # warm-up
         step(batch)
     with profile() as p:
