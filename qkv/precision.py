@@ -54,9 +54,9 @@ def bf16_speedup(
     """fp32 time / bf16 time of a (rows x d_in) by (d_in x d_out) product on the device, each
     the best of `reps` (cached per shape for the life of the process). On the CPU, inference
     is timed with the packed kernels it uses (qkv.packed), training with plain matmuls. On a
-    busy machine most single timings are disturbed: with 5, a 7.6x gain once measured under
-    1.2x (bf16 refused); 20 found 7-8x under the same load, for about 0.1 s, and a measurement
-    under MIN_SPEEDUP is repeated (up to three in all, the largest kept) before saying no."""
+    busy machine most single timings are disturbed (with 5, a 7.6x gain once measured under
+    1.2x and bf16 was refused), so each is the best of 20, and a measurement under MIN_SPEEDUP
+    is repeated (up to three in all, the largest kept) before saying no."""
     device = torch.device(device_type)
     x = torch.randn(rows, d_in, device=device)
     w = torch.randn(d_out, d_in, device=device)
