@@ -22,7 +22,7 @@ from .cli_sentences import add_classify, add_embed, add_search
 from .cli_serve import add_serve
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PARALLEL_SPLITS, DataError, parallel, read_lines, read_parallel
-from .distributed import DistributedError
+from .distributed import DistributedError, exit_if_joined
 from .flags import (
     Parser,
     UsageError,
@@ -836,6 +836,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    exit_if_joined(code)  # under torchrun: leave without PyTorch's exit teardown
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     keep_freed_memory()  # large temporaries reused, not re-faulted each step (qkv/allocator.py)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -267,3 +267,20 @@ def test_a_bad_distributed_environment_is_one_line(
     err = capsys.readouterr().err.strip()
     assert err == f"qkv: error: {message}"
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_process_that_joined_a_group_leaves_with_its_code_and_its_output_flushed():
+    # DDP keeps gloo's threads alive to the end of the process; leaving through os._exit skips
+    # their teardown (qkv/distributed.py, exit_if_joined), so the streams must be flushed first.
+    script = (
+        "import sys\n"
+        "from qkv import distributed\n"
+        "distributed.exit_if_joined(5)\n"  # not joined: returns
+        "distributed._joined = True\n"
+        "print('saved', end='')\n"
+        "print('warned', end='', file=sys.stderr)\n"
+        "distributed.exit_if_joined(3)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "saved", "warned")
