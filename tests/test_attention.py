@@ -104,6 +104,28 @@ def test_weights_are_before_dropout():
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_dropout_zeroes_weights_and_scales_the_rest(dtype):
+    # Training's attention on the CPU (the explicit math with qkv's dropout mask): with the values
+    # the identity, the output is the dropped-out weights themselves, each 0 or w / (1 - p),
+    # about p of them 0, and the gradient reaches q through the kept ones only.
+    torch.manual_seed(0)
+    p, s = 0.25, 16
+    q, k = torch.randn(64, 4, s, 8), torch.randn(64, 4, s, 8)
+    q, k, v = q.to(dtype).requires_grad_(), k.to(dtype), torch.eye(s).expand(64, 4, s, s).to(dtype)
+    _, w = attention(q, k, v, need_weights=True)
+    out, _ = attention(q, k, v, dropout=p)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - p) < 0.01
+    kept = (out.float() / (w.float() / (1 - p)))[~dropped]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(kept, torch.ones_like(kept), atol=tol, rtol=0)
+    out.float().sum().backward()  # the weights sum to 1, so all of q's gradient comes from drops
+    assert q.grad.abs().sum() > 0
+    unscaled = attention(q.detach(), k, v, dropout=p)[0]
+    assert not torch.equal(unscaled == 0, dropped)  # a fresh mask each call
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_multihead_matches_torch(bias):
     torch.manual_seed(0)
