@@ -17,7 +17,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     16-bit draws each: PyTorch's CPU bernoulli draws one number per element and costs about twice
     as much (bench/dropout_speed.py). The mask, scaled, is applied as one multiplication, whose
     backward is one multiplication too (cheaper than torch.where's). p is rounded to a multiple
-    of 1/65536.
+    of 1/65536, and in bf16 moved a little further (`cut_and_scale`).
     """
     if not training or p == 0.0:
         return x
@@ -26,11 +26,25 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-    cut = round(p * 65536)  # drop when bits < -32768 + cut: probability cut / 65536
-    keep, scale = (bits >= cut - 32768).to(x.dtype), 65536 / (65536 - cut)
-    if x.dtype != torch.float32:  # bf16 (autocast): 1 / 0.9 in 8 bits would shrink every
-        return x * keep * scale  # kept value by 0.16%; scaled per product, the rounding is unbiased
-    return x * keep.mul_(scale)
+    cut, scale = cut_and_scale(p, x.dtype)  # drop when bits < -32768 + cut
+    return x * (bits >= cut - 32768).to(x.dtype).mul_(scale)
+
+
+def cut_and_scale(p: float, dtype: torch.dtype) -> tuple[int, float]:
+    """The mask's cut (an element is dropped with probability cut / 65536) and the kept
+    elements' scale, with scale x (1 - cut / 65536) = 1, so the mean is kept.
+
+    In fp32, cut = round(p * 65536) and scale = 65536 / (65536 - cut). In bf16 (autocast
+    training) that scale has no exact value (1/0.9 rounds to 1.109375, which would shrink every
+    kept value by 0.16%), so the scale is rounded first and the cut moved to match it: p = 0.1
+    becomes 0.0986, the mean is kept to 5e-6, and the scaled mask is exact in x's own dtype,
+    one multiplication instead of two (forward and backward)."""
+    cut = round(p * 65536)
+    scale = 65536 / (65536 - cut)
+    if dtype in (torch.bfloat16, torch.float16):
+        scale = torch.tensor(scale, dtype=dtype).item()
+        cut = round(65536 * (1 - 1 / scale))
+    return cut, scale
 
 
 class Dropout(nn.Module):

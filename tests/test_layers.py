@@ -101,14 +101,21 @@ def test_dropout_statistics_and_gradient():
 
 
 def test_dropout_in_bf16_keeps_the_mean():
-    """In bf16 (autocast training) the kept values are scaled by 1 / (1 - p) without a bias:
-    a scale rounded once to bf16's 8 bits (1.109375 for 1.1111) would shrink them all by 0.16%,
-    ten times the tolerance here."""
-    from qkv.dropout import dropout
+    """In bf16 (autocast training) the kept values are scaled without a bias: a scale rounded
+    to bf16's 8 bits (1.109375 for 1/0.9) with the drop probability left at 0.1 would shrink
+    them all by 0.16%, ten times the tolerance here; the probability moves to match the scale."""
+    from qkv.dropout import cut_and_scale, dropout
 
+    cut, scale = cut_and_scale(0.1, torch.bfloat16)
+    assert scale == torch.tensor(scale, dtype=torch.bfloat16).item()  # exact in bf16
+    assert abs(scale * (65536 - cut) / 65536 - 1) < 1.6e-5
+    assert abs(cut / 65536 - 0.1) < 0.002
+    assert cut_and_scale(0.1, torch.float32) == (6554, 65536 / (65536 - 6554))
     torch.manual_seed(0)
-    x = (torch.rand(1 << 20) + 1).bfloat16()  # values spread over [1, 2): roundings vary
+    x = (torch.rand(1 << 22) + 1).bfloat16()  # values spread over [1, 2): roundings vary
     y = dropout(x, 0.1)
     kept = y != 0
     ratio = (y[kept].double() / x[kept].double()).mean().item()
-    assert abs(ratio * (65536 - 6554) / 65536 - 1) < 1.6e-4
+    assert abs(ratio / scale - 1) < 1e-4  # each kept value scaled, rounded without a bias
+    assert abs((~kept).double().mean().item() - cut / 65536) < 0.001  # dropped as often as said
+    assert abs(y.double().mean().item() / x.double().mean().item() - 1) < 0.002
