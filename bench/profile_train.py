@@ -19,9 +19,10 @@ from qkv.tasks.translation import encode_pairs
 from qkv.tokenizer import Subwords
 
 
-def training_step(bf16: bool, batches: int):
+def training_step(bf16: bool, batches: int, compiled: bool = False):
     """The multi30k-de-en preset's model on the first `batches` real Multi30k De-En token batches
-    of 2048, and one training step as qkv/train.py runs it (autocast in bf16, AdamW)."""
+    of 2048, and one training step as qkv/train.py runs it (autocast in bf16, AdamW); `compiled`:
+    the encoder and decoder through torch.compile (inductor, dynamic shapes), the loss eager."""
     model_cfg, _ = PRESETS["multi30k-de-en"]
     pairs = multi30k("train", "de", "en")[:6000]
     tok = Subwords.train([s for s, _ in pairs] + [t for _, t in pairs], 8000)
@@ -31,6 +32,9 @@ def training_step(bf16: bool, batches: int):
     torch.manual_seed(0)
     model = EncoderDecoder(model_cfg.replace(vocab_size=tok.vocab_size, share_embeddings=True))
     model.train()
+    if compiled:
+        model.encoder.compile(dynamic=True)
+        model.decoder.compile(dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-9, fused=True)
 
     def step(batch) -> None:

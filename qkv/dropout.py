@@ -5,6 +5,8 @@ A faster CPU mask than PyTorch's lives here, apart from the concept code that us
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,9 +44,20 @@ def cut_and_scale(p: float, dtype: torch.dtype) -> tuple[int, float]:
     cut = round(p * 65536)
     scale = 65536 / (65536 - cut)
     if dtype in (torch.bfloat16, torch.float16):
-        scale = torch.tensor(scale, dtype=dtype).item()
+        scale = _rounded(scale, dtype)
         cut = round(65536 * (1 - 1 / scale))
     return cut, scale
+
+
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """x rounded to the nearest fp16 or bf16 value (ties to even), in plain Python: no tensor,
+    so torch.compile traces dropout without a break."""
+    x = struct.unpack("<f", struct.pack("<f", x))[0]  # via fp32, as torch's .to(dtype) rounds
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", x))[0]
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]  # bf16: fp32's upper 16 bits
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 class Dropout(nn.Module):

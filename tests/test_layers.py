@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qkv.embedding import sinusoids
 from qkv.layers import FeedForward, Residual
@@ -119,3 +121,12 @@ def test_dropout_in_bf16_keeps_the_mean():
     assert abs(ratio / scale - 1) < 1e-4  # each kept value scaled, rounded without a bias
     assert abs((~kept).double().mean().item() - cut / 65536) < 0.001  # dropped as often as said
     assert abs(y.double().mean().item() / x.double().mean().item() - 1) < 0.002
+
+
+@given(st.floats(min_value=-6e4, max_value=6e4, allow_nan=False))
+def test_dropout_rounds_its_scale_as_torch_does(x):
+    # cut_and_scale rounds without a tensor (torch.compile traces it without a break)
+    from qkv.dropout import _rounded
+
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _rounded(x, dtype) == torch.tensor(x).to(dtype).item()
