@@ -76,7 +76,7 @@ EXPLICIT_MIN_ROWS_X_HEADS = 512
 def _explicit_is_faster(q: Tensor, dropout: float) -> bool:
     """On the CPU: with dropout (training), where the fused kernel falls back to PyTorch's own
     math in fp32 and its per-element bernoulli mask (the explicit math with qkv's dropout mask
-    ran forward + backward 1.2-1.6x faster in fp32 and 1.5-1.8x in bf16 at training's shapes,
+    ran forward + backward 1.3-1.7x faster in fp32 and 1.4-1.8x in bf16 at training's shapes,
     bench/attention_speed.py --train); or with one query per row over at least
     EXPLICIT_MIN_ROWS_X_HEADS rows x heads (decoding)."""
     if q.device.type != "cpu":
