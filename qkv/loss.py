@@ -56,6 +56,8 @@ def smoothed_cross_entropy(logits: Tensor, target: Tensor, eps: float) -> Tensor
 # still make a matrix product large enough to run at speed; a character vocabulary takes a whole
 # batch in one chunk, so small vocabularies pay no per-chunk overhead.
 CHUNK_SCORES = 1 << 20
+# In 16-bit matmuls on the CPU, rows are padded to a multiple of this (see LinearCrossEntropy).
+ROW_QUANTUM = 128
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -82,23 +84,32 @@ class LinearCrossEntropy(torch.autograd.Function):
             hc, wc = h.to(dtype), weight.to(dtype)
             bc = None if bias is None else bias.to(dtype)
             n, v = h.shape[0], weight.shape[0]
-            g = torch.empty(n, v, dtype=dtype, device=h.device) if grads else None
-            loss = torch.zeros((), device=h.device)
             rows = max(1, CHUNK_SCORES // v)
+            if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+                # oneDNN compiles a kernel for each new shape of a 16-bit matmul, and n differs
+                # in every batch: zero rows up to a multiple of ROW_QUANTUM, and chunks of a
+                # multiple of it, keep the shapes to a few (bench/loss_speed.py --new-rows).
+                # The zero rows add nothing to the loss or the gradients.
+                rows = max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
+                hc = F.pad(hc, (0, 0, 0, -n % ROW_QUANTUM))
+            g = torch.empty(len(hc), v, dtype=dtype, device=h.device) if grads else None
+            loss = torch.zeros((), device=h.device)
             for i in range(0, n, rows):
                 t = target[i : i + rows, None]
-                log_probs = F.linear(hc[i : i + rows], wc, bc).float().log_softmax(-1)
+                scores = F.linear(hc[i : i + rows], wc, bc)[: len(t)]  # (real rows, V)
+                log_probs = scores.float().log_softmax(-1)
                 # -sum_j q_j log p_j, q = (1 - eps) on the right token + eps / V on every token
                 right = log_probs.gather(1, t).sum()
                 loss -= (1 - eps) * right + eps / v * log_probs.sum()
                 if g is not None:  # p - q, as SmoothedCrossEntropy.backward
                     p = log_probs.exp_().sub_(eps / v)
                     p.scatter_add_(1, t, p.new_full(t.shape, -(1 - eps)))
-                    g[i : i + rows] = p
+                    g[i : i + len(t)] = p
             if g is not None:
+                g[n:] = 0  # the padding's rows, if any
                 need = ctx.needs_input_grad
                 ctx.grads = (
-                    (g @ wc).to(h.dtype) if need[0] else None,
+                    (g @ wc)[:n].to(h.dtype) if need[0] else None,
                     (g.t() @ hc).to(weight.dtype) if need[1] else None,
                     g.sum(0, dtype=torch.float32).to(bias.dtype)
                     if bias is not None and need[2]

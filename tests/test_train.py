@@ -385,26 +385,33 @@ def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
         loss.backward()
 
 
-def test_linear_cross_entropy_in_bf16_autocast_matches_the_plain_route_in_autocast(monkeypatch):
+@pytest.mark.parametrize("n, chunk_rows", [(70, 16), (300, 256), (384, 128)])
+def test_linear_cross_entropy_in_bf16_autocast_matches_the_plain_route_in_autocast(
+    n, chunk_rows, monkeypatch
+):
     """Under bf16 autocast both routes multiply in bf16 and take the softmax in fp32: their
-    losses and gradients agree to bf16's rounding, and the gradients come back in fp32."""
-    monkeypatch.setattr(qkv_loss, "CHUNK_SCORES", 16 * 300)
+    losses and gradients agree to bf16's rounding, and the gradients come back in fp32. The
+    fused route pads the rows to a multiple of ROW_QUANTUM (128) there: 70 rows in one padded
+    chunk, 300 in a full chunk of 256 and a padded one, 384 in three chunks without padding."""
+    monkeypatch.setattr(qkv_loss, "CHUNK_SCORES", chunk_rows * 300)
     torch.manual_seed(0)
-    head = torch.nn.Linear(32, 300, bias=False)
-    h = torch.randn(70, 32, requires_grad=True)
-    target = torch.randint(0, 300, (70,))
+    head = torch.nn.Linear(32, 300)
+    h = torch.randn(n, 32, requires_grad=True)
+    target = torch.randint(0, 300, (n,))
     out = []
     for fused in (False, True):
         head.zero_grad()
         h.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if fused:
-                loss = linear_cross_entropy(h, head.weight, None, target, 0.1)
+                loss = linear_cross_entropy(h, head.weight, head.bias, target, 0.1)
             else:
                 loss = smoothed_cross_entropy(head(h).float(), target, 0.1)
         loss.backward()
         assert loss.dtype == h.grad.dtype == head.weight.grad.dtype == torch.float32
-        out.append((loss.detach(), h.grad.clone(), head.weight.grad.clone()))
+        assert h.grad.shape == h.shape
+        grads = (h.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
+        out.append((loss.detach(), *grads))
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
 
