@@ -422,6 +422,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+MAX_COUNT = 2**31 - 1  # the largest length or count a DecodeConfig takes
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How outputs are chosen from the model's next-token probabilities: one config for every
@@ -450,6 +453,12 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # Lengths and counts past 2**31 mean nothing here, and past 2**63 they overflow the
+        # tensors they become (the server's schema fuzzing sent min_len = 2**64: a 500).
+        counts = ("beam", "nbest", "max_len_a", "max_len_b", "min_len", "top_k", "no_repeat_ngram")
+        for name in counts:
+            if not getattr(self, name) <= MAX_COUNT:  # NaN too
+                raise ConfigError(f"{name} must be at most {MAX_COUNT}, got {getattr(self, name)}")
         if self.beam < 1:
             raise ConfigError(f"beam must be >= 1, got {self.beam}")
         if not 1 <= self.nbest <= (self.beam if self.strategy == "beam" else 1):

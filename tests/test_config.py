@@ -63,6 +63,10 @@ def test_unknown_keys_fail_loudly(tmp_path):
         (dict(seed=-1), "seed must be between 0 and"),
         (dict(alpha=800.0), "alpha must be between 0 and 10"),  # overflowed (schemathesis)
         (dict(alpha=-1.0), "alpha must be between 0 and 10"),
+        (dict(min_len=2**64), "min_len must be at most 2147483647"),  # overflowed (schemathesis)
+        (dict(max_len_b=2**63), "max_len_b must be at most"),
+        (dict(max_len_a=float("nan")), "max_len_a must be at most"),
+        (dict(no_repeat_ngram=2**31), "no_repeat_ngram must be at most"),
     ],
 )
 def test_decode_config_bad_values_give_one_line(kwargs, message):

@@ -394,6 +394,8 @@ BAD = [
     ("/v1/translate", {"texts": ["a"], "strategy": "sample", "nbest": 2}, 422, "nbest"),
     ("/v1/translate", {"texts": ["a"], "strategy": "best"}, 422, "strategy"),
     ("/v1/translate", {"texts": ["a"], "temperature": -1}, 422, "temperature"),
+    ("/v1/translate", {"texts": [""], "min_len": 2**64}, 422, "min_len"),  # was a 500
+    ("/v1/translate", {"texts": [""], "max_len_b": 2**63}, 422, "max_len_b"),
     ("/v1/translate", {"texts": ["a"], "file": "/etc/passwd"}, 422, "file"),
     ("/v1/translate", {"texts": ["a"], "model": "nope"}, 404, "model"),
     ("/v1/translate", {"texts": ["a"], "model": "lm"}, 422, "model"),
