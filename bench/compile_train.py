@@ -1,53 +1,52 @@
-"""The training step compiled (torch.compile, inductor, dynamic shapes: Multi30k's token
-batches vary in sentences and length) against the eager step qkv trains with, the small
-Multi30k model on real 2,048-token batches, alternated in one process; the first compiled
-steps (the compile) timed apart.
+"""torch.compile of the training step on this machine: the multi30k-de-en model's loss module
+(as the loop, and DistributedDataParallel, call it) on four batches of three shapes, eager and
+compiled, seconds per forward + backward (the first compiled ones include compiling).
 
-    .venv/bin/python bench/compile_train.py --precision bf16
+    .venv/bin/python bench/compile_train.py
 """
 
-import argparse
+from __future__ import annotations
+
 import time
 
 import torch
-from profile_train import training_step
 
-from qkv.allocator import keep_freed_memory
+from qkv.data import Example, collate
+from qkv.loss import seq2seq_loss
+from qkv.models import from_config
+from qkv.presets import PRESETS
+from qkv.train import _TaskLoss
 
 
-def tokens_per_s(step, batches) -> float:
-    t0, tokens = time.perf_counter(), 0
-    for batch in batches:
-        step(batch)
-        tokens += batch.tokens
-    return tokens / (time.perf_counter() - t0)
+class _Translation:
+    def loss(self, model, batch):
+        return seq2seq_loss(model, batch, 0.1)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=4)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    bf16 = args.precision == "bf16"
-    eager, data = training_step(bf16, 16)
-    compiled, _ = training_step(bf16, 16, compiled=True)
-    t0 = time.perf_counter()
-    for batch in data[:4]:  # every new shape may compile: the first steps, apart
-        compiled(batch)
-    print(f"compile (first 4 steps): {time.perf_counter() - t0:.1f} s", flush=True)
-    for batch in data[:4]:
-        eager(batch)
-    best = {"eager": 0.0, "compiled": 0.0}
-    for _ in range(args.repeats):
-        for name, step in (("eager", eager), ("compiled", compiled)):
-            best[name] = max(best[name], tokens_per_s(step, data[4:]))
-    print(
-        f"{args.precision}: eager {best['eager']:,.0f} tokens/s, compiled {best['compiled']:,.0f}"
-    )
-    print(f"compiled / eager: {best['compiled'] / best['eager']:.2f}x")
+    torch.manual_seed(0)
+    shape, _ = PRESETS["multi30k-de-en"]
+    cfg = shape.replace(vocab_size=8000, dropout=0.0)
+    model = from_config(cfg)
+
+    def batch(n: int, s: int, t: int):
+        rows = [
+            Example(torch.randint(4, 8000, (s,)).tolist(), torch.randint(4, 8000, (t,)).tolist())
+            for _ in range(n)
+        ]
+        return collate(rows, cfg.pad_id, cfg.bos_id, cfg.eos_id)
+
+    batches = [batch(90, 20, 22), batch(80, 24, 25), batch(100, 18, 19), batch(90, 20, 22)]
+    for name, step in (
+        ("eager", _TaskLoss(_Translation(), model)),
+        ("compiled", torch.compile(_TaskLoss(_Translation(), model))),
+    ):
+        seconds = []
+        for b in batches:
+            start = time.perf_counter()
+            step(b).backward()
+            seconds.append(time.perf_counter() - start)
+        print(f"{name}: " + ", ".join(f"{s:.2f} s" for s in seconds))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 from profile_train import training_step
+from timing import tokens_per_s
 
 from qkv import loss
 from qkv.allocator import keep_freed_memory
@@ -58,11 +59,7 @@ def main() -> None:
         loss.ROW_QUANTUM = quantum
         for batches in (first, second):
             for when in ("new", "seen"):
-                t0, tokens = time.perf_counter(), 0
-                for batch in batches:
-                    step(batch)
-                    tokens += batch.tokens
-                result.setdefault((quantum, when), []).append(tokens / (time.perf_counter() - t0))
+                result.setdefault((quantum, when), []).append(tokens_per_s(step, batches))
     for quantum in sets:
         new = sum(result[quantum, "new"]) / 2
         seen = sum(result[quantum, "seen"]) / 2

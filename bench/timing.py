@@ -20,6 +20,15 @@ def best_of(fn: Callable[[], object], repeats: int = 5, n: int = 100) -> float:
     return min(times)
 
 
+def tokens_per_s(step: Callable[[object], object], batches: list) -> float:
+    """Target tokens per second of `step` over `batches` (training steps on token batches)."""
+    t0, tokens = time.perf_counter(), 0
+    for batch in batches:
+        step(batch)
+        tokens += batch.tokens
+    return tokens / (time.perf_counter() - t0)
+
+
 def profiler_flags(doc: str, rows: int) -> argparse.Namespace:
     """The profile_*.py scripts' flags (--precision, --threads, --rows), with threads set."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
