@@ -116,7 +116,9 @@ def close(world: World, finished: bool = False) -> None:
     """Leave the process group. `finished` (every rank completed): first wait for the others,
     since a gloo peer that tears down while another is still finishing can abort that one at
     exit ("terminate called without an active exception", seen once in the two-process resume
-    test). After an error nobody waits: the peers may be gone."""
+    test). The wait alone did not end that abort (it came from gloo's threads outliving the
+    group, not from a peer still running): exit_if_joined did. After an error nobody waits:
+    the peers may be gone."""
     if world.active and dist.is_initialized():
         if finished:  # (a peer already gone: nothing left to wait for)
             with contextlib.suppress(RuntimeError, dist.DistBackendError):
