@@ -16,11 +16,10 @@ V, PAD, EOS = 60, 59, 0
 MAX_NEW = 24
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+def random_marian(vocab: int, std: float = 0.1) -> transformers.MarianMTModel:
     torch.manual_seed(0)
     cfg = transformers.MarianConfig(
-        vocab_size=V,
+        vocab_size=vocab,
         d_model=32,
         encoder_layers=2,
         decoder_layers=2,
@@ -29,9 +28,9 @@ def hf_model():
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         max_position_embeddings=64,
-        pad_token_id=PAD,
+        pad_token_id=vocab - 1,
         eos_token_id=EOS,
-        decoder_start_token_id=PAD,
+        decoder_start_token_id=vocab - 1,
         activation_function="swish",
         dropout=0.0,
         attention_dropout=0.0,
@@ -44,10 +43,15 @@ def hf_model():
         # eos so that some outputs end before the length limit and others are cut by it
         for name, p in model.named_parameters():
             if "layer_norm" not in name and "embed_positions" not in name:
-                p.normal_(0, 0.1)
+                p.normal_(0, std)
         model.final_logits_bias.zero_()
         model.final_logits_bias[0, EOS] = 2.0
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return random_marian(V)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,46 @@ def test_search_outputs_identical(hf_model, converted, packed, beam, max_new, pa
     else:
         assert any(len(w) == max_new for w in want)  # cut by the limit
     assert ours == want
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_search_outputs_identical_over_a_large_vocabulary(beam, tmp_path):
+    """Rows long enough for search's block-wise argmax and top-k (qkv.search.BLOCK), with a
+    last, shorter block: still HF's outputs."""
+    vocab = 2601  # 40 blocks of 64 and a block of 41; beam 4 ranks 4 x 2601 scores per sentence
+    hf = random_marian(vocab, std=0.2)  # larger weights, so outputs depend on the input
+    hf.save_pretrained(tmp_path / "hf")
+    model = pack(checkpoint.load(convert(tmp_path / "hf", tmp_path / "qkv"))[0])
+    pad = vocab - 1
+    src = torch.randint(1, pad, (6, 10), generator=torch.Generator().manual_seed(3))
+    src[:, -1] = EOS
+    with torch.no_grad():
+        want = hf.generate(
+            input_ids=src,
+            attention_mask=torch.ones_like(src),
+            num_beams=beam,
+            do_sample=False,
+            max_new_tokens=MAX_NEW,
+            length_penalty=1.0,
+            early_stopping=False,
+            bad_words_ids=[[pad]],
+            min_length=0,
+        )
+        cfg = DecodeConfig(
+            strategy="greedy" if beam == 1 else "beam",
+            beam=beam,
+            alpha=1.0,
+            penalty="power",
+            max_len_a=0,
+            max_len_b=MAX_NEW,
+            at_max="stop",
+        )
+        lengths = torch.full((6,), 10)
+        hyps = decode(model_step(model), model.start(src), lengths, cfg, bos=pad, eos=EOS, pad=pad)
+    want = [[t for t in row[1:] if t != pad] for row in want.tolist()]
+    want = [row[: row.index(EOS)] if EOS in row else row for row in want]
+    assert len({tuple(w) for w in want}) > 2  # outputs that differ
+    assert [n[0].tokens for n in hyps] == want
 
 
 def test_bin_weights_read_without_pickle(hf_model, tmp_path):

@@ -2,10 +2,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qkv.config import DecodeConfig
 from qkv.search import (
+    BLOCK,
     BeamTrace,
+    argmax,
     beam_search,
     decode,
     greedy,
@@ -13,6 +17,7 @@ from qkv.search import (
     no_repeat_ngram,
     top_k_filter,
     top_p_filter,
+    topk,
 )
 
 PAD, BOS, EOS, A, B, C = 0, 1, 2, 3, 4, 5
@@ -313,3 +318,67 @@ def test_beam_search_runs_its_first_step_once_per_sentence():
     # [B, C] 0.25 and [A, C] 0.18 beat [A, B] 0.12; TABLE2: [B, B] 0.72
     assert [h.tokens for h in hyps[0]] == [[A], [B, C], [A, C]]
     assert hyps[1][0].tokens == [B, B]
+
+
+# --- the block-wise argmax and top-k, against torch's ------------------------------------------
+
+
+def score_rows(rows: int, width: int, kind: str, seed: int) -> torch.Tensor:
+    """Rows of scores: distinct, many ties (small integers), or mostly -inf (a forced token)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        return torch.randint(0, 4, (rows, width), generator=g).float()
+    x = torch.randn(rows, width, generator=g)
+    if kind == "few finite":
+        x[:, 3:] = float("-inf")
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(8 * BLOCK, 20 * BLOCK),  # a last, shorter block in most draws
+    kind=st.sampled_from(["distinct", "ties", "few finite"]),
+    seed=st.integers(0, 2**16),
+)
+def test_argmax_is_torchs_first_largest(width, kind, seed):
+    x = score_rows(5, width, kind, seed)
+    assert torch.equal(argmax(x), x.argmax(-1))
+    x[1, width // 3] = x[3, width - 1] = float("nan")  # NaN counts as largest, as in torch
+    assert torch.equal(argmax(x), x.argmax(-1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 10),
+    blocks=st.integers(8, 30),
+    tail=st.integers(0, BLOCK - 1),
+    kind=st.sampled_from(["distinct", "ties", "few finite"]),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_finds_torchs_k_largest(k, blocks, tail, kind, seed):
+    x = score_rows(4, k * blocks * BLOCK + tail, kind, seed)
+    values, index = topk(x, k)
+    want = x.topk(k, dim=1).values
+    assert torch.equal(values, want)  # the same scores, best first
+    assert torch.equal(x.gather(1, index), values)  # found where they are
+    finite = values > float("-inf")
+    for row, ok in zip(index, finite, strict=True):  # each position once
+        assert len(set(row[ok].tolist())) == int(ok.sum())
+
+
+def test_topk_and_argmax_leave_short_rows_to_torch():
+    x = torch.randn(3, 100)
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert torch.equal(topk(x, 5)[1], x.topk(5).indices)
+
+
+def test_topk_reads_the_last_short_block_without_its_neighbours_scores():
+    # the short block is read as the row's last BLOCK scores: those of the block before it
+    # must not count twice
+    whole = 16 * BLOCK
+    x = torch.randn(2, whole + 10, generator=torch.Generator().manual_seed(0))
+    x[:, whole - 5] = 10.0  # in the last whole block, within BLOCK of the row's end
+    x[:, whole + 3] = 9.0  # in the short block
+    values, index = topk(x, 2)
+    assert values.tolist() == [[10.0, 9.0]] * 2
+    assert index.tolist() == [[whole - 5, whole + 3]] * 2
