@@ -60,13 +60,13 @@ def main() -> None:
                 if name == "packed eager":
                     step, state = model_step(packed), packed.start(x)
                 else:
-                    step, state = fixed[name].start(x, steps)
+                    step, state = fixed[name].start(x, steps, cfg.beam)
                 out += [h[0].tokens for h in decode(step, state, lengths, cfg, **kw)]
         return n / (time.perf_counter() - t0), out
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        step, state = fixed["fixed compiled"].start(src[:batch], steps)
+        step, state = fixed["fixed compiled"].start(src[:batch], steps, cfg.beam)
         decode(step, state, lengths, cfg, **kw)
     print(f"first compiled batch, compiling included: {time.perf_counter() - t0:.1f} s")
     for _ in range(args.repeats):

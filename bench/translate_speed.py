@@ -31,6 +31,7 @@ import torch
 import transformers
 
 from qkv import checkpoint
+from qkv.allocator import keep_freed_memory
 from qkv.config import DecodeConfig
 from qkv.fixed import FixedDecoder, use_disk_cache
 from qkv.marian import convert
@@ -132,7 +133,7 @@ def qkv_engine(
                 if fixed is None:
                     step, state = model_step(model), model.start(x)
                 else:
-                    step, state = fixed.start(x, max_steps(cfg, lengths, None))
+                    step, state = fixed.start(x, max_steps(cfg, lengths, None), beam)
                 if beam == 1:
                     out += [h.tokens for h in greedy(step, state, lengths, cfg, **kw)]
                 else:
@@ -201,6 +202,8 @@ def worker(name: str, tmp: Path, args: argparse.Namespace, conn) -> None:
     """One engine in its own process: for each (beam size, number of batches) received, run and
     send back (seconds, outputs); None ends it."""
     torch.set_num_threads(args.threads)
+    if name.startswith("qkv"):
+        keep_freed_memory()  # as the qkv command runs (qkv/allocator.py)
     match name:
         case "qkv" | "qkv-int8" | "qkv-bf16":
             run = qkv_engine(tmp / "qkv", name == "qkv-int8", args, bf16=name == "qkv-bf16")

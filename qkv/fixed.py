@@ -119,6 +119,11 @@ class FixedCache:
         device, g = index.device, self.group
         if len(index) % g:
             raise ValueError(f"fixed-shape decoding keeps groups of {g} rows")
+        if len(index) > self.rows:  # beam search on a state started without its group
+            raise ValueError(
+                f"fixed-shape decoding was started for {self.rows} rows ({self.b} x group "
+                f"{g}), not {len(index)}: pass the beam size as the group"
+            )
         # each group search keeps stays in its sentence's slot (its rows' physical group)
         slots = self.phys[index[::g]] // g
         new_phys = (slots[:, None] * g + torch.arange(g, device=device)).view(-1)

@@ -54,6 +54,20 @@ def test_fixed_state_refuses_what_it_cannot_hold(tiny):
         step(torch.ones(2, 1, dtype=torch.long), state)
 
 
+def test_beam_search_on_a_state_started_without_its_group_is_refused(tiny):
+    # started for greedy (group 1), the state holds one row per sentence: beam search's first
+    # select asks for K, which it once took silently and decoded garbage
+    from qkv.search import beam_search, max_steps
+
+    model = tiny()
+    src = torch.tensor([[5, 6, 2], [7, 2, 0]])
+    cfg = DecodeConfig(strategy="beam", beam=3, max_len_b=4)
+    lengths = torch.tensor([3, 2])
+    step, state = FixedDecoder(model).start(src, max_steps(cfg, lengths, None))
+    with pytest.raises(ValueError, match="pass the beam size as the group"):
+        beam_search(step, state, lengths, cfg, bos=1, eos=2, pad=0)
+
+
 def test_weights_key_follows_values_not_identity(tiny):
     model = tiny()
     key = weights_key(model)
