@@ -1,5 +1,6 @@
 """Search's choice of tokens on the CPU: torch.argmax and torch.topk against qkv.search's
-block-wise argmax and topk (the same results), at decoding's shapes: greedy over 32 sentences
+block-wise argmax and topk (the same results; `amax`, the largest value without its position,
+which they rest on, for reference), at decoding's shapes: greedy over 32 sentences
 (32 rows of V scores), beam 5 over 32 (32 rows of 5 x V, the top 10), for an 8k vocabulary and
 one that leaves a shorter last block; 1 and 2 threads, the process keeping freed memory as the
 `qkv` command does.
@@ -22,13 +23,16 @@ def main() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for what, rows, width, k in (
+            ("amax", 32, 8000, 0),
             ("argmax", 32, 8000, 1),
             ("argmax", 32, 8011, 1),
             ("top-10", 32, 5 * 8000, 10),
             ("top-10", 32, 5 * 8011, 10),
         ):
             x = torch.randn(rows, width, generator=g)
-            if k == 1:
+            if k == 0:  # the largest value without its position: what the blocks rest on
+                theirs = ours = best_of(lambda x=x: x.amax(-1))
+            elif k == 1:
                 assert torch.equal(argmax(x), x.argmax(-1))
                 theirs = best_of(lambda x=x: x.argmax(-1))
                 ours = best_of(lambda x=x: argmax(x))

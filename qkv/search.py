@@ -84,8 +84,8 @@ def _cap(max_positions: int | None, prefix_len: int) -> int:
 
 # torch.argmax and torch.topk on the CPU walk each row one score at a time, while amax (the
 # largest value, without its position) is vectorized: over 32 rows of 8,000 scores, argmax took
-# 330 us and amax 17 us on one thread of an AVX-512 Xeon. So both look at blocks of BLOCK scores:
-# the block maxima say which blocks can hold the winners, and only those are searched (2.5-5x
+# 325 us and amax 16 us on one thread of an AVX-512 Xeon. So both look at blocks of BLOCK scores:
+# the block maxima say which blocks can hold the winners, and only those are searched (1.9-5.2x
 # faster at decoding's shapes on that CPU, bench/choose_speed.py). Short rows, where there is
 # little to gain, go to torch's.
 BLOCK = 64
