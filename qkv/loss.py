@@ -93,18 +93,23 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rows = max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
                 hc = F.pad(hc, (0, 0, 0, -n % ROW_QUANTUM))
             g = torch.empty(len(hc), v, dtype=dtype, device=h.device) if grads else None
+            in_g = g is not None and dtype == torch.float32
             loss = torch.zeros((), device=h.device)
             for i in range(0, n, rows):
                 t = target[i : i + rows, None]
                 scores = F.linear(hc[i : i + rows], wc, bc)[: len(t)]  # (real rows, V)
-                log_probs = scores.float().log_softmax(-1)
+                if in_g:  # fp32: the gradient is made where it is kept, not copied there
+                    log_probs = torch.log_softmax(scores, -1, out=g[i : i + len(t)])
+                else:
+                    log_probs = scores.float().log_softmax(-1)
                 # -sum_j q_j log p_j, q = (1 - eps) on the right token + eps / V on every token
                 right = log_probs.gather(1, t).sum()
                 loss -= (1 - eps) * right + eps / v * log_probs.sum()
                 if g is not None:  # p - q, as SmoothedCrossEntropy.backward
                     p = log_probs.exp_().sub_(eps / v)
                     p.scatter_add_(1, t, p.new_full(t.shape, -(1 - eps)))
-                    g[i : i + len(t)] = p
+                    if not in_g:
+                        g[i : i + len(t)] = p
             if g is not None:
                 g[n:] = 0  # the padding's rows, if any
                 need = ctx.needs_input_grad
