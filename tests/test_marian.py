@@ -102,12 +102,41 @@ def test_sentence_embeddings_of_an_imported_model_match_hf_encoder_mean_pooled(h
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def _hf_outputs(seqs: torch.Tensor) -> list[list[int]]:
+def _hf_outputs(seqs: torch.Tensor, pad: int = PAD) -> list[list[int]]:
     out = []
     for row in seqs.tolist():
         row = row[1:]  # drop the start token; cut at eos, or at the length limit
-        out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
+        out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != pad])
     return out
+
+
+def both_searches(hf, model, src, lengths, beam: int, max_new: int, pad: int = PAD):
+    """HF generate's outputs and qkv's, for the same search: greedy or beam, length penalty 1,
+    at most max_new tokens (the settings `qkv translate --penalty power --alpha 1 --at-max
+    stop` gives)."""
+    with torch.no_grad():
+        hf_out = hf.generate(
+            input_ids=src,
+            attention_mask=(src != pad).long(),
+            num_beams=beam,
+            do_sample=False,
+            max_new_tokens=max_new,
+            length_penalty=1.0,
+            early_stopping=False,
+            bad_words_ids=[[pad]],
+            min_length=0,
+        )
+        cfg = DecodeConfig(
+            strategy="greedy" if beam == 1 else "beam",
+            beam=beam,
+            alpha=1.0,
+            penalty="power",
+            max_len_a=0,
+            max_len_b=max_new,  # HF's max_new_tokens
+            at_max="stop",
+        )
+        hyps = decode(model_step(model), model.start(src), lengths, cfg, bos=pad, eos=EOS, pad=pad)
+    return _hf_outputs(hf_out, pad), [n[0].tokens for n in hyps]
 
 
 @pytest.fixture(scope="module")
@@ -124,32 +153,7 @@ def test_search_outputs_identical(hf_model, converted, packed, beam, max_new, pa
     if packed_weights:
         converted = packed
     src, lengths = batch()
-    with torch.no_grad():
-        hf = hf_model.generate(
-            input_ids=src,
-            attention_mask=(src != PAD).long(),
-            num_beams=beam,
-            do_sample=False,
-            max_new_tokens=max_new,
-            length_penalty=1.0,
-            early_stopping=False,
-            bad_words_ids=[[PAD]],
-            min_length=0,
-        )
-        # the settings `qkv translate --penalty power --alpha 1 --at-max stop` gives
-        cfg = DecodeConfig(
-            strategy="greedy" if beam == 1 else "beam",
-            beam=beam,
-            alpha=1.0,
-            penalty="power",
-            max_len_a=0,
-            max_len_b=max_new,  # HF's max_new_tokens
-            at_max="stop",
-        )
-        state = converted.start(src)
-        hyps = decode(model_step(converted), state, lengths, cfg, bos=PAD, eos=EOS, pad=PAD)
-        ours = [n[0].tokens for n in hyps]
-    want = _hf_outputs(hf)
+    want, ours = both_searches(hf_model, converted, src, lengths, beam, max_new)
     if max_new == MAX_NEW:
         assert len({len(w) for w in want}) > 1  # varied output lengths
     else:
@@ -168,33 +172,9 @@ def test_search_outputs_identical_over_a_large_vocabulary(beam, tmp_path):
     pad = vocab - 1
     src = torch.randint(1, pad, (6, 10), generator=torch.Generator().manual_seed(3))
     src[:, -1] = EOS
-    with torch.no_grad():
-        want = hf.generate(
-            input_ids=src,
-            attention_mask=torch.ones_like(src),
-            num_beams=beam,
-            do_sample=False,
-            max_new_tokens=MAX_NEW,
-            length_penalty=1.0,
-            early_stopping=False,
-            bad_words_ids=[[pad]],
-            min_length=0,
-        )
-        cfg = DecodeConfig(
-            strategy="greedy" if beam == 1 else "beam",
-            beam=beam,
-            alpha=1.0,
-            penalty="power",
-            max_len_a=0,
-            max_len_b=MAX_NEW,
-            at_max="stop",
-        )
-        lengths = torch.full((6,), 10)
-        hyps = decode(model_step(model), model.start(src), lengths, cfg, bos=pad, eos=EOS, pad=pad)
-    want = [[t for t in row[1:] if t != pad] for row in want.tolist()]
-    want = [row[: row.index(EOS)] if EOS in row else row for row in want]
+    want, ours = both_searches(hf, model, src, torch.full((6,), 10), beam, MAX_NEW, pad)
     assert len({tuple(w) for w in want}) > 2  # outputs that differ
-    assert [n[0].tokens for n in hyps] == want
+    assert ours == want
 
 
 def test_bin_weights_read_without_pickle(hf_model, tmp_path):
