@@ -12,9 +12,11 @@ plain bf16 matmul) and casts each input to bf16 and each output back to fp32 (qk
 says when that is faster).
 
 `pack(model)` is an explicit inference step, called by the commands that serve inference, never
-on a model that is training. It swaps each large nn.Linear for a PackedLinear, and each
-self-attention for a PackedAttention (one stacked q/k/v matrix, packed when large); both share the
-original parameters, so state dicts, checkpoints, weight tying and inspection see the same model.
+on a model that is training. It swaps each large nn.Linear for a PackedLinear, each self-attention
+for a PackedAttention (one stacked q/k/v matrix, packed when large), and each feed-forward for a
+PackedFeedForward (the activation applied inside the first packed product, fp32 or bf16); all
+share the original parameters, so state dicts, checkpoints, weight tying and inspection see the
+same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
 number of decodes at once. Small layers stay as they are: the packed kernels cost about 50 us
 more per call (bench/linear_speed.py), more than they save below ~130k weights. With gradients on
@@ -35,10 +37,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
+from .layers import FeedForward
 
 # Smaller layers run faster unpacked (see above; measured on one AVX2 CPU): the default of pack's
 # min_weights, which $QKV_PACK_MIN_WEIGHTS overrides for another machine (or 0: pack them all).
 MIN_WEIGHTS = 2**17
+
+
+# oneDNN applies these to the product's fp32 accumulator before writing it (its "post-op"): a
+# feed-forward's first product and its activation in one pass (PackedFeedForward).
+POST_OPS = {F.relu: ("relu", ""), F.gelu: ("gelu", "none"), F.silu: ("swish", "")}
 
 
 def min_weights_default() -> int:
@@ -102,15 +110,37 @@ class Packed:
             return w, None
         return w, biases[0] if len(biases) == 1 else torch.cat(biases)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+    def fuses(self, x: Tensor) -> bool:
+        """Whether a call on x runs oneDNN's packed kernel, which can apply a post-op."""
+        return (
+            self._packed is not None
+            and not self.int8
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+        )
+
+    def __call__(self, x: Tensor, post_op: tuple[str, str] | None = None) -> Tensor:
+        """y = x W^T + b. `post_op` (a POST_OPS value, only where `fuses(x)`): the activation
+        applied inside the kernel, and in bf16 the result left in bf16 (the next packed product
+        takes it as it is)."""
+        attr, algorithm = post_op or ("none", "")
+        # a fused product's bf16 output (PackedFeedForward) goes to the next one as it is
+        handed_bf16 = self.bf16 and x.dtype == torch.bfloat16 and self.fuses(x)
+        if not handed_bf16 and (
+            torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+        ):
             return F.linear(x, *self._weights())
         if self.bf16:  # bf16 in, fp32 out: everything around the matmul stays fp32
             x2 = x.reshape(-1, x.shape[-1]).bfloat16()
             if self._packed is None:
                 y = F.linear(x2, self._stacked, self._bias)
             else:
-                y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")
+                y = torch.ops.mkldnn._linear_pointwise(
+                    x2, self._packed, self._bias, attr, [], algorithm
+                )
+                if post_op is not None:
+                    return y.view(*x.shape[:-1], y.shape[-1])
             return y.float().view(*x.shape[:-1], y.shape[-1])
         if not self.reorder:
             return F.linear(x, self._stacked, self._bias)
@@ -119,7 +149,9 @@ class Packed:
             # reduce_range: 7-bit activations, so int8 products cannot saturate without VNNI
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
         else:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(
+                x2, self._packed, self._bias, attr, [], algorithm
+            )
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -165,6 +197,38 @@ class PackedLinear(nn.Linear):
         return f"{super().extra_repr()}, {kind}"
 
 
+class PackedFeedForward(FeedForward):
+    """A FeedForward (same submodules and parameters) whose first product applies the activation
+    inside oneDNN's kernel where both products run packed, fp32 or bf16: one pass over the hidden
+    activations instead of two, and in bf16 no fp32 copy of them between the products (the
+    activation is applied to the fp32 accumulator before its rounding to bf16, a little closer
+    to fp32 than rounding first). Elsewhere (int8, small layers, gradients) it is FeedForward."""
+
+    def __init__(self, ff: FeedForward):
+        nn.Module.__init__(self)
+        self.fc1, self.fc2, self.activation, self.dropout = (
+            ff.fc1,
+            ff.fc2,
+            ff.activation,
+            ff.dropout,
+        )
+        self.post_op = POST_OPS.get(ff.activation)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2 = self.fc1, self.fc2
+        if (
+            isinstance(fc1, PackedLinear)
+            and isinstance(fc2, PackedLinear)
+            and self.post_op is not None
+            and fc1.packed.fuses(x)
+            and fc2.packed.fuses(x)
+        ):
+            _refuse_training(self)
+            return fc2(fc1.packed(x, self.post_op))
+        return super().forward(x)
+
+
 class PackedAttention(MultiHeadAttention):
     """A MultiHeadAttention (same submodules and parameters) whose self-attention q/k/v
     projection runs as one packed matrix: one matmul per decoding step for q, k and v."""
@@ -208,6 +272,10 @@ def pack(
             if type(child) is MultiHeadAttention and name == "self_attn":
                 big = 3 * child.q_proj.weight.numel() >= min_weights
                 setattr(parent, name, PackedAttention(child, int8 and big, big, bf16 and big))
+    for parent in list(model.modules()):  # their linears are packed by the loop below
+        for name, child in list(parent.named_children()):
+            if type(child) is FeedForward:
+                setattr(parent, name, PackedFeedForward(child))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:

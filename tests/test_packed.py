@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from qkv.attention import MultiHeadAttention
-from qkv.packed import Packed, PackedAttention, PackedLinear, available, pack
+from qkv.layers import FeedForward
+from qkv.packed import (
+    Packed,
+    PackedAttention,
+    PackedFeedForward,
+    PackedLinear,
+    available,
+    pack,
+)
 
 pytestmark = pytest.mark.skipif(not available(), reason="PyTorch built without oneDNN")
 
@@ -127,3 +135,53 @@ def test_pack_swaps_self_attention_for_a_fused_projection(tiny):
     layer = model.decoder.layers[0]
     assert isinstance(layer.self_attn, PackedAttention)
     assert type(layer.cross_attn) is MultiHeadAttention  # never projects q/k/v together
+
+
+def _bf16_packs() -> bool:
+    return Packed([_linear()], bf16=True)._packed is not None
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_feed_forward_applies_its_activation_inside_the_first_product(activation, bf16):
+    if bf16 and not _bf16_packs():
+        pytest.skip("no packed bf16 kernel on this CPU")
+    torch.manual_seed(0)
+    ff = FeedForward(48, 96, activation=activation).eval()
+    packed = pack(nn.ModuleDict({"ff": ff}), min_weights=0, bf16=bf16)["ff"]
+    assert isinstance(packed, PackedFeedForward)
+
+    def boom(x):
+        raise AssertionError("the activation ran apart from the product")
+
+    packed.activation = boom  # the fused path never calls it
+    x = torch.randn(5, 3, 48)
+    with torch.inference_mode():
+        got, want = packed(x), ff(x)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    tol = 3e-2 if bf16 else 1e-5  # bf16: weights and the hidden activations rounded
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=0)
+    if bf16 and activation == "relu":  # rounding and relu commute: the unfused bf16 route exactly
+        packed.activation, packed.post_op = ff.activation, None
+        with torch.inference_mode():
+            assert torch.equal(packed(x), got)
+
+
+@pytest.mark.parametrize("case", ["gradients", "int8"])
+def test_feed_forward_unfused_with_gradients_or_int8(case):
+    if case == "int8" and not available(int8=True):
+        pytest.skip("no fbgemm")
+    torch.manual_seed(0)
+    ff = FeedForward(48, 96, activation="gelu").eval()
+    packed = pack(nn.ModuleDict({"ff": ff}), int8=case == "int8", min_weights=0)["ff"]
+    calls = []
+    packed.activation = lambda x: calls.append(1) or torch.nn.functional.gelu(x)
+    x = torch.randn(4, 48, requires_grad=case == "gradients")
+    if case == "gradients":  # the plain route on the live weights, gradients flowing
+        torch.testing.assert_close(packed(x), ff(x))
+        packed(x).sum().backward()
+        assert x.grad is not None
+    else:  # fbgemm's kernel has no post-op
+        with torch.inference_mode():
+            packed(x)
+    assert calls  # the activation ran on its own

@@ -1,0 +1,92 @@
+"""The feed-forward's activation inside its first packed product (qkv.packed.PackedFeedForward)
+against the same packed model with it apart: the small random Marian model of translate_speed.py
+(gelu), as `qkv translate` runs it (fp32, and bf16 where the CPU packs bf16), 8 batches of 32
+sentences, 25 forced output tokens, greedy and beam 5; the two settings alternated in one
+process, best of --repeats; sentences/s and how many outputs are the same.
+
+    .venv/bin/python bench/fused_ffn.py --threads 1
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from translate_speed import EOS, PAD, V, hf_model
+
+from qkv import checkpoint
+from qkv.allocator import keep_freed_memory
+from qkv.config import DecodeConfig
+from qkv.marian import convert
+from qkv.packed import Packed, PackedFeedForward, pack
+from qkv.search import beam_search, greedy, model_step
+
+
+def decode_all(model, batches, lengths, cfg: DecodeConfig) -> tuple[float, list]:
+    """Sentences/s over the batches, and the outputs."""
+    kw = dict(bos=PAD, eos=EOS, pad=PAD)
+    out, t0 = [], time.perf_counter()
+    with torch.inference_mode():
+        for x in batches:
+            step, state = model_step(model), model.start(x)
+            if cfg.beam == 1:
+                out += [h.tokens for h in greedy(step, state, lengths, cfg, **kw)]
+            else:
+                out += [n[0].tokens for n in beam_search(step, state, lengths, cfg, **kw)]
+    return 32 * len(batches) / (time.perf_counter() - t0), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    keep_freed_memory()  # as the `qkv` command runs
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="qkv-ffn-"))
+    hf_model("small").save_pretrained(tmp / "hf")
+    convert(tmp / "hf", tmp / "qkv")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(2, V - 1, (32, 21), generator=g) for _ in range(8)]
+    for x in batches:
+        x[:, -1] = EOS
+    lengths = torch.full((32,), 21)
+    bf16_packs = Packed([torch.nn.Linear(256, 256)], bf16=True)._packed is not None
+    print(f"small model, {args.threads} threads, 8 x 32 sentences, torch {torch.__version__}")
+    for precision in ["fp32"] + (["bf16"] if bf16_packs else []):
+        model = pack(checkpoint.load(tmp / "qkv")[0], bf16=precision == "bf16")
+        ffns = [m for m in model.modules() if isinstance(m, PackedFeedForward)]
+        post_op = ffns[0].post_op
+        for beam in (1, 5):
+            cfg = DecodeConfig(
+                beam=beam,
+                alpha=1.0,
+                penalty="power",
+                max_len_a=0,
+                max_len_b=25,
+                min_len=25,
+                at_max="stop",
+            )
+
+            def run(fused: bool, cfg=cfg, model=model, ffns=ffns, post_op=post_op):
+                for m in ffns:
+                    m.post_op = post_op if fused else None
+                return decode_all(model, batches, lengths, cfg)
+
+            best, outs = {}, {}
+            run(True), run(False)  # warm-up
+            for _ in range(args.repeats):
+                for fused in (True, False):
+                    rate, outs[fused] = run(fused)
+                    best[fused] = max(best.get(fused, 0.0), rate)
+            same = sum(a == b for a, b in zip(outs[True], outs[False], strict=True))
+            mode = "greedy" if beam == 1 else f"beam {beam}"
+            print(
+                f"{precision} {mode:7}: fused {best[True]:6.1f} sent/s, apart {best[False]:6.1f}"
+                f" -> {best[True] / best[False]:.2f}x; outputs the same {same}/256"
+            )
+
+
+if __name__ == "__main__":
+    main()
