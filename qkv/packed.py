@@ -206,12 +206,8 @@ class PackedFeedForward(FeedForward):
 
     def __init__(self, ff: FeedForward):
         nn.Module.__init__(self)
-        self.fc1, self.fc2, self.activation, self.dropout = (
-            ff.fc1,
-            ff.fc2,
-            ff.activation,
-            ff.dropout,
-        )
+        self.fc1, self.fc2 = ff.fc1, ff.fc2  # pack() packs them afterwards, as any large linear
+        self.activation, self.dropout = ff.activation, ff.dropout
         self.post_op = POST_OPS.get(ff.activation)
         self.eval()
 
