@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from translate_speed import EOS, PAD, V, hf_model
+from translate_speed import EOS, PAD, V, forced, hf_model
 
 from qkv import checkpoint
 from qkv.allocator import keep_freed_memory
@@ -59,15 +59,7 @@ def main() -> None:
         ffns = [m for m in model.modules() if isinstance(m, PackedFeedForward)]
         post_op = ffns[0].post_op
         for beam in (1, 5):
-            cfg = DecodeConfig(
-                beam=beam,
-                alpha=1.0,
-                penalty="power",
-                max_len_a=0,
-                max_len_b=25,
-                min_len=25,
-                at_max="stop",
-            )
+            cfg = forced(beam)
 
             def run(fused: bool, cfg=cfg, model=model, ffns=ffns, post_op=post_op):
                 for m in ffns:

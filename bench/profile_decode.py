@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from timing import profiler_flags
 from torch.profiler import profile
-from translate_speed import EOS, PAD, V, hf_model
+from translate_speed import EOS, PAD, V, forced, hf_model
 
 from qkv import checkpoint
-from qkv.config import DecodeConfig
 from qkv.marian import convert
 from qkv.packed import pack
 from qkv.search import beam_search, greedy, model_step
@@ -35,15 +34,7 @@ def main() -> None:
     def run(beam: int) -> None:
         with torch.inference_mode():
             state = model.start(src)
-            cfg = DecodeConfig(
-                beam=beam,
-                alpha=1.0,
-                penalty="power",
-                max_len_a=0,
-                max_len_b=25,
-                min_len=25,
-                at_max="stop",
-            )
+            cfg = forced(beam)
             if beam == 1:
                 greedy(model_step(model), state, lengths, cfg, **kw)
             else:

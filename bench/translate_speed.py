@@ -92,6 +92,13 @@ def ct2_convert(hf_dir: Path, out: Path, quantization: str | None) -> Path | Non
     return out
 
 
+def forced(beam: int, n: int = 25) -> DecodeConfig:
+    """How every engine decodes here: exactly n new tokens (min = max), HF's length penalty."""
+    return DecodeConfig(
+        beam=beam, alpha=1.0, penalty="power", max_len_a=0, max_len_b=n, min_len=n, at_max="stop"
+    )
+
+
 def token_name(i: int) -> str:
     return {EOS: "</s>", UNK: "<unk>", PAD: "<pad>"}.get(i, f"t{i}")
 
@@ -121,15 +128,7 @@ def qkv_engine(
         with torch.inference_mode():
             for x in batches[:n_batches]:
                 lengths = torch.full((len(x),), x.shape[1])
-                cfg = DecodeConfig(
-                    beam=beam,
-                    alpha=1.0,
-                    penalty="power",
-                    max_len_a=0,
-                    max_len_b=n,
-                    min_len=n,
-                    at_max="stop",
-                )
+                cfg = forced(beam, n)
                 if fixed is None:
                     step, state = model_step(model), model.start(x)
                 else:
