@@ -76,6 +76,9 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+_joined = False  # this process has joined a process group (init)
+
+
 def init(world: World, device: torch.device) -> torch.device:
     """Join the process group (gloo on the CPU, nccl on CUDA); the device this process trains
     on (CUDA: the GPU of its local rank)."""
@@ -90,9 +93,6 @@ def init(world: World, device: torch.device) -> torch.device:
     global _joined
     _joined = True
     return device
-
-
-_joined = False  # this process has joined a process group (init)
 
 
 def exit_if_joined(code: int) -> None:
