@@ -4,6 +4,7 @@ packed as `qkv translate` runs it: fp32, or with `--precision bf16` bf16 weights
 
     .venv/bin/python bench/profile_decode.py
     .venv/bin/python bench/profile_decode.py --precision bf16 --threads 1
+    .venv/bin/python bench/profile_decode.py --threads 1 --shapes   # each operator by its shapes
 """
 
 import tempfile
@@ -42,11 +43,16 @@ def main() -> None:
 
     for beam in (1, 5):
         run(beam)  # warm-up
-        with profile() as p:
+        with profile(record_shapes=args.shapes) as p:
             for _ in range(3):
                 run(beam)
         print(f"beam {beam}" if beam > 1 else "greedy")
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        table = p.key_averages(group_by_input_shape=args.shapes)
+        print(
+            table.table(
+                sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40
+            )
+        )
 
 
 if __name__ == "__main__":

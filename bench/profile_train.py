@@ -4,6 +4,7 @@ or with `--precision bf16` in bf16 autocast as `qkv train --precision bf16` runs
 
     .venv/bin/python bench/profile_train.py
     .venv/bin/python bench/profile_train.py --precision bf16 --threads 1
+    .venv/bin/python bench/profile_train.py --shapes   # each operator by its input shapes
 """
 
 import torch
@@ -54,10 +55,11 @@ def main() -> None:
     step, data = training_step(args.precision == "bf16", 11)
     for batch in data[:3]:  # warm-up
         step(batch)
-    with profile() as p:
+    with profile(record_shapes=args.shapes) as p:
         for batch in data[3:]:
             step(batch)
-    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    table = p.key_averages(group_by_input_shape=args.shapes)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
 
 
 if __name__ == "__main__":

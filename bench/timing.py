@@ -35,6 +35,7 @@ def profiler_flags(doc: str, rows: int) -> argparse.Namespace:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=rows, help="operators listed")
+    ap.add_argument("--shapes", action="store_true", help="one line per operator and input shapes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     return args

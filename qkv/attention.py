@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .cache import KVCache
 from .dropout import dropout as drop
 from .masks import causal_mask, combine
@@ -40,8 +41,9 @@ def attention(
         dropout: dropout on the weights (pass 0.0 at eval time).
         need_weights: run the explicit math and return the weights (B, H, T, S), before dropout.
 
-    Returns (out (B, H, T, Dh), weights or None). Without weights this is PyTorch's fused kernel
-    (except where `_explicit_is_faster`); both branches compute the same function
+    Returns (out (B, H, T, Dh), weights or None). Without weights this is qkv's C++ kernel for
+    decoding's few queries per row (qkv/native.py, where it applies), else PyTorch's fused
+    kernel (except where `_explicit_is_faster`); all compute the same function
     (tests/test_attention.py checks that they agree).
     """
     if is_causal and mask is not None:  # SDPA takes one or the other, so merge them
@@ -49,6 +51,10 @@ def attention(
             raise ValueError("is_causal with T != S is ambiguous; pass an explicit causal_mask")
         mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
         is_causal = False
+    if not need_weights and dropout == 0.0 and not is_causal:
+        out = native.decode_attention(q, k, v, mask)
+        if out is not None:
+            return out, None
     if not need_weights and not _explicit_is_faster(q, dropout):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal

@@ -5,7 +5,7 @@ A faster CPU mask than PyTorch's lives here, apart from the concept code that us
 
 from __future__ import annotations
 
-import struct
+import math
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +50,23 @@ def cut_and_scale(p: float, dtype: torch.dtype) -> tuple[int, float]:
 
 
 def _rounded(x: float, dtype: torch.dtype) -> float:
-    """x rounded to the nearest fp16 or bf16 value (ties to even), in plain Python: no tensor,
-    so torch.compile traces dropout without a break."""
-    x = struct.unpack("<f", struct.pack("<f", x))[0]  # via fp32, as torch's .to(dtype) rounds
+    """x rounded to the nearest fp16 or bf16 value (ties to even) via fp32, as torch's
+    .to(dtype) rounds; in plain Python arithmetic, no tensor and no struct, so torch.compile
+    folds it to a constant (its dynamo died of a RecursionError tracing struct.pack)."""
+    x = _round_bits(x, 24, -125)  # fp32: 24 significant bits, smallest normal 2^-126
     if dtype == torch.float16:
-        return struct.unpack("<e", struct.pack("<e", x))[0]
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]  # bf16: fp32's upper 16 bits
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+        return _round_bits(x, 11, -13, 65504.0)
+    return _round_bits(x, 8, -125)  # bf16: fp32's exponent, 8 significant bits
+
+
+def _round_bits(x: float, bits: int, min_exp: int, largest: float = math.inf) -> float:
+    """x to `bits` significant bits, ties to even (Python's round); below 2^(min_exp - 1), the
+    smallest normal number, the subnormals' fixed step; beyond `largest`, infinity."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    step = max(math.frexp(x)[1], min_exp) - bits  # x = m 2^e, 0.5 <= |m| < 1
+    y = math.ldexp(round(math.ldexp(x, -step)), step)
+    return y if abs(y) <= largest else math.copysign(math.inf, y)
 
 
 class Dropout(nn.Module):

@@ -23,6 +23,8 @@ more per call (bench/linear_speed.py), more than they save below ~130k weights. 
 a packed layer computes with its live weights (F.linear); a packed model refuses to run in
 training mode, since its packed copies would not follow an optimizer's updates.
 
+`pack` also readies qkv's C++ attention kernel for decoding (qkv/native.py: compiled on first
+use), so that a server's first request does not wait for it.
 On other devices, or a PyTorch built without oneDNN, `pack` leaves the model as it is.
 """
 
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .attention import MultiHeadAttention
 from .layers import FeedForward
 
@@ -259,6 +262,8 @@ def pack(
     min_weights = min_weights_default() if min_weights is None else min_weights
     if not available(int8) or any(p.device.type != "cpu" for p in model.parameters()):
         return model
+    native.kernel()  # decoding's attention kernel: built (once per machine) and checked now,
+    # not inside the first decode (a server's first request)
     # self-attention first (cross-attention never projects q/k/v together), then the linears,
     # including those inside the new PackedAttentions
     # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);

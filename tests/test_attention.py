@@ -59,10 +59,13 @@ def test_fused_equals_explicit(dtype, tol, case):
 
 @pytest.mark.parametrize("rows", [4, 80])
 def test_one_query_steps_equal_sdpa(rows, monkeypatch):
-    """Decoding steps (one query per row, a cache slice as keys): whichever branch the CPU rule
-    picks equals SDPA. 4 x 8 heads is under the rule's threshold, 80 x 8 over it; the calls are
-    counted so each size is known to take the branch it should."""
+    """Decoding steps (one query per row, a cache slice as keys) where qkv's C++ kernel is off
+    (tests/test_native.py tests it): whichever branch the CPU rule picks equals SDPA. 4 x 8
+    heads is under the rule's threshold, 80 x 8 over it; the calls are counted so each size is
+    known to take the branch it should."""
     import importlib
+
+    from qkv import native
 
     qa = importlib.import_module("qkv.attention")  # the module, not the function qkv exports
 
@@ -78,7 +81,8 @@ def test_one_query_steps_equal_sdpa(rows, monkeypatch):
     k, v = torch.randn(rows, 8, 32, 16)[:, :, :11], torch.randn(rows, 8, 11, 16)  # cache slice
     mask = padding_mask(torch.tensor([[5] * 11, [5] * 6 + [0] * 5] * (rows // 2)), 0)
     monkeypatch.setattr(qa.F, "scaled_dot_product_attention", counting)
-    out, weights = attention(q, k, v, mask)
+    with native.off():
+        out, weights = attention(q, k, v, mask)
     monkeypatch.undo()
     assert weights is None
     explicit = rows * 8 >= qa.EXPLICIT_MIN_ROWS_X_HEADS

@@ -123,10 +123,29 @@ def test_dropout_in_bf16_keeps_the_mean():
     assert abs(y.double().mean().item() / x.double().mean().item() - 1) < 0.002
 
 
-@given(st.floats(min_value=-6e4, max_value=6e4, allow_nan=False))
-def test_dropout_rounds_its_scale_as_torch_does(x):
-    # cut_and_scale rounds without a tensor (torch.compile traces it without a break)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_compiles_in_one_graph(dtype):
+    """torch.compile takes dropout whole: its mask's cut and scale are constants to it. (In
+    bf16, dynamo once traced into the scale's rounding, struct.pack, and died of a
+    RecursionError; bench/README.md, the compiled training step.)"""
+    from qkv.dropout import dropout
+
+    x = torch.rand(4096, dtype=dtype) + 1
+    compiled = torch.compile(lambda t: dropout(t, 0.1), backend="eager", fullgraph=True)
+    torch.manual_seed(3)
+    want = dropout(x, 0.1)
+    torch.manual_seed(3)
+    assert torch.equal(compiled(x), want)  # the same draws, cut and scale as eager
+
+
+@given(
+    st.floats(min_value=-7e4, max_value=7e4, allow_nan=False),
+    st.floats(min_value=-3e38, max_value=3e38, allow_nan=False),
+)
+def test_dropout_rounds_its_scale_as_torch_does(small, large):
+    # cut_and_scale rounds in plain Python; fp16 beyond its largest value (65504) and into its
+    # subnormals, bf16 over fp32's whole range
     from qkv.dropout import _rounded
 
-    for dtype in (torch.bfloat16, torch.float16):
+    for x, dtype in ((small, torch.float16), (small, torch.bfloat16), (large, torch.bfloat16)):
         assert _rounded(x, dtype) == torch.tensor(x).to(dtype).item()

@@ -1,0 +1,150 @@
+// Attention while decoding: each row's few new queries against that row's cached keys and
+// values, softmax(q k^T / sqrt(Dh)) v, in one pass per (row, head).
+//
+// PyTorch's fused CPU kernel (scaled_dot_product_attention) calls a small matrix product for
+// every (row, head): with one query over a few dozen keys those calls, not the arithmetic, are
+// most of its time. Here each (row, head) is three short loops the compiler vectorizes over the
+// head dimension, with the scores kept in a buffer the size of one row.
+// qkv/native.py compiles this file on first use and calls it from qkv/attention.py.
+//
+// Shapes: q (B, H, T, Dh), k and v (B, H, S, Dh), any strides but a contiguous last dimension
+// (the KV cache's buffers are longer than S); keep (Bk, 1, 1, S) bool, Bk = B or 1, or empty:
+// which keys each row may attend to (attention's mask). Out: (B, H, T, Dh), contiguous, fp32.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// e^x for x <= 0 (a score minus the row's largest): 2^n e^r with n = round(x log2 e) and
+// |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative error about 1e-7, as fp32's own
+// rounding). A plain expression, so the loop around it vectorizes; std::exp is a call per score.
+// Below -87 (e^-87 < 1e-37 of the largest weight) the weight is 0.
+inline float exp_nonpositive(float x) {
+  const float c = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(c * 1.44269504f + 0.5f);
+  const float r = c - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, exact first
+  const float p =
+      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
+                                                            r * (1.f / 720 + r * (1.f / 5040)))))));
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.0f ? 0.f : p * two_n;
+}
+
+// One (row, head): T queries, S keys. D > 0: the head dimension known when compiling, so the
+// loops over it unroll and the query and the sum stay in vector registers; D == 0: `dh` at run
+// time, in the caller's buffers.
+template <int D>
+void attend(const float* q, int64_t T, int64_t q_step, const float* k, int64_t k_step,
+            const float* v, int64_t v_step, int64_t S, const bool* keep, int64_t keep_step,
+            int64_t dh, float scale, float* out, float* w, float* buffer) {
+  const int64_t n = D > 0 ? D : dh;
+  float local[2 * (D > 0 ? D : 1)];
+  float* qs = D > 0 ? local : buffer;  // the query, scaled by 1 / sqrt(Dh)
+  float* acc = D > 0 ? local + (D > 0 ? D : 1) : buffer + dh;
+  for (int64_t t = 0; t < T; ++t, q += q_step, out += n) {
+    for (int64_t d = 0; d < n; ++d) qs[d] = q[d] * scale;
+    for (int64_t s = 0; s < S; ++s) {  // scores: q . k_s
+      const float* ks = k + s * k_step;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < n; ++d) dot += qs[d] * ks[d];
+      w[s] = dot;
+    }
+    if (keep != nullptr) {
+      for (int64_t s = 0; s < S; ++s) {
+        if (!keep[s * keep_step]) w[s] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    float largest = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : largest)
+    for (int64_t s = 0; s < S; ++s) largest = w[s] > largest ? w[s] : largest;
+    if (largest == -std::numeric_limits<float>::infinity()) {  // no key: zeros, as PyTorch's
+      for (int64_t d = 0; d < n; ++d) out[d] = 0.f;
+      continue;
+    }
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; ++s) {  // softmax's numerators
+      w[s] = exp_nonpositive(w[s] - largest);
+      total += w[s];
+    }
+    for (int64_t d = 0; d < n; ++d) acc[d] = 0.f;
+    for (int64_t s = 0; s < S; ++s) {  // the weights mix the values
+      const float* vs = v + s * v_step;
+      const float ws = w[s];
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) acc[d] += ws * vs[d];
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) out[d] = acc[d] * inv;
+  }
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& keep) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: (B, H, T or S, Dh)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "decode_attention takes fp32");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), dh = q.size(3), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H &&
+                  v.size(2) == S && k.size(3) == dh && v.size(3) == dh,
+              "q, k, v shapes disagree");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "q, k, v need a contiguous last dimension");
+  const bool* keep_p = nullptr;
+  int64_t keep_row = 0, keep_step = 0;
+  if (keep.numel() > 0) {
+    TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 4 && keep.size(1) == 1 &&
+                    keep.size(2) == 1 && keep.size(3) == S &&
+                    (keep.size(0) == B || keep.size(0) == 1),
+                "keep: (B or 1, 1, 1, S) bool");
+    keep_p = keep.data_ptr<bool>();
+    keep_row = keep.size(0) == 1 ? 0 : keep.stride(0);
+    keep_step = keep.stride(3);
+  }
+  auto out = torch::empty({B, H, T, dh}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(S), buffer(2 * dh);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* qi = qp + b * q.stride(0) + h * q.stride(1);
+      const float* ki = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vi = vp + b * v.stride(0) + h * v.stride(1);
+      const bool* keep_i = keep_p == nullptr ? nullptr : keep_p + b * keep_row;
+      float* oi = op + i * T * dh;
+      const auto args = std::make_tuple(qi, T, q.stride(2), ki, k.stride(2), vi, v.stride(2), S,
+                                        keep_i, keep_step, dh, scale, oi, w.data(), buffer.data());
+      switch (dh) {
+        case 32: std::apply(attend<32>, args); break;
+        case 64: std::apply(attend<64>, args); break;
+        case 128: std::apply(attend<128>, args); break;
+        default: std::apply(attend<0>, args);
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention,
+        "softmax(q k^T / sqrt(Dh)) v for a few queries per row (qkv/csrc/decode_attention.cpp)");
+}

@@ -1,0 +1,178 @@
+"""Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
+
+One so far: attention while decoding (`decode_attention`), each row's few new queries against
+its cached keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row,
+head) and, with one query over a few dozen keys, spends most of its time in those calls
+(bench/decode_attention.py); the C++ loop does the same arithmetic in one pass per (row, head).
+qkv/attention.py calls it where it applies and falls back to PyTorch everywhere else.
+
+The first use compiles the file (torch.utils.cpp_extension: a C++ compiler and ninja; about half
+a minute) into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native), one build per CPU
+model and source, with -march=native. Then, once per process, a quick measurement at a decoding
+shape checks that it beats PyTorch's kernel on this machine; if it does not, or anything fails
+(no compiler, no ninja), qkv uses PyTorch's kernel and says so once. QKV_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+# Queries per row it takes: one per decoding step, or one per beam where a sentence's beams
+# share its cross-attention keys (qkv/cache.py). More, and PyTorch's kernel does well.
+MAX_QUERIES = 32
+
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",  # where the CPU has them (ignored elsewhere)
+    "-fopenmp",  # at::parallel_for's threads
+    "-funsafe-math-optimizations",  # reorder the sums to vectorize them; infinities still hold
+    "-fno-math-errno",
+]
+
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+_off = False
+_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
+@contextmanager
+def off() -> Iterator[None]:
+    """PyTorch's kernel everywhere inside (tests and benchmarks compare the two; not for use
+    while other threads decode)."""
+    global _off
+    before, _off = _off, True
+    try:
+        yield
+    finally:
+        _off = before
+
+
+def enabled() -> bool:
+    return os.environ.get("QKV_NATIVE", "1") != "0"
+
+
+def _cpu_key() -> str:
+    """The CPU model and flags: a build made with -march=native runs on that kind of CPU only."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [os.uname().machine]
+    text = "\n".join([*lines, *CFLAGS, SOURCE.read_text(), torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("QKV_CACHE", Path.home() / ".cache" / "qkv"))
+    return root / "native" / _cpu_key()
+
+
+def _say(message: str) -> None:
+    print(f"qkv: {message}", file=sys.stderr, flush=True)
+
+
+def _compile() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    where = build_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    if not any(where.glob("*.so")):
+        _say("compiling the decoding attention kernel for this CPU (once, about 30 s)")
+    return load(
+        name="qkv_decode_attention",
+        sources=[str(SOURCE)],
+        build_directory=str(where),
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def _faster(module: ModuleType) -> bool:
+    """Whether the kernel beats PyTorch's here, at greedy decoding's shape for 32 sentences
+    (8 heads of 64, 24 cached keys): best of 5 rounds of 10 calls each."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(32, 8, n, 64, generator=gen) for n in (1, 24, 24))
+    keep = torch.ones(32, 1, 1, 24, dtype=torch.bool)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        ours = best(lambda: module.decode_attention(q, k, v, keep))
+        theirs = best(lambda: F.scaled_dot_product_attention(q, k, v))
+    return ours < theirs
+
+
+def kernel() -> ModuleType | None:
+    """The compiled module, or None where it is off, fails to build, or is not faster here."""
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" not in _state:
+            module = None
+            if enabled():
+                try:
+                    module = _compile()
+                    if not _faster(module):
+                        _say("the decoding attention kernel is slower than PyTorch's here: unused")
+                        module = None
+                except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernel
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    _say(f"decoding attention kernel unavailable ({first}); using PyTorch's")
+            _state["module"] = module
+    return _state["module"]
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """softmax(q k^T / sqrt(Dh)) v by the C++ kernel, or None where it does not apply (then the
+    caller uses PyTorch's): CPU, fp32, no gradients, not inside torch.compile, at most
+    MAX_QUERIES queries per row, and a mask (True = may attend) that only hides keys, the same
+    for every head and query: (B or 1, 1, 1, S).
+
+    q (B, H, T, Dh); k, v (B, H, S, Dh). Returns (B, H, T, Dh)."""
+    if (
+        _off
+        or q.device.type != "cpu"
+        or not (q.dtype == k.dtype == v.dtype == torch.float32)
+        or q.dim() != 4
+        or q.shape[-2] > MAX_QUERIES
+        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    if mask is None:
+        mask = _NO_MASK
+    elif (
+        mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[0] not in (1, q.shape[0])
+        or mask.shape[1:] != (1, 1, k.shape[-2])
+    ):
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    module = kernel()
+    if module is None:
+        return None
+    return module.decode_attention(q, k, v, mask)
