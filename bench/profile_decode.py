@@ -16,6 +16,7 @@ from torch.profiler import profile
 from translate_speed import EOS, PAD, V, forced, hf_model
 
 from qkv import checkpoint
+from qkv.allocator import keep_freed_memory
 from qkv.marian import convert
 from qkv.packed import pack
 from qkv.search import beam_search, greedy, model_step
@@ -23,6 +24,7 @@ from qkv.search import beam_search, greedy, model_step
 
 def main() -> None:
     args = profiler_flags(__doc__, 10)
+    keep_freed_memory()  # as the `qkv` command runs
     tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
     hf_model("small").save_pretrained(tmp / "hf")
     model = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0]

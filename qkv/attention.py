@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .cache import KVCache
+from .cache import KVCache, per_row
 from .dropout import dropout as drop
 from .masks import causal_mask, combine
 
@@ -31,6 +31,7 @@ def attention(
     is_causal: bool = False,
     dropout: float = 0.0,
     need_weights: bool = False,
+    table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention: softmax(q k^T / sqrt(Dh)) v.
 
@@ -40,6 +41,9 @@ def attention(
         is_causal: also hide later keys (top-left aligned, as in SDPA; right only when S == T).
         dropout: dropout on the weights (pass 0.0 at eval time).
         need_weights: run the explicit math and return the weights (B, H, T, S), before dropout.
+        table: (B, S) long, where each row's keys lie when k and v are a KVCache's stored rows
+            (P, H, S, Dh): key s of row b is k[table[b, s], :, s] (a beam search's cache,
+            reordered without copying). None: k and v have one row per row.
 
     Returns (out (B, H, T, Dh), weights or None). Without weights this is qkv's C++ kernel for
     decoding's few queries per row (qkv/native.py, where it applies), else PyTorch's fused
@@ -52,9 +56,11 @@ def attention(
         mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
         is_causal = False
     if not need_weights and dropout == 0.0 and not is_causal:
-        out = native.decode_attention(q, k, v, mask)
+        out = native.decode_attention(q, k, v, mask, table)
         if out is not None:
             return out, None
+    if table is not None:  # PyTorch's kernels take one row of keys per row: gather them
+        k, v = per_row(k, table), per_row(v, table)
     if not need_weights and not _explicit_is_faster(q, dropout):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
@@ -148,6 +154,7 @@ class MultiHeadAttention(nn.Module):
         Self-attention appends the new keys/values to `cache` when one is given. Cross-attention
         with a static cache projects memory once, on first use, and reuses it afterwards.
         """
+        table = None  # a self-attention cache's table of stored rows (KVCache), if any
         if cache is not None and cache.static:  # cross-attention, keys/values kept
             q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
             if not cache.length:
@@ -159,8 +166,8 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(memory)
         else:  # self-attention
             q, k, v = self.project_qkv(x)
-            if cache is not None:
-                k, v = cache.append(k, v)  # (B, H, S, Dh), S = cached + T
+            if cache is not None:  # stored keys/values (P, H, S, Dh), S = cached + T
+                k, v, table = cache.append(k, v)
 
         group = cache.group if cache is not None and cache.static else 1
         if group > 1:  # a sentence's beams share its keys: its g rows' queries become g*T queries
@@ -176,6 +183,7 @@ class MultiHeadAttention(nn.Module):
             is_causal=is_causal,
             dropout=self.dropout if self.training else 0.0,
             need_weights=need_weights,
+            table=table,
         )
         if group > 1:  # back to one row per beam: (N, H, T, ...)
             out = _ungroup(out, group)

@@ -14,18 +14,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import native
+
 
 class KVCache:
     """Keys and values of one attention layer, (B, H, S, Dh) each, growing along S.
 
     Storage is preallocated and doubled when full, so appending one token is a copy of that token
-    only (torch.cat would copy the whole history every step).
+    only (torch.cat would copy the whole history every step). Where qkv's attention kernel reads
+    the cache (qkv/native.py: the CPU, fp32, no gradients), a reorder (beam search's `select`)
+    copies no keys either: the rows are "stored rows", and a small table (B, capacity) says which
+    stored row holds each row's key and value at each position. A row's new keys always go to
+    its own stored row (`b`), at positions no row has written yet, so a sentence's beams share
+    the history they have in common. The table is dropped (the rows copied into place, once)
+    when the storage grows. Elsewhere a reorder copies the rows. `k` and `v` give the keys and
+    values per row; attention reads the stored rows through the table (`stored`).
     """
 
     def __init__(self, static: bool = False) -> None:
         self.static = static  # cross-attention: filled once from the encoder output, then reused
-        self._k: Tensor | None = None
+        self._k: Tensor | None = None  # (P, H, capacity, Dh): P stored rows
         self._v: Tensor | None = None
+        self._table: Tensor | None = None  # (B, capacity) long; None: row b in stored row b
         self.length = 0
         # Cross-attention: each cached row serves `group` consecutive query rows (one sentence's
         # beams), so a sentence's keys/values are stored and read once, not once per beam.
@@ -33,52 +43,93 @@ class KVCache:
 
     @property
     def rows(self) -> int:
+        """B, the rows the cache holds keys for."""
+        if self._table is not None:
+            return self._table.shape[0]
         return 0 if self._k is None else self._k.shape[0]
 
     @property
     def k(self) -> Tensor:
+        """Keys (B, H, S, Dh), one row per row."""
         assert self._k is not None, "empty cache"
-        return self._k[:, :, : self.length]
+        return per_row(self._k[:, :, : self.length], self.table)
 
     @property
     def v(self) -> Tensor:
         assert self._v is not None, "empty cache"
-        return self._v[:, :, : self.length]
+        return per_row(self._v[:, :, : self.length], self.table)
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add T new positions (B, H, T, Dh); return all keys and values so far (B, H, S, Dh)."""
-        t = k.shape[2]
-        if self._k is None or self.length + t > self._k.shape[2]:
+    @property
+    def table(self) -> Tensor | None:
+        """(B, S): the stored row holding row b's key at position s; None: stored row b."""
+        return None if self._table is None else self._table[:, : self.length]
+
+    def stored(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Keys and values as stored (P, H, S, Dh), and the table (B, S) or None."""
+        assert self._k is not None and self._v is not None, "empty cache"
+        s = self.length
+        return self._k[:, :, :s], self._v[:, :, :s], self.table
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Add T new positions (B, H, T, Dh); return `stored()`: all keys and values so far."""
+        b, t = k.shape[0], k.shape[2]
+        if self._k is not None and b != self.rows:
+            raise ValueError(f"the cache holds {self.rows} rows, not {b}")
+        if self._k is None or self.length + t > self._k.shape[2] or b > self._k.shape[0]:
             # cross-attention keys/values never grow: no spare room to copy on every reorder
             self._grow(k, v, self.length + t if self.static else max(2 * (self.length + t), 16))
         assert self._k is not None and self._v is not None
-        self._k[:, :, self.length : self.length + t] = k
-        self._v[:, :, self.length : self.length + t] = v
-        self.length += t
-        return self.k, self.v
+        end = self.length + t
+        self._k[:b, :, self.length : end] = k  # row b's own stored row: free from here on
+        self._v[:b, :, self.length : end] = v
+        if self._table is not None:
+            self._table[:, self.length : end] = torch.arange(b, device=k.device)[:, None]
+        self.length = end
+        return self.stored()
 
     def _grow(self, k: Tensor, v: Tensor, capacity: int) -> None:
-        b, h, _, dh = k.shape
+        """New storage of `capacity` positions, each row's keys and values in its own row."""
+        _, h, _, dh = k.shape
+        b = self.rows if self._k is not None else k.shape[0]
         new_k = k.new_empty(b, h, capacity, dh)
         new_v = v.new_empty(b, h, capacity, v.shape[-1])
         if self._k is not None and self._v is not None and self.length:
             new_k[:, :, : self.length] = self.k
             new_v[:, :, : self.length] = self.v
-        self._k, self._v = new_k, new_v
+        self._k, self._v, self._table = new_k, new_v, None
 
     def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` (B',), in that order: beam search's reorder. Only the used
-        positions are copied, into a buffer as large as before (the next append need not grow)."""
+        """Keep rows `index` (B',), in that order: beam search's reorder. Only the table moves
+        where the attention kernel reads it; elsewhere, and in cross-attention caches (moved
+        only when sentences leave), the rows are copied: only the positions used, into a buffer
+        as large as before (the next append need not grow)."""
         if self._k is None or self._v is None:
             return
         if self._k.requires_grad and torch.is_grad_enabled():  # out= does not differentiate
-            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            self._k, self._v = self.k.index_select(0, index), self.v.index_select(0, index)
+            self._table = None
             return
-        new_k = self._k.new_empty(len(index), *self._k.shape[1:])
-        new_v = self._v.new_empty(len(index), *self._v.shape[1:])
-        torch.index_select(self.k, 0, index, out=new_k[:, :, : self.length])
-        torch.index_select(self.v, 0, index, out=new_v[:, :, : self.length])
-        self._k, self._v = new_k, new_v
+        if self.static or not native.reads_tables(self._k):
+            if self._table is not None:  # rows in place first (the kernel was switched off)
+                self._grow(self._k, self._v, self._k.shape[2])
+            new_k = self._k.new_empty(len(index), *self._k.shape[1:])
+            new_v = self._v.new_empty(len(index), *self._v.shape[1:])
+            torch.index_select(self.k, 0, index, out=new_k[:, :, : self.length])
+            torch.index_select(self.v, 0, index, out=new_v[:, :, : self.length])
+            self._k, self._v = new_k, new_v
+            return
+        if self._table is None:
+            p, capacity = self._k.shape[0], self._k.shape[2]
+            self._table = torch.arange(p, device=index.device)[:, None].expand(p, capacity)
+        self._table = self._table.index_select(0, index)
+
+
+def per_row(x: Tensor, table: Tensor | None) -> Tensor:
+    """Stored rows x (P, H, S, X) read through a table (B, S) of stored rows: (B, H, S, X)."""
+    if table is None:
+        return x
+    positions = torch.arange(x.shape[2], device=x.device)
+    return x[table, :, positions].transpose(1, 2)  # (B, S, H, X) -> (B, H, S, X)
 
 
 @dataclass

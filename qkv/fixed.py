@@ -39,10 +39,10 @@ class _WrittenAt:
     def __init__(self, k: Tensor, v: Tensor, pos: Tensor):
         self.k_buf, self.v_buf, self.pos = k, v, pos
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, None]:
         self.k_buf.index_copy_(2, self.pos, k)
         self.v_buf.index_copy_(2, self.pos, v)
-        return self.k_buf, self.v_buf
+        return self.k_buf, self.v_buf, None  # one row per row (KVCache.append's table: None)
 
 
 class _Shared:

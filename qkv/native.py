@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 _off = False
 _NO_MASK = torch.empty(0, dtype=torch.bool)
+_NO_TABLE = torch.empty(0, dtype=torch.long)
 
 
 @contextmanager
@@ -88,6 +90,13 @@ def _say(message: str) -> None:
 def _compile() -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # pip's ninja, in a virtual environment not activated
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # torch says that ninja is missing
     where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
     if not any(where.glob("*.so")):
@@ -119,7 +128,7 @@ def _faster(module: ModuleType) -> bool:
         return min(times)
 
     with torch.inference_mode():
-        ours = best(lambda: module.decode_attention(q, k, v, keep))
+        ours = best(lambda: module.decode_attention(q, k, v, keep, _NO_TABLE))
         theirs = best(lambda: F.scaled_dot_product_attention(q, k, v))
     return ours < theirs
 
@@ -144,13 +153,30 @@ def kernel() -> ModuleType | None:
     return _state["module"]
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+def reads_tables(x: Tensor) -> bool:
+    """Whether attention over keys like x (a KVCache's) runs in the kernel, which reads a beam
+    search's reordered cache through its table; PyTorch's kernels would gather it every step,
+    so a cache reorders its rows instead where this is False."""
+    return (
+        not _off
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and kernel() is not None
+    )
+
+
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, table: Tensor | None = None
+) -> Tensor | None:
     """softmax(q k^T / sqrt(Dh)) v by the C++ kernel, or None where it does not apply (then the
     caller uses PyTorch's): CPU, fp32, no gradients, not inside torch.compile, at most
     MAX_QUERIES queries per row, and a mask (True = may attend) that only hides keys, the same
     for every head and query: (B or 1, 1, 1, S).
 
-    q (B, H, T, Dh); k, v (B, H, S, Dh). Returns (B, H, T, Dh)."""
+    q (B, H, T, Dh); k, v (B, H, S, Dh), or a KVCache's stored rows (P, H, S, Dh) read through
+    `table` (B, S) (qkv.attention.attention says how). Returns (B, H, T, Dh)."""
     if (
         _off
         or q.device.type != "cpu"
@@ -172,7 +198,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
         return None
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
+    if table is None:
+        table = _NO_TABLE
+    elif table.dtype != torch.long or table.shape != (q.shape[0], k.shape[-2]):
+        return None
     module = kernel()
     if module is None:
         return None
-    return module.decode_attention(q, k, v, mask)
+    return module.decode_attention(q, k, v, mask, table)

@@ -36,34 +36,57 @@ def explicit(q, k, v, mask):
     dh=st.sampled_from([8, 32, 48, 64, 128]),  # 32, 64, 128 unrolled; the others at run time
     masking=st.sampled_from(["none", "rows", "shared"]),
     spare=st.integers(0, 7),
+    stored=st.sampled_from([0, 1, 3, 9]),  # 0: one row of keys per row; else a table into P
     seed=st.integers(0, 2**16),
 )
-def test_kernel_equals_the_explicit_math_and_sdpa(kernel, b, h, t, s, dh, masking, spare, seed):
+def test_kernel_equals_the_explicit_math_and_sdpa(
+    kernel, b, h, t, s, dh, masking, spare, stored, seed
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, t, dh, generator=g) * 2
     # keys and values inside longer buffers, as a KV cache holds them
-    k = torch.randn(b, h, s + spare, dh, generator=g)[:, :, :s] * 2
-    v = torch.randn(b, h, s + spare, dh, generator=g)[:, :, :s]
+    p = stored or b
+    k = torch.randn(p, h, s + spare, dh, generator=g)[:, :, :s] * 2
+    v = torch.randn(p, h, s + spare, dh, generator=g)[:, :, :s]
+    table = torch.randint(0, p, (b, s + spare), generator=g)[:, :s] if stored else None
     mask = None
     if masking != "none":
         mask = torch.rand(1 if masking == "shared" else b, 1, 1, s, generator=g) > 0.4
-    ours = native.decode_attention(q, k, v, mask)
+    ours = native.decode_attention(q, k, v, mask, table)
     assert ours is not None and ours.shape == (b, h, t, dh)
+    if table is not None:  # each row's own keys, gathered by hand
+        k = torch.stack(
+            [torch.stack([k[table[i, j], :, j] for j in range(s)], 1) for i in range(b)]
+        )
+        v = torch.stack(
+            [torch.stack([v[table[i, j], :, j] for j in range(s)], 1) for i in range(b)]
+        )
     torch.testing.assert_close(ours, explicit(q, k, v, mask), atol=2e-6, rtol=1e-5)  # fp64
     torch.testing.assert_close(  # fp32 both, rounded differently
         ours, F.scaled_dot_product_attention(q, k, v, mask), atol=1e-5, rtol=1e-4
     )
 
 
-def test_kernel_rows_without_keys_and_large_scores(kernel):
-    q = torch.randn(3, 2, 1, 32) * 40  # scores in the hundreds: exp needs the largest subtracted
-    k, v = torch.randn(3, 2, 6, 32) * 40, torch.randn(3, 2, 6, 32)
+def test_kernel_refuses_a_table_out_of_range(kernel):
+    q, k = torch.randn(2, 1, 1, 8), torch.randn(3, 1, 4, 8)
+    table = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]])  # stored row 3 of 3
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.decode_attention(q, k, k, None, table)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kernel_rows_without_keys_and_large_scores(kernel, seed):
+    g = torch.Generator().manual_seed(seed)
+    # scores in the thousands: exp needs the largest subtracted, and one fp32 step of a score
+    # (1e-3) moves the weights by as much, in any fp32 kernel (SDPA's error is the same)
+    q = torch.randn(3, 2, 1, 32, generator=g) * 40
+    k, v = torch.randn(3, 2, 6, 32, generator=g) * 40, torch.randn(3, 2, 6, 32, generator=g)
     mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
     mask[1] = False  # row 1 may attend to nothing
     ours = native.decode_attention(q, k, v, mask)
     assert torch.isfinite(ours).all()
     assert (ours[1] == 0).all()  # as PyTorch's fused kernel
-    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, mask))
+    torch.testing.assert_close(ours, explicit(q, k, v, mask), atol=1e-3, rtol=0)
 
 
 def test_attention_takes_the_kernel_where_it_applies(kernel, monkeypatch):
@@ -146,3 +169,58 @@ def test_off_switch_and_a_failed_build(monkeypatch, capsys):
     q = torch.randn(2, 2, 1, 8)
     out, _ = attention(q, q, q)  # PyTorch's kernel instead
     torch.testing.assert_close(out, q)  # one key: its value
+
+
+def test_pips_ninja_is_found_outside_an_activated_environment(monkeypatch, tmp_path):
+    """`.venv/bin/python` without `activate`: the ninja that pip installed is not on PATH, and
+    torch's extension builder looks for it there."""
+    import ninja
+    import torch.utils.cpp_extension as ext
+
+    seen = {}
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setenv("QKV_CACHE", str(tmp_path))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ext, "load", lambda **kw: seen.update(kw, path=native.os.environ["PATH"]))
+    native._compile()
+    assert seen["path"].split(native.os.pathsep)[0] == ninja.BIN_DIR
+    assert seen["build_directory"].startswith(str(tmp_path))
+    assert "-march=native" in seen["extra_cflags"]
+
+
+def test_a_reorder_moves_the_table_not_the_keys(kernel, tiny):
+    """Where the kernel reads the cache, beam search's reorder (rows reordered, duplicated,
+    dropped) changes only the table; steps after it equal the full forward over the reordered
+    rows, one token at a time (the kernel) and several (PyTorch's kernel, gathering through the
+    table), also once the cache has grown past its first capacity (its rows copied into place,
+    as when a reorder makes more rows than are stored: beam search's first)."""
+    from tests.test_models import batch
+
+    model = tiny()
+    src, tgt = batch()
+    index = torch.tensor([2, 0, 0])  # reordered, row 0 twice, row 1 dropped
+    with torch.no_grad():
+        cache = model.start(src)
+        model.step(tgt[:, :4], cache)
+        stored = cache.self_attn[0].stored()[0]
+        cache.select(index)
+        c = cache.self_attn[0]
+        assert c.stored()[0].data_ptr() == stored.data_ptr()  # no key moved
+        assert c.table is not None and c.table[:, :4].tolist() == [[2] * 4, [0] * 4, [0] * 4]
+        torch.testing.assert_close(c.k, stored[index])  # per row, through the table
+        steps = [model.step(tgt[index, i : i + 1], cache) for i in range(4, 7)]
+        want = model(src[index], tgt[index])
+        torch.testing.assert_close(torch.cat(steps, 1), want[:, 4:], atol=1e-5, rtol=1e-5)
+        assert c.table[:, 4:].tolist() == [[0] * 3, [1] * 3, [2] * 3]  # new keys: its own row
+        cache.select(torch.tensor([2, 1]))
+        more = torch.randint(3, 20, (2, 12))
+        got = model.step(more, cache)  # 19 positions: past the first capacity of 16
+        assert c.table is None
+        rows = index[torch.tensor([2, 1])]
+        want = model(src[rows], torch.cat([tgt[rows], more], 1))
+        torch.testing.assert_close(got, want[:, 7:], atol=1e-5, rtol=1e-5)
+    with native.off(), torch.no_grad():  # elsewhere the rows are copied
+        cache = model.start(src)
+        model.step(tgt[:, :4], cache)
+        cache.select(index)
+        assert cache.self_attn[0].table is None

@@ -9,7 +9,9 @@
 //
 // Shapes: q (B, H, T, Dh), k and v (B, H, S, Dh), any strides but a contiguous last dimension
 // (the KV cache's buffers are longer than S); keep (Bk, 1, 1, S) bool, Bk = B or 1, or empty:
-// which keys each row may attend to (attention's mask). Out: (B, H, T, Dh), contiguous, fp32.
+// which keys each row may attend to (attention's mask). table (B, S) long, or empty: k and v
+// are a KVCache's stored rows (P, H, S, Dh) and row b's key s is k[table[b, s], :, s] (beam
+// search reorders the table, not the keys). Out: (B, H, T, Dh), contiguous, fp32.
 
 #include <torch/extension.h>
 
@@ -43,10 +45,30 @@ inline float exp_nonpositive(float x) {
 // One (row, head): T queries, S keys. D > 0: the head dimension known when compiling, so the
 // loops over it unroll and the query and the sum stay in vector registers; D == 0: `dh` at run
 // time, in the caller's buffers.
-template <int D>
-void attend(const float* q, int64_t T, int64_t q_step, const float* k, int64_t k_step,
-            const float* v, int64_t v_step, int64_t S, const bool* keep, int64_t keep_step,
-            int64_t dh, float scale, float* out, float* w, float* buffer) {
+// Where one (row, head)'s keys and values lie: at k + s * k_step (a row of its own), or, read
+// through a table, at keys[s] (computed by the caller).
+struct Keys {
+  const float* k;
+  const float* v;
+  int64_t k_step, v_step;
+  const float* const* keys;
+  const float* const* values;
+};
+
+template <bool TABLE>
+inline const float* key_at(const Keys& kv, int64_t s) {
+  return TABLE ? kv.keys[s] : kv.k + s * kv.k_step;
+}
+
+template <bool TABLE>
+inline const float* value_at(const Keys& kv, int64_t s) {
+  return TABLE ? kv.values[s] : kv.v + s * kv.v_step;
+}
+
+template <int D, bool TABLE>
+void attend(const float* q, int64_t T, int64_t q_step, const Keys& kv, int64_t S,
+            const bool* keep, int64_t keep_step, int64_t dh, float scale, float* out, float* w,
+            float* buffer) {
   const int64_t n = D > 0 ? D : dh;
   float local[2 * (D > 0 ? D : 1)];
   float* qs = D > 0 ? local : buffer;  // the query, scaled by 1 / sqrt(Dh)
@@ -54,7 +76,7 @@ void attend(const float* q, int64_t T, int64_t q_step, const float* k, int64_t k
   for (int64_t t = 0; t < T; ++t, q += q_step, out += n) {
     for (int64_t d = 0; d < n; ++d) qs[d] = q[d] * scale;
     for (int64_t s = 0; s < S; ++s) {  // scores: q . k_s
-      const float* ks = k + s * k_step;
+      const float* ks = key_at<TABLE>(kv, s);
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < n; ++d) dot += qs[d] * ks[d];
@@ -80,7 +102,7 @@ void attend(const float* q, int64_t T, int64_t q_step, const float* k, int64_t k
     }
     for (int64_t d = 0; d < n; ++d) acc[d] = 0.f;
     for (int64_t s = 0; s < S; ++s) {  // the weights mix the values
-      const float* vs = v + s * v_step;
+      const float* vs = value_at<TABLE>(kv, s);
       const float ws = w[s];
 #pragma omp simd
       for (int64_t d = 0; d < n; ++d) acc[d] += ws * vs[d];
@@ -94,15 +116,30 @@ void attend(const float* q, int64_t T, int64_t q_step, const float* k, int64_t k
 }  // namespace
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
-                               const torch::Tensor& v, const torch::Tensor& keep) {
+                               const torch::Tensor& v, const torch::Tensor& keep,
+                               const torch::Tensor& table) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: (B, H, T or S, Dh)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                   v.scalar_type() == at::kFloat,
               "decode_attention takes fp32");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), dh = q.size(3), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H &&
-                  v.size(2) == S && k.size(3) == dh && v.size(3) == dh,
+  const bool indirect = table.numel() > 0;
+  TORCH_CHECK(k.size(0) == v.size(0) && (indirect || k.size(0) == B) && k.size(1) == H &&
+                  v.size(1) == H && v.size(2) == S && k.size(3) == dh && v.size(3) == dh,
               "q, k, v shapes disagree");
+  const int64_t* table_p = nullptr;
+  if (indirect) {
+    TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == B &&
+                    table.size(1) == S,
+                "table: (B, S) long");
+    const auto t = table.accessor<int64_t, 2>();
+    for (int64_t b = 0; b < B; ++b) {  // B x S small integers: cheap beside the attention
+      for (int64_t s = 0; s < S; ++s) {
+        TORCH_CHECK(t[b][s] >= 0 && t[b][s] < k.size(0), "table: a stored row out of range");
+      }
+    }
+    table_p = table.data_ptr<int64_t>();
+  }
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "q, k, v need a contiguous last dimension");
   const bool* keep_p = nullptr;
@@ -122,22 +159,40 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  // strides read once: Tensor::stride is a call, too slow for the loops below
+  const int64_t q0 = q.stride(0), q1 = q.stride(1), q2 = q.stride(2);
+  const int64_t k0 = k.stride(0), k1 = k.stride(1), k2 = k.stride(2);
+  const int64_t v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2);
+  const int64_t t0 = indirect ? table.stride(0) : 0, t1 = indirect ? table.stride(1) : 0;
   at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> w(S), buffer(2 * dh);
+    std::vector<const float*> keys(indirect ? S : 0), values(indirect ? S : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
-      const float* qi = qp + b * q.stride(0) + h * q.stride(1);
-      const float* ki = kp + b * k.stride(0) + h * k.stride(1);
-      const float* vi = vp + b * v.stride(0) + h * v.stride(1);
+      Keys kv{kp + b * k0 + h * k1, vp + b * v0 + h * v1, k2, v2, keys.data(), values.data()};
+      if (indirect) {  // each position names its stored row
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t row = table_p[b * t0 + s * t1];
+          keys[s] = kp + row * k0 + h * k1 + s * k2;
+          values[s] = vp + row * v0 + h * v1 + s * v2;
+        }
+      }
       const bool* keep_i = keep_p == nullptr ? nullptr : keep_p + b * keep_row;
-      float* oi = op + i * T * dh;
-      const auto args = std::make_tuple(qi, T, q.stride(2), ki, k.stride(2), vi, v.stride(2), S,
-                                        keep_i, keep_step, dh, scale, oi, w.data(), buffer.data());
-      switch (dh) {
-        case 32: std::apply(attend<32>, args); break;
-        case 64: std::apply(attend<64>, args); break;
-        case 128: std::apply(attend<128>, args); break;
-        default: std::apply(attend<0>, args);
+      const auto args = std::make_tuple(qp + b * q0 + h * q1, T, q2, kv, S, keep_i, keep_step,
+                                        dh, scale, op + i * T * dh, w.data(), buffer.data());
+      switch (dh * 2 + indirect) {  // the head dimension unrolled where common
+        case 64: std::apply(attend<32, false>, args); break;
+        case 65: std::apply(attend<32, true>, args); break;
+        case 128: std::apply(attend<64, false>, args); break;
+        case 129: std::apply(attend<64, true>, args); break;
+        case 256: std::apply(attend<128, false>, args); break;
+        case 257: std::apply(attend<128, true>, args); break;
+        default:
+          if (indirect) {
+            std::apply(attend<0, true>, args);
+          } else {
+            std::apply(attend<0, false>, args);
+          }
       }
     }
   });
