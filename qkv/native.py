@@ -4,13 +4,16 @@ One so far: attention while decoding (`decode_attention`), each row's few new qu
 its cached keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row,
 head) and, with one query over a few dozen keys, spends most of its time in those calls
 (bench/decode_attention.py); the C++ loop does the same arithmetic in one pass per (row, head).
-qkv/attention.py calls it where it applies and falls back to PyTorch everywhere else.
+It also reads a beam search's reordered KV cache through its table of stored rows, so that a
+reorder copies no keys (qkv/cache.py). qkv/attention.py calls it where it applies and falls
+back to PyTorch everywhere else.
 
 The first use compiles the file (torch.utils.cpp_extension: a C++ compiler and ninja; about half
-a minute) into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native), one build per CPU
-model and source, with -march=native. Then, once per process, a quick measurement at a decoding
-shape checks that it beats PyTorch's kernel on this machine; if it does not, or anything fails
-(no compiler, no ninja), qkv uses PyTorch's kernel and says so once. QKV_NATIVE=0 turns it off.
+a minute) with -march=native into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native),
+one build per CPU (its model name and flags), compiler flags, source and torch version. Then,
+once per process, a quick measurement at a decoding shape checks that it beats PyTorch's
+kernel on this machine; if it does not, or anything fails (no compiler, no ninja), qkv uses
+PyTorch's kernel and says so once. QKV_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations

@@ -13,9 +13,14 @@ from qkv.attention import attention
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = native.kernel()
-    assert module is not None, "the kernel should build and be used on the test machine"
-    return module
+    """The kernel, built (the test machine must build it) and in use whatever the quick
+    measurement in `native.kernel` would choose, so these tests do not hang on timings."""
+    module = native._compile()
+    saved = dict(native._state)
+    native._state["module"] = module
+    yield module
+    native._state.clear()
+    native._state.update(saved)
 
 
 def explicit(q, k, v, mask):
