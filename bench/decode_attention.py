@@ -10,18 +10,16 @@ one process, best of --repeats; sentences/s and how many outputs are the same.
     .venv/bin/python bench/decode_attention.py --threads 2
 """
 
-import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fused_ffn import decode_all
-from translate_speed import EOS, V, forced, hf_model
+from fused_ffn import compare, decode_all, small_batches
+from timing import ab_flags, best_of
+from translate_speed import forced, hf_model
 
 from qkv import checkpoint, native
-from qkv.allocator import keep_freed_memory
 from qkv.marian import convert
 from qkv.packed import pack
 
@@ -38,13 +36,7 @@ CALLS = [
 
 def per_call(repeats: int) -> None:
     def best(fn) -> float:
-        times = []
-        for _ in range(repeats * 3):
-            t0 = time.perf_counter()
-            for _ in range(50):
-                fn()
-            times.append((time.perf_counter() - t0) / 50)
-        return min(times) * 1e6
+        return best_of(fn, repeats * 3, 50)
 
     print("per call (us): PyTorch's fused kernel, qkv's, ratio")
     with torch.inference_mode():
@@ -61,12 +53,7 @@ def per_call(repeats: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    keep_freed_memory()  # as the `qkv` command runs
-    torch.set_num_threads(args.threads)
+    args = ab_flags(__doc__)
     if native.kernel() is None:
         raise SystemExit("the kernel is not in use here (see the line above)")
     print(f"{args.threads} threads, torch {torch.__version__}")
@@ -74,11 +61,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="qkv-attn-"))
     hf_model("small").save_pretrained(tmp / "hf")
     model = pack(checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0])
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(2, V - 1, (32, 21), generator=g) for _ in range(8)]
-    for x in batches:
-        x[:, -1] = EOS
-    lengths = torch.full((32,), 21)
+    batches, lengths = small_batches()
     print("small model, 8 x 32 sentences, sentences/s")
     for beam in (1, 5):
         cfg = forced(beam)
@@ -89,18 +72,8 @@ def main() -> None:
             with native.off():
                 return decode_all(model, batches, lengths, cfg)
 
-        best, outs = {}, {}
-        run(True), run(False)  # warm-up
-        for _ in range(args.repeats):
-            for ours in (True, False):
-                rate, outs[ours] = run(ours)
-                best[ours] = max(best.get(ours, 0.0), rate)
-        same = sum(a == b for a, b in zip(outs[True], outs[False], strict=True))
-        mode = "greedy" if beam == 1 else f"beam {beam}"
-        print(
-            f"  {mode:7}: qkv's kernel {best[True]:6.1f}, PyTorch's {best[False]:6.1f}"
-            f" -> {best[True] / best[False]:.2f}x; outputs the same {same}/256"
-        )
+        line = "  {mode:7}: qkv's kernel {on:6.1f}, PyTorch's {off:6.1f} -> {ratio:.2f}x"
+        compare(run, args.repeats, beam, line + "; outputs the same {same}/256")
 
 
 if __name__ == "__main__":

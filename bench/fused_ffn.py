@@ -7,16 +7,15 @@ process, best of --repeats; sentences/s and how many outputs are the same.
     .venv/bin/python bench/fused_ffn.py --threads 1
 """
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from timing import ab_flags, alternate
 from translate_speed import EOS, PAD, V, forced, hf_model
 
 from qkv import checkpoint
-from qkv.allocator import keep_freed_memory
 from qkv.config import DecodeConfig
 from qkv.marian import convert
 from qkv.packed import Packed, PackedFeedForward, pack
@@ -37,21 +36,30 @@ def decode_all(model, batches, lengths, cfg: DecodeConfig) -> tuple[float, list]
     return 32 * len(batches) / (time.perf_counter() - t0), out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    keep_freed_memory()  # as the `qkv` command runs
-    torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="qkv-ffn-"))
-    hf_model("small").save_pretrained(tmp / "hf")
-    convert(tmp / "hf", tmp / "qkv")
+def small_batches() -> tuple[list[torch.Tensor], torch.Tensor]:
+    """8 batches of 32 random sources of 20 tokens and eos, the same in every run; lengths."""
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(2, V - 1, (32, 21), generator=g) for _ in range(8)]
     for x in batches:
         x[:, -1] = EOS
-    lengths = torch.full((32,), 21)
+    return batches, torch.full((32,), 21)
+
+
+def compare(run, repeats: int, beam: int, line: str) -> None:
+    """run(True) against run(False) (alternated, timing.alternate), printed as `line` says
+    with {mode}, {on}, {off}, {ratio} and {same} (of 256 outputs)."""
+    best, same = alternate(run, repeats)
+    mode = "greedy" if beam == 1 else f"beam {beam}"
+    ratio = best[True] / best[False]
+    print(line.format(mode=mode, on=best[True], off=best[False], ratio=ratio, same=same))
+
+
+def main() -> None:
+    args = ab_flags(__doc__)
+    tmp = Path(tempfile.mkdtemp(prefix="qkv-ffn-"))
+    hf_model("small").save_pretrained(tmp / "hf")
+    convert(tmp / "hf", tmp / "qkv")
+    batches, lengths = small_batches()
     bf16_packs = Packed([torch.nn.Linear(256, 256)], bf16=True)._packed is not None
     print(f"small model, {args.threads} threads, 8 x 32 sentences, torch {torch.__version__}")
     for precision in ["fp32"] + (["bf16"] if bf16_packs else []):
@@ -66,18 +74,8 @@ def main() -> None:
                     m.post_op = post_op if fused else None
                 return decode_all(model, batches, lengths, cfg)
 
-            best, outs = {}, {}
-            run(True), run(False)  # warm-up
-            for _ in range(args.repeats):
-                for fused in (True, False):
-                    rate, outs[fused] = run(fused)
-                    best[fused] = max(best.get(fused, 0.0), rate)
-            same = sum(a == b for a, b in zip(outs[True], outs[False], strict=True))
-            mode = "greedy" if beam == 1 else f"beam {beam}"
-            print(
-                f"{precision} {mode:7}: fused {best[True]:6.1f} sent/s, apart {best[False]:6.1f}"
-                f" -> {best[True] / best[False]:.2f}x; outputs the same {same}/256"
-            )
+            line = "{mode:7}: fused {on:6.1f} sent/s, apart {off:6.1f} -> {ratio:.2f}x"
+            compare(run, args.repeats, beam, f"{precision} {line}; outputs the same {{same}}/256")
 
 
 if __name__ == "__main__":
