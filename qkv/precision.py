@@ -37,7 +37,8 @@ def bf16_units(device: torch.device) -> bool:
     return False
 
 
-def _best_of(fn, reps: int) -> float:
+def best_of(fn, reps: int) -> float:
+    """Seconds of fn's fastest call of `reps`, after one to warm up (qkv.native's check too)."""
     fn()  # warm-up: first calls allocate and pick kernels
     best = float("inf")
     for _ in range(reps):
@@ -77,7 +78,7 @@ def bf16_speedup(
         f16 = lambda: (F.linear(x16, w16), sync())
     best = 0.0
     for _ in range(3):
-        best = max(best, _best_of(f32, reps) / _best_of(f16, reps))
+        best = max(best, best_of(f32, reps) / best_of(f16, reps))
         if best >= MIN_SPEEDUP:
             break
     return best

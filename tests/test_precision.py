@@ -65,7 +65,7 @@ def test_a_measurement_without_gain_is_repeated_before_saying_no(monkeypatch, ti
     """bf16_speedup's guard against a busy machine: below MIN_SPEEDUP it measures again (three
     times at most) and keeps the largest ratio; a clear gain costs one measurement."""
     seen = iter(timings)
-    monkeypatch.setattr(precision, "_best_of", lambda fn, reps: next(seen))
+    monkeypatch.setattr(precision, "best_of", lambda fn, reps: next(seen))
     precision.bf16_speedup.cache_clear()
     try:
         assert precision.bf16_speedup(8, 16, 16, "cpu", True) == want
