@@ -146,18 +146,23 @@ def kernel() -> ModuleType | None:
     return _state["module"]
 
 
+def _inference_fp32(*tensors: Tensor) -> bool:
+    """What the kernel needs of its inputs: CPU, fp32, no gradients, not inside torch.compile,
+    and not switched off (`off`)."""
+    if _off or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for x in tensors:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or (grad and x.requires_grad):
+            return False
+    return True
+
+
 def reads_tables(x: Tensor) -> bool:
     """Whether attention over keys like x (a KVCache's) runs in the kernel, which reads a beam
     search's reordered cache through its table; PyTorch's kernels would gather it every step,
     so a cache reorders its rows instead where this is False."""
-    return (
-        not _off
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-        and kernel() is not None
-    )
+    return _inference_fp32(x) and kernel() is not None
 
 
 def decode_attention(
@@ -170,15 +175,7 @@ def decode_attention(
 
     q (B, H, T, Dh); k, v (B, H, S, Dh), or a KVCache's stored rows (P, H, S, Dh) read through
     `table` (B, S) (qkv.attention.attention says how). Returns (B, H, T, Dh)."""
-    if (
-        _off
-        or q.device.type != "cpu"
-        or not (q.dtype == k.dtype == v.dtype == torch.float32)
-        or q.dim() != 4
-        or q.shape[-2] > MAX_QUERIES
-        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        or torch.compiler.is_compiling()
-    ):
+    if q.dim() != 4 or q.shape[-2] > MAX_QUERIES or not _inference_fp32(q, k, v):
         return None
     if mask is None:
         mask = _NO_MASK
