@@ -1,19 +1,24 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-One so far: attention while decoding (`decode_attention`), each row's few new queries against
-its cached keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row,
-head) and, with one query over a few dozen keys, spends most of its time in those calls
-(bench/decode_attention.py); the C++ loop does the same arithmetic in one pass per (row, head).
-It also reads a beam search's reordered KV cache through its table of stored rows, so that a
-reorder copies no keys (qkv/cache.py). qkv/attention.py calls it where it applies and falls
-back to PyTorch everywhere else.
+Two so far:
+- Attention while decoding (`decode_attention`), each row's few new queries against its cached
+  keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
+  with one query over a few dozen keys, spends most of its time in those calls
+  (bench/decode_attention.py); the C++ loop does the same arithmetic in one pass per (row,
+  head). It also reads a beam search's reordered KV cache through its table of stored rows, so
+  that a reorder copies no keys (qkv/cache.py). qkv/attention.py calls it where it applies and
+  falls back to PyTorch everywhere else.
+- The packed linear layers' product (`pack_weight`, `packed_linear`): MKL's packed GEMM, the
+  weight laid out once for its kernel instead of at every call, for any number of rows
+  (qkv/packed.py uses it for fp32 inference; bench/linear_speed.py measures it).
 
-The first use compiles the file (torch.utils.cpp_extension: a C++ compiler and ninja; about half
+The first use compiles the files (torch.utils.cpp_extension: a C++ compiler and ninja; about half
 a minute) with -march=native into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native),
-one build per CPU (its model name and flags), compiler flags, source and torch version. Then,
-once per process, a quick measurement at a decoding shape checks that it beats PyTorch's
-kernel on this machine; if it does not, or anything fails (no compiler, no ninja), qkv uses
-PyTorch's kernel and says so once. QKV_NATIVE=0 turns it off.
+one build per CPU (its model name and flags), compiler flags, sources and torch version. Then,
+once per process, a quick measurement at a decoding shape checks that each kernel beats
+PyTorch's (oneDNN's for the product) on this machine; where one does not, or anything fails (no
+compiler, no ninja, no MKL in the PyTorch build), qkv uses PyTorch's and says so once.
+QKV_NATIVE=0 turns both off.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 # Queries per row it takes: one per decoding step, or one per beam where a sentence's beams
 # share its cross-attention keys (qkv/cache.py). More, and PyTorch's kernel does well.
 MAX_QUERIES = 32
@@ -51,6 +56,7 @@ _state: dict[str, ModuleType | None] = {}
 _off = False
 _NO_MASK = torch.empty(0, dtype=torch.bool)
 _NO_TABLE = torch.empty(0, dtype=torch.long)
+_NO_BIAS = torch.empty(0)
 
 
 @contextmanager
@@ -76,7 +82,8 @@ def _cpu_key() -> str:
         lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
     except OSError:
         lines = [os.uname().machine]
-    text = "\n".join([*lines, *CFLAGS, SOURCE.read_text(), torch.__version__])
+    sources = [f.read_text() for f in SOURCES]
+    text = "\n".join([*lines, *CFLAGS, *sources, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -102,10 +109,10 @@ def _compile() -> ModuleType:
     where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
     if not any(where.glob("*.so")):
-        _say("compiling the decoding attention kernel for this CPU (once, about 30 s)")
+        _say("compiling qkv's C++ kernels for this CPU (once, about 30 s)")
     return load(
-        name="qkv_decode_attention",
-        sources=[str(SOURCE)],
+        name="qkv_native",
+        sources=[str(f) for f in SOURCES],
         build_directory=str(where),
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
@@ -126,24 +133,85 @@ def _faster(module: ModuleType) -> bool:
     return ours < theirs
 
 
-def kernel() -> ModuleType | None:
-    """The compiled module, or None where it is off, fails to build, or is not faster here."""
-    if "module" in _state:
-        return _state["module"]
-    with _lock:
-        if "module" not in _state:
-            module = None
-            if enabled():
-                try:
-                    module = _compile()
-                    if not _faster(module):
-                        _say("the decoding attention kernel is slower than PyTorch's here: unused")
+def _gemm_faster(module: ModuleType) -> bool:
+    """Whether MKL's packed product beats oneDNN's packed one (what qkv.packed uses otherwise)
+    here, at a decoding step's shape: 32 rows by a 1024 x 256 weight, the fastest of 50 calls
+    each."""
+    from .precision import best_of
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(32, 256, generator=gen), torch.randn(1024, 256, generator=gen), None
+    ours, theirs = module.pack_weight(w), torch.ops.mkldnn._reorder_linear_weight(w, b)
+    with torch.inference_mode():
+        t_ours = best_of(lambda: module.packed_linear(x, ours, _NO_BIAS, 1024), 50)
+        t_theirs = best_of(
+            lambda: torch.ops.mkldnn._linear_pointwise(x, theirs, b, "none", [], ""), 50
+        )
+    return t_ours < t_theirs
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _built() -> ModuleType | None:
+    """The compiled module (built once per machine, loaded once per process), or None where the
+    kernels are off or fail to build."""
+    if "built" not in _state:
+        with _lock:
+            if "built" not in _state:
+                module = None
+                if enabled():
+                    try:
+                        module = _compile()
+                    except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's
+                        _say(f"C++ kernels unavailable ({_first_line(e)}); using PyTorch's")
+                _state["built"] = module
+    return _state["built"]
+
+
+def _checked(key: str, check) -> ModuleType | None:
+    """_built() if check(module) says it is usable here, else None; decided once per process."""
+    if key not in _state:
+        module = _built()
+        with _lock:
+            if key not in _state:
+                if module is not None:
+                    try:
+                        reason = check(module)
+                    except Exception as e:
+                        reason = f"failed its check ({_first_line(e)})"
+                    if reason:
+                        _say(reason)
                         module = None
-                except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernel
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    _say(f"decoding attention kernel unavailable ({first}); using PyTorch's")
-            _state["module"] = module
-    return _state["module"]
+                _state[key] = module
+    return _state[key]
+
+
+def kernel() -> ModuleType | None:
+    """The module, for its attention kernel; None where it is off, fails to build, or is not
+    faster here."""
+
+    def check(module: ModuleType) -> str | None:
+        if not _faster(module):
+            return "the decoding attention kernel is slower than PyTorch's here: unused"
+        return None
+
+    return _checked("module", check)
+
+
+def gemm() -> ModuleType | None:
+    """The module, for its packed product; None where it is off, fails to build, this PyTorch
+    lacks MKL's packed GEMM, or oneDNN's is faster here."""
+
+    def check(module: ModuleType) -> str | None:
+        if not module.gemm_available():
+            return "no MKL packed GEMM in this PyTorch: packed layers use oneDNN's"
+        if not _gemm_faster(module):
+            return "MKL's packed GEMM is slower than oneDNN's here: packed layers use oneDNN's"
+        return None
+
+    return _checked("gemm", check)
 
 
 def _inference_fp32(*tensors: Tensor) -> bool:
@@ -196,3 +264,20 @@ def decode_attention(
     if module is None:
         return None
     return module.decode_attention(q, k, v, mask, table)
+
+
+def packs() -> bool:
+    """Whether fp32 weights pack for MKL's product here: not where it is off, unbuilt, missing
+    or slower (qkv.packed then packs for oneDNN), nor inside `off()` (so tests can build both
+    kinds of packed layer)."""
+    return not _off and gemm() is not None
+
+
+def pack_weight(w: Tensor) -> Tensor | None:
+    """w (N, K), an fp32 nn.Linear weight, packed for `packed_linear`; None where not `packs()`."""
+    return _state["gemm"].pack_weight(w.detach().float().contiguous()) if packs() else None
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """x (M, K) W^T + bias for W packed by `pack_weight` (n = its rows): (M, n), fp32."""
+    return _state["built"].packed_linear(x, packed, _NO_BIAS if bias is None else bias, n)

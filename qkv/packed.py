@@ -2,29 +2,31 @@
 
 Decoding multiplies a few rows (one per sentence or beam) by every weight matrix at every step,
 so the time goes into reading weights, and a plain matmul re-lays them out on each call. Packing
-reorders each weight once into the blocked layout of oneDNN's GEMM (the fp32 linear that
-`torch.compile`'s CPU backend uses for frozen weights): the same function, with float rounding
-differences around 1e-6. `int8=True` instead quantizes each weight row to 8 bits and each input
-row on the fly (dynamic quantization, fbgemm): about 4x fewer weight bytes and integer
-arithmetic, at a small accuracy cost that bench/README.md measures in BLEU. `bf16=True` keeps a
-bfloat16 copy of each weight (packed for oneDNN's bf16 GEMM where the CPU has bf16 units, else a
-plain bf16 matmul) and casts each input to bf16 and each output back to fp32 (qkv/precision.py
-says when that is faster).
+reorders each fp32 weight once into the blocked layout of MKL's packed GEMM (qkv/native.py;
+`torch.compile`'s CPU backend packs frozen fp32 weights the same way), or, where that is missing
+or slower, of oneDNN's GEMM: the same function, with float rounding differences around 1e-6.
+`int8=True` instead quantizes each weight row to 8 bits and each input row on the fly (dynamic
+quantization, fbgemm): about 4x fewer weight bytes and integer arithmetic, at a small accuracy
+cost that bench/README.md measures in BLEU. `bf16=True` keeps a bfloat16 copy of each weight
+(packed for oneDNN's bf16 GEMM where the CPU has bf16 units, else a plain bf16 matmul) and casts
+each input to bf16 and each output back to fp32 (qkv/precision.py says when that is faster).
 
 `pack(model)` is an explicit inference step, called by the commands that serve inference, never
 on a model that is training. It swaps each large nn.Linear for a PackedLinear, each self-attention
 for a PackedAttention (one stacked q/k/v matrix, packed when large), and each feed-forward for a
-PackedFeedForward (the activation applied inside the first packed product, fp32 or bf16); all
+PackedFeedForward (the activation applied with the first packed product, fp32 or bf16); all
 share the original parameters, so state dicts, checkpoints, weight tying and inspection see the
 same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
-number of decodes at once. Small layers stay as they are: the packed kernels cost about 50 us
-more per call (bench/linear_speed.py), more than they save below ~130k weights. With gradients on
-a packed layer computes with its live weights (F.linear); a packed model refuses to run in
-training mode, since its packed copies would not follow an optimizer's updates.
+number of decodes at once. With oneDNN, int8 or bf16, small layers stay as they are: those
+packed kernels cost about 50 us more per call (bench/linear_speed.py), more than they save below
+~130k weights; MKL's packed product is faster at every size (bench/packed_gemm.py), so with it
+all fp32 layers pack. With gradients on a packed layer computes with its live weights
+(F.linear); a packed model refuses to run in training mode, since its packed copies would not
+follow an optimizer's updates.
 
-`pack` also readies qkv's C++ attention kernel for decoding (qkv/native.py: compiled on first
-use), so that a server's first request does not wait for it.
+`pack` also readies qkv's C++ kernels (qkv/native.py: compiled on first use; the attention
+kernel for decoding and MKL's product), so that a server's first request does not wait for them.
 On other devices, or a PyTorch built without oneDNN, `pack` leaves the model as it is.
 """
 
@@ -50,10 +52,21 @@ MIN_WEIGHTS = 2**17
 # oneDNN applies these to the product's fp32 accumulator before writing it (its "post-op"): a
 # feed-forward's first product and its activation in one pass (PackedFeedForward).
 POST_OPS = {F.relu: ("relu", ""), F.gelu: ("gelu", "none"), F.silu: ("swish", "")}
+# MKL's packed product (qkv/native.py) has no post-op: the activation follows it, in place.
+ACTIVATE_IN_PLACE = {
+    "relu": torch.relu_,
+    "gelu": torch.ops.aten.gelu_,
+    "swish": lambda y: F.silu(y, inplace=True),
+}
 
 
-def min_weights_default() -> int:
-    return int(os.environ.get("QKV_PACK_MIN_WEIGHTS", MIN_WEIGHTS))
+def min_weights_default(fp32: bool = False) -> int:
+    """pack's min_weights unless given: $QKV_PACK_MIN_WEIGHTS, else MIN_WEIGHTS, or 0 for fp32
+    weights where MKL's packed product is in use (qkv/native.py), which beats the plain product
+    at every size (bench/linear_speed.py)."""
+    if "QKV_PACK_MIN_WEIGHTS" in os.environ:
+        return int(os.environ["QKV_PACK_MIN_WEIGHTS"])
+    return 0 if fp32 and native.packs() else MIN_WEIGHTS
 
 
 def available(int8: bool = False) -> bool:
@@ -83,6 +96,7 @@ class Packed:
             raise ValueError("Packed: int8 or bf16, not both")
         self.int8, self.bf16, self.reorder = int8, bf16, reorder or int8
         self._packed = None
+        self.mkl = False  # fp32 packed for MKL's product (qkv/native.py) rather than oneDNN's
         with torch.no_grad():
             w, b = self._weights()
             dtype = torch.bfloat16 if bf16 else torch.float32
@@ -101,6 +115,8 @@ class Packed:
                     self._packed = torch.ops.quantized.linear_prepack(qw, self._bias)
             elif bf16:
                 self._packed = _bf16_packed(w, self._bias)
+            elif (mkl := native.pack_weight(w)) is not None:
+                self._packed, self.mkl = mkl, True
             else:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
@@ -114,7 +130,8 @@ class Packed:
         return w, biases[0] if len(biases) == 1 else torch.cat(biases)
 
     def fuses(self, x: Tensor) -> bool:
-        """Whether a call on x runs oneDNN's packed kernel, which can apply a post-op."""
+        """Whether a call on x runs a packed fp32 or bf16 kernel, which takes a post-op (oneDNN
+        applies it inside its kernel; after MKL's product it is applied in place)."""
         return (
             self._packed is not None
             and not self.int8
@@ -148,7 +165,14 @@ class Packed:
         if not self.reorder:
             return F.linear(x, self._stacked, self._bias)
         x2 = x.reshape(-1, x.shape[-1])  # the kernels' fast path is 2-D
-        if self.int8:
+        if self.mkl:
+            if torch.compiler.is_compiling():  # a C++ call would break the graph
+                y = F.linear(x2, self._stacked, self._bias)
+            else:
+                y = native.packed_linear(x2, self._packed, self._bias, self._stacked.shape[0])
+            if post_op is not None:
+                ACTIVATE_IN_PLACE[attr](y)
+        elif self.int8:
             # reduce_range: 7-bit activations, so int8 products cannot saturate without VNNI
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
         else:
@@ -259,11 +283,12 @@ def pack(
     if int8 and bf16:
         raise ValueError("pack: int8 or bf16, not both")
     model.eval()
-    min_weights = min_weights_default() if min_weights is None else min_weights
     if not available(int8) or any(p.device.type != "cpu" for p in model.parameters()):
         return model
-    native.kernel()  # decoding's attention kernel: built (once per machine) and checked now,
-    # not inside the first decode (a server's first request)
+    native.kernel()  # decoding's attention kernel and MKL's product: built (once per machine)
+    # and checked now, not inside the first decode (a server's first request)
+    fp32 = not (int8 or bf16)
+    min_weights = min_weights_default(fp32) if min_weights is None else min_weights
     # self-attention first (cross-attention never projects q/k/v together), then the linears,
     # including those inside the new PackedAttentions
     # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);

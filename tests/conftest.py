@@ -89,3 +89,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(params=["onednn", "mkl"])
+def gemm_route(request):
+    """Which kernel packed fp32 layers use: oneDNN's, or MKL's packed product (qkv/native.py),
+    the latter in use whatever the quick measurement in `native.gemm` would choose, so tests do
+    not depend on timings. Packs made inside the test take the route."""
+    from qkv import native
+
+    saved = dict(native._state)
+    if request.param == "mkl":
+        module = native._compile()
+        if not module.gemm_available():
+            pytest.skip("no MKL packed GEMM in this PyTorch")
+        native._state["built"] = native._state["gemm"] = module
+        yield request.param
+    else:
+        with native.off():
+            yield request.param
+    native._state.clear()
+    native._state.update(saved)

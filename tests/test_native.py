@@ -155,7 +155,7 @@ def test_decoding_is_the_same_with_and_without_the_kernel(kernel, tiny):
 def test_off_switch_and_a_failed_build(monkeypatch, capsys):
     monkeypatch.setenv("QKV_NATIVE", "0")
     monkeypatch.setattr(native, "_state", {})
-    assert native.kernel() is None
+    assert native.kernel() is None and native.gemm() is None
     assert native.decode_attention(*(torch.randn(1, 1, 1, 8) for _ in range(3)), None) is None
 
     monkeypatch.setenv("QKV_NATIVE", "1")
@@ -166,10 +166,10 @@ def test_off_switch_and_a_failed_build(monkeypatch, capsys):
 
     monkeypatch.setattr(native, "_compile", broken)
     assert native.kernel() is None
+    assert native.gemm() is None and native.pack_weight(torch.randn(4, 4)) is None
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "qkv: decoding attention kernel unavailable (Ninja is required to load C++ "
-        "extensions); using PyTorch's"
+    assert err == [  # one line for both kernels
+        "qkv: C++ kernels unavailable (Ninja is required to load C++ extensions); using PyTorch's"
     ]
     q = torch.randn(2, 2, 1, 8)
     out, _ = attention(q, q, q)  # PyTorch's kernel instead
@@ -229,3 +229,59 @@ def test_a_reorder_moves_the_table_not_the_keys(kernel, tiny):
         model.step(tgt[:, :4], cache)
         cache.select(index)
         assert cache.self_attn[0].table is None
+
+
+@pytest.fixture(scope="module")
+def mkl():
+    """The module, for MKL's packed product, in use whatever `native.gemm`'s timing says."""
+    module = native._compile()
+    if not module.gemm_available():
+        pytest.skip("no MKL packed GEMM in this PyTorch")
+    saved = dict(native._state)
+    native._state["gemm"] = module
+    yield module
+    native._state.clear()
+    native._state.update(saved)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(0, 300),  # decoding's rows change whenever a sentence ends
+    n=st.integers(1, 300),
+    k=st.integers(1, 300),
+    bias=st.booleans(),
+    spare=st.integers(0, 5),  # rows inside a wider buffer
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, threads, seed):
+    """Packed once (for the 160 rows the layout is tuned for), right for any number of rows, in
+    any thread count: x W^T + b as F.linear computes it, in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    packed = native.pack_weight(w)
+    x = torch.randn(m, k + spare, generator=g)[:, :k]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.packed_linear(x, packed, b, n)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (m, n) and got.is_contiguous()
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(got, want.float(), atol=1e-4 * k**0.5, rtol=1e-5)
+    if b is not None:
+        assert torch.equal(b, b.clone())  # the bias, copied into the output, is left alone
+
+
+def test_packed_product_leaves_its_bias_alone_with_one_row(mkl):
+    """One row: the output starts as the bias broadcast, which with one row could be the bias
+    tensor itself, written over by the product (it was, in a first version)."""
+    w, b = torch.randn(8, 4), torch.randn(8)
+    kept = b.clone()
+    packed = native.pack_weight(w)
+    for _ in range(3):
+        x = torch.randn(1, 4)
+        torch.testing.assert_close(native.packed_linear(x, packed, b, 8), x @ w.T + kept)
+    assert torch.equal(b, kept)

@@ -25,9 +25,10 @@ def _linear(d_in=48, d_out=40, bias=True):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_equals_linear(bias):
+def test_packed_linear_equals_linear(bias, gemm_route):
     lin = _linear(bias=bias)
     packed = PackedLinear(lin)
+    assert packed.packed.mkl == (gemm_route == "mkl")
     for x in (torch.randn(7, 48), torch.randn(3, 5, 48), torch.randn(5, 3, 48).transpose(0, 1)):
         with torch.inference_mode():
             torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
@@ -77,9 +78,11 @@ def test_packed_once_refuses_training_and_keeps_gradients():
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_packed_model_is_the_same_model(tiny, int8):
+def test_packed_model_is_the_same_model(tiny, int8, gemm_route):
     if int8 and not available(int8=True):
         pytest.skip("no fbgemm")
+    if int8 and gemm_route == "mkl":
+        pytest.skip("int8 packs for fbgemm only")
     plain, model = tiny(), tiny()
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     pack(model, int8, min_weights=0)
@@ -113,6 +116,20 @@ def test_packed_model_is_the_same_model(tiny, int8):
     torch.testing.assert_close(*grads)
 
 
+def test_with_mkls_product_every_fp32_layer_packs(tiny, gemm_route, monkeypatch):
+    """MKL's packed product beats the plain one at every size, so pack's default packs all fp32
+    layers where it is in use, and only large ones elsewhere (oneDNN, int8, bf16)."""
+    monkeypatch.delenv("QKV_PACK_MIN_WEIGHTS", raising=False)
+    model = pack(tiny(d_model=32, d_ff=64))
+    cross = model.decoder.layers[0].cross_attn.q_proj  # 32 x 32
+    assert isinstance(cross, PackedLinear) == (gemm_route == "mkl")
+    if gemm_route == "mkl":
+        assert cross.packed.mkl
+        assert type(pack(tiny(d_model=32, d_ff=64), int8=True).decoder.layers[0].ff.fc1) is (
+            nn.Linear
+        )
+
+
 def test_small_layers_stay_plain(tiny):
     model = pack(tiny(d_model=32, d_ff=4096), min_weights=2**17)
     ff = model.decoder.layers[0].ff
@@ -143,7 +160,11 @@ def _bf16_packs() -> bool:
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_feed_forward_applies_its_activation_inside_the_first_product(activation, bf16):
+def test_feed_forward_applies_its_activation_with_the_first_product(activation, bf16, gemm_route):
+    """oneDNN applies it inside its kernel; after MKL's product (fp32) it is applied in place,
+    without the FeedForward's own call either way."""
+    if bf16 and gemm_route == "mkl":
+        pytest.skip("bf16 packs for oneDNN only")
     if bf16 and not _bf16_packs():
         pytest.skip("no packed bf16 kernel on this CPU")
     torch.manual_seed(0)

@@ -198,8 +198,3 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention,
-        "softmax(q k^T / sqrt(Dh)) v for a few queries per row (qkv/csrc/decode_attention.cpp)");
-}

@@ -1,0 +1,107 @@
+"""MKL's packed product (qkv/native.py, what qkv.packed uses for fp32 where it is faster) against
+oneDNN's packed product (what it used before, and uses where MKL's is missing or slower) and
+plain F.linear: first every product of one decoding step in sequence (the decoder's q/k/v,
+output, cross-attention query and output, and feed-forward layers, then the output layer over an
+8k vocabulary), so that each finds its weights evicted by the ones before it as in decoding; at
+1 (one sentence), 8, 32 (greedy over 32 sentences), 160 (beam 5) and 672 rows (the encoder's 32
+sentences of 21 tokens); ms per step, the fastest quarter of --repeats x 10 runs. Then the small
+random Marian model of translate_speed.py decoding 8 batches of 32 sentences (25 forced tokens,
+greedy and beam 5), packed with MKL's product and with oneDNN's (each with pack's default
+min_weights, as `qkv translate` runs it), alternated in one process, best of --repeats;
+sentences/s and how many outputs are the same.
+
+    .venv/bin/python bench/packed_gemm.py --threads 1
+    .venv/bin/python bench/packed_gemm.py --threads 2
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fused_ffn import compare, decode_all, small_batches
+from timing import ab_flags
+from translate_speed import SIZES, forced, hf_model
+
+from qkv import checkpoint, native
+from qkv.marian import convert
+from qkv.packed import pack
+
+
+def step_shapes(size: str) -> list[tuple[int, int]]:
+    """(out, in) of every product in a decoding step of the translate_speed model of that size."""
+    d, ffn, layers = SIZES[size]["d_model"], SIZES[size]["ffn"], SIZES[size]["layers"]
+    per_layer = [(3 * d, d), (d, d), (d, d), (d, d), (ffn, d), (d, ffn)]
+    return per_layer * layers + [(8000, d)]
+
+
+def quartile(fn, runs: int) -> float:
+    """ms of fn, the fastest quarter's slowest of `runs` runs, after two warm-ups."""
+    fn(), fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 4] * 1e3
+
+
+def per_step(repeats: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    print("one decoding step's products in sequence, ms: F.linear, oneDNN packed, MKL packed")
+    for size in ("small", "base"):
+        layers = []
+        for n, k in step_shapes(size):
+            w, b = torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen)
+            onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            layers.append((w, b, onednn, native.pack_weight(w)))
+        for rows in (1, 8, 32, 160, 672):
+            xs = {k: torch.randn(rows, k, generator=gen) for k in {w.shape[1] for w, *_ in layers}}
+
+            def plain(layers=layers, xs=xs):
+                for w, b, _, _ in layers:
+                    F.linear(xs[w.shape[1]], w, b)
+
+            def dnn(layers=layers, xs=xs):
+                for w, b, p, _ in layers:
+                    torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, b, "none", [], "")
+
+            def mkl(layers=layers, xs=xs):
+                for w, b, _, p in layers:
+                    native.packed_linear(xs[w.shape[1]], p, b, w.shape[0])
+
+            with torch.inference_mode():
+                t = [quartile(f, repeats * 10) for f in (plain, dnn, mkl)]
+            print(
+                f"  {size:5} {rows:4} rows: {t[0]:7.2f} {t[1]:7.2f} {t[2]:7.2f}"
+                f"   oneDNN / MKL {t[1] / t[2]:.2f}x, F.linear / MKL {t[0] / t[2]:.2f}x"
+            )
+
+
+def main() -> None:
+    args = ab_flags(__doc__)
+    if native.gemm() is None:
+        raise SystemExit("MKL's packed product is not in use here (see the line above)")
+    print(f"{args.threads} threads, torch {torch.__version__}")
+    per_step(args.repeats)
+    tmp = Path(tempfile.mkdtemp(prefix="qkv-gemm-"))
+    hf_model("small").save_pretrained(tmp / "hf")
+    convert(tmp / "hf", tmp / "qkv")
+    mkl = pack(checkpoint.load(tmp / "qkv")[0])
+    with native.off():  # packs for oneDNN (the attention kernel is used by both when decoding)
+        onednn = pack(checkpoint.load(tmp / "qkv")[0])
+    batches, lengths = small_batches()
+    print("small model, 8 x 32 sentences, sentences/s")
+    for beam in (1, 5):
+        cfg = forced(beam)
+
+        def run(ours: bool, cfg=cfg):
+            return decode_all(mkl if ours else onednn, batches, lengths, cfg)
+
+        line = "  {mode:7}: MKL's product {on:6.1f}, oneDNN's {off:6.1f} -> {ratio:.2f}x"
+        compare(run, args.repeats, beam, line + "; outputs the same {same}/256")
+
+
+if __name__ == "__main__":
+    main()

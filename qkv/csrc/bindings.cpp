@@ -1,0 +1,19 @@
+// The Python module of qkv's C++ kernels (qkv/native.py builds and loads it).
+
+#include <torch/extension.h>
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& keep,
+                               const torch::Tensor& table);
+bool gemm_available();
+torch::Tensor pack_weight(const torch::Tensor& w);
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                            const torch::Tensor& bias, int64_t n);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention,
+        "softmax(q k^T / sqrt(Dh)) v for a few queries per row (decode_attention.cpp)");
+  m.def("gemm_available", &gemm_available, "whether MKL's packed GEMM is linked (packed_gemm.cpp)");
+  m.def("pack_weight", &pack_weight, "an (N, K) weight packed for packed_linear");
+  m.def("packed_linear", &packed_linear, "x W^T + b on a packed weight (packed_gemm.cpp)");
+}
