@@ -1,7 +1,9 @@
 """One linear layer on the CPU, as decoding calls it (32 rows = greedy over 32 sentences, 160 =
-beam 5): F.linear (MKL) vs qkv.packed's prepacked fp32 (oneDNN) and int8 (fbgemm) kernels, over
-the layer shapes of the small and base translation models. The packed kernels cost more per call
-and save more per weight; qkv.packed.MIN_WEIGHTS is where they start to win.
+beam 5): F.linear (MKL) vs qkv.packed's prepacked fp32 (MKL's packed product where qkv uses it,
+qkv/native.py, else oneDNN's) and int8 (fbgemm) kernels, over the layer shapes of the small and
+base translation models. oneDNN's and fbgemm's packed kernels cost more per call and save more
+per weight; qkv.packed.MIN_WEIGHTS is where they start to win (MKL's wins at every size;
+bench/packed_gemm.py).
 
     .venv/bin/python bench/linear_speed.py
     .venv/bin/python bench/linear_speed.py --threads 1 --cold

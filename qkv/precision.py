@@ -25,6 +25,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much in the quick measurement to be chosen
 
 
@@ -63,15 +65,19 @@ def bf16_speedup(
     w = torch.randn(d_out, d_in, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cpu" and not training:  # the packed kernels of inference (qkv.packed)
-        pw32 = torch.ops.mkldnn._reorder_linear_weight(w, None)
         try:
             pw16 = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None)
         except RuntimeError:  # no packed bf16 kernel for this CPU: no gain to measure
             return 0.0
         linear = torch.ops.mkldnn._linear_pointwise
         x16 = x.bfloat16()
-        f32 = lambda: linear(x, pw32, None, "none", [], "")
         f16 = lambda: linear(x16, pw16, None, "none", [], "")
+        if native.packs():  # fp32 runs on MKL's packed product here
+            pw32 = native.pack_weight(w)
+            f32 = lambda: native.packed_linear(x, pw32, None, d_out)
+        else:
+            pw32 = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            f32 = lambda: linear(x, pw32, None, "none", [], "")
     else:
         w16, x16 = w.bfloat16(), x.bfloat16()
         f32 = lambda: (F.linear(x, w), sync())

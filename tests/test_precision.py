@@ -53,6 +53,24 @@ def test_the_measurement_runs_here_and_is_a_ratio():
         assert precision.bf16_speedup(16, 64, 512, "cpu", False, reps=2) < precision.MIN_SPEEDUP
 
 
+def test_inference_measures_fp32_on_the_kernel_it_would_run(gemm_route, monkeypatch):
+    """bf16 is weighed against the fp32 product qkv.packed would use: MKL's packed one where in
+    use (qkv/native.py), oneDNN's elsewhere."""
+    if not precision.bf16_units(CPU):
+        pytest.skip("no packed bf16 kernel on this CPU: nothing is measured")
+    from qkv import native
+
+    calls = []
+    real = native.packed_linear
+    monkeypatch.setattr(native, "packed_linear", lambda *a: calls.append(1) or real(*a))
+    precision.bf16_speedup.cache_clear()
+    try:
+        precision.bf16_speedup(16, 64, 512 + len(gemm_route), "cpu", False, reps=2)
+    finally:
+        precision.bf16_speedup.cache_clear()
+    assert bool(calls) == (gemm_route == "mkl")
+
+
 @pytest.mark.parametrize(
     ("timings", "want", "calls"),
     [
