@@ -4,8 +4,10 @@ sentences, 20-token sources, 25 forced steps, packed as `qkv translate` runs it)
 (d256, vocabulary 8k). The tiny model's time is Python and per-operation overhead.
 
     .venv/bin/python bench/decode_overhead.py
+    .venv/bin/python bench/decode_overhead.py --threads 1
 """
 
+import argparse
 import time
 
 import torch
@@ -37,7 +39,9 @@ def ms_per_step(model, beam: int, steps: int = 25, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    torch.set_num_threads(ap.parse_args().threads)
     torch.manual_seed(0)
     for name, d, heads, vocab in (("tiny", 16, 2, 64), ("small", 256, 8, 8000)):
         cfg = ModelConfig(

@@ -8,7 +8,10 @@ sentences of 21 tokens); ms per step, the fastest quarter of --repeats x 10 runs
 random Marian model of translate_speed.py decoding 8 batches of 32 sentences (25 forced tokens,
 greedy and beam 5), packed with MKL's product and with oneDNN's (each with pack's default
 min_weights, as `qkv translate` runs it), alternated in one process, best of --repeats;
-sentences/s and how many outputs are the same.
+sentences/s and how many outputs are the same. Last, where the products' time goes inside a
+real greedy step: each product of the small model's step timed in place (32 sentences, 1
+thread or more), against the same products in sequence alone, and in sequence with 1 or 2 MB
+of other memory touched between them, as a step's attention and cache writes do.
 
     .venv/bin/python bench/packed_gemm.py --threads 1
     .venv/bin/python bench/packed_gemm.py --threads 2
@@ -79,6 +82,61 @@ def per_step(repeats: int) -> None:
             )
 
 
+def in_place(model, repeats: int) -> None:
+    """ms per greedy step of model (32 sentences) and of the products inside it (each timed
+    where it runs), the fastest of `repeats` runs of 20 steps."""
+    real, spent = native.packed_linear, [0.0]
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        y = real(*args)
+        spent[0] += time.perf_counter() - t0
+        return y
+
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randint(2, 7999, (32, 21), generator=gen)
+    tokens = torch.randint(3, 7999, (32, 1), generator=gen)
+    best = (float("inf"), 0.0)
+    native.packed_linear = timed
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                cache = model.start(src)
+                for _ in range(3):
+                    model.step(tokens, cache, last=True)
+                spent[0], t0 = 0.0, time.perf_counter()
+                for _ in range(20):
+                    model.step(tokens, cache, last=True)
+                best = min(best, ((time.perf_counter() - t0) / 20, spent[0] / 20))
+    finally:
+        native.packed_linear = real
+    print(f"  in a greedy step: {best[0] * 1e3:.2f} ms, of which the products {best[1] * 1e3:.2f}")
+
+
+def evicted(repeats: int) -> None:
+    """The small model's step products in sequence (32 rows), with `mb` MB copied between
+    them."""
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for n, k in step_shapes("small"):
+        w, b = torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen)
+        layers.append((w, b, native.pack_weight(w)))
+    xs = {k: torch.randn(32, k, generator=gen) for k in (256, 1024)}
+    for mb in (0, 1, 2):
+        src, dst = torch.randn(mb * 2**18 + 1), torch.empty(mb * 2**18 + 1)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats * 10):
+                total = 0.0
+                for w, b, p in layers:
+                    dst.copy_(src)
+                    t0 = time.perf_counter()
+                    native.packed_linear(xs[w.shape[1]], p, b, w.shape[0])
+                    total += time.perf_counter() - t0
+                times.append(total)
+        print(f"  in sequence, {mb} MB touched between products: {min(times) * 1e3:.2f} ms")
+
+
 def main() -> None:
     args = ab_flags(__doc__)
     if native.gemm() is None:
@@ -101,6 +159,9 @@ def main() -> None:
 
         line = "  {mode:7}: MKL's product {on:6.1f}, oneDNN's {off:6.1f} -> {ratio:.2f}x"
         compare(run, args.repeats, beam, line + "; outputs the same {same}/256")
+    print("the small model's 19 products per step, MKL's packed, 32 rows")
+    in_place(mkl, args.repeats)
+    evicted(args.repeats)
 
 
 if __name__ == "__main__":
