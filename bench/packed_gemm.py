@@ -8,15 +8,18 @@ sentences of 21 tokens); ms per step, the fastest quarter of --repeats x 10 runs
 random Marian model of translate_speed.py decoding 8 batches of 32 sentences (25 forced tokens,
 greedy and beam 5), packed with MKL's product and with oneDNN's (each with pack's default
 min_weights, as `qkv translate` runs it), alternated in one process, best of --repeats;
-sentences/s and how many outputs are the same. Last, where the products' time goes inside a
-real greedy step: each product of the small model's step timed in place (32 sentences, 1
-thread or more), against the same products in sequence alone, and in sequence with 1 or 2 MB
-of other memory touched between them, as a step's attention and cache writes do.
+sentences/s and how many outputs are the same, and the memory each packed model takes. Last,
+where the products' time goes inside a real greedy step: each product of the small model's
+step timed in place (32 sentences, 1 thread or more), against the same products in sequence
+alone, and in sequence with 1 or 2 MB of other memory touched between them, as a step's
+attention and cache writes do.
 
     .venv/bin/python bench/packed_gemm.py --threads 1
     .venv/bin/python bench/packed_gemm.py --threads 2
 """
 
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +33,39 @@ from translate_speed import SIZES, forced, hf_model
 from qkv import checkpoint, native
 from qkv.marian import convert
 from qkv.packed import pack
+
+MEMORY = """
+import sys, torch
+from pathlib import Path
+from qkv import checkpoint, native
+from qkv.packed import pack
+
+def memory():
+    status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())
+    return [int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmSize")]
+
+native.kernel(), native.gemm()
+model = checkpoint.load(sys.argv[1])[0]
+before = memory()
+if sys.argv[2] == "mkl":
+    pack(model)
+else:
+    with native.off():
+        pack(model)
+print(*(a - b for a, b in zip(memory(), before)))
+"""
+
+
+def packing_memory(model_dir: Path, route: str) -> tuple[float, float]:
+    """MB of resident memory and of address space that pack() adds to a fresh process (Linux),
+    packing for MKL's product or oneDNN's."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY, str(model_dir), route],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return float(out[-2]), float(out[-1])
 
 
 def step_shapes(size: str) -> list[tuple[int, int]]:
@@ -149,6 +185,10 @@ def main() -> None:
     mkl = pack(checkpoint.load(tmp / "qkv")[0])
     with native.off():  # packs for oneDNN (the attention kernel is used by both when decoding)
         onednn = pack(checkpoint.load(tmp / "qkv")[0])
+    print("memory that packing the small model adds, MB resident / address space (fresh process):")
+    for route in ("mkl", "onednn"):
+        rss, size = packing_memory(tmp / "qkv", route)
+        print(f"  {route:6}: {rss:5.0f} / {size:5.0f}")
     batches, lengths = small_batches()
     print("small model, 8 x 32 sentences, sentences/s")
     for beam in (1, 5):
