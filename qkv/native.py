@@ -10,7 +10,7 @@ Two so far:
   falls back to PyTorch everywhere else.
 - The packed linear layers' product (`pack_weight`, `packed_linear`): MKL's packed GEMM, the
   weight laid out once for its kernel instead of at every call, for any number of rows
-  (qkv/packed.py uses it for fp32 inference; bench/linear_speed.py measures it).
+  (qkv/packed.py uses it for fp32 inference; bench/packed_gemm.py measures it).
 
 The first use compiles the files (torch.utils.cpp_extension: a C++ compiler and ninja; about half
 a minute) with -march=native into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native),
@@ -140,12 +140,12 @@ def _gemm_faster(module: ModuleType) -> bool:
     from .precision import best_of
 
     gen = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(32, 256, generator=gen), torch.randn(1024, 256, generator=gen), None
-    ours, theirs = module.pack_weight(w), torch.ops.mkldnn._reorder_linear_weight(w, b)
-    with torch.inference_mode():
+    x, w = torch.randn(32, 256, generator=gen), torch.randn(1024, 256, generator=gen)
+    ours, theirs = module.pack_weight(w), torch.ops.mkldnn._reorder_linear_weight(w, None)
+    with torch.inference_mode():  # no bias in either
         t_ours = best_of(lambda: module.packed_linear(x, ours, _NO_BIAS, 1024), 50)
         t_theirs = best_of(
-            lambda: torch.ops.mkldnn._linear_pointwise(x, theirs, b, "none", [], ""), 50
+            lambda: torch.ops.mkldnn._linear_pointwise(x, theirs, None, "none", [], ""), 50
         )
     return t_ours < t_theirs
 
@@ -280,4 +280,4 @@ def pack_weight(w: Tensor) -> Tensor | None:
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
     """x (M, K) W^T + bias for W packed by `pack_weight` (n = its rows): (M, n), fp32."""
-    return _state["built"].packed_linear(x, packed, _NO_BIAS if bias is None else bias, n)
+    return _built().packed_linear(x, packed, _NO_BIAS if bias is None else bias, n)

@@ -63,7 +63,7 @@ ACTIVATE_IN_PLACE = {
 def min_weights_default(fp32: bool = False) -> int:
     """pack's min_weights unless given: $QKV_PACK_MIN_WEIGHTS, else MIN_WEIGHTS, or 0 for fp32
     weights where MKL's packed product is in use (qkv/native.py), which beats the plain product
-    at every size (bench/linear_speed.py)."""
+    at every size (bench/packed_gemm.py)."""
     if "QKV_PACK_MIN_WEIGHTS" in os.environ:
         return int(os.environ["QKV_PACK_MIN_WEIGHTS"])
     return 0 if fp32 and native.packs() else MIN_WEIGHTS
@@ -169,6 +169,8 @@ class Packed:
             if torch.compiler.is_compiling():  # a C++ call would break the graph
                 y = F.linear(x2, self._stacked, self._bias)
             else:
+                if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+                    x2 = x2.contiguous()  # MKL reads rows of contiguous values, not overlapping
                 y = native.packed_linear(x2, self._packed, self._bias, self._stacked.shape[0])
             if post_op is not None:
                 ACTIVATE_IN_PLACE[attr](y)

@@ -238,7 +238,7 @@ def mkl():
     if not module.gemm_available():
         pytest.skip("no MKL packed GEMM in this PyTorch")
     saved = dict(native._state)
-    native._state["gemm"] = module
+    native._state["built"] = native._state["gemm"] = module
     yield module
     native._state.clear()
     native._state.update(saved)

@@ -29,7 +29,10 @@ def test_packed_linear_equals_linear(bias, gemm_route):
     lin = _linear(bias=bias)
     packed = PackedLinear(lin)
     assert packed.packed.mkl == (gemm_route == "mkl")
-    for x in (torch.randn(7, 48), torch.randn(3, 5, 48), torch.randn(5, 3, 48).transpose(0, 1)):
+    xs = (torch.randn(7, 48), torch.randn(3, 5, 48), torch.randn(5, 3, 48).transpose(0, 1))
+    # rows whose values are not contiguous, rows that overlap (an expanded input)
+    xs += (torch.randn(48, 7).t(), torch.randn(1, 48).expand(4, 48))
+    for x in xs:
         with torch.inference_mode():
             torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
 
