@@ -10,17 +10,13 @@ one process, best of --repeats; sentences/s and how many outputs are the same.
     .venv/bin/python bench/decode_attention.py --threads 2
 """
 
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from fused_ffn import compare, decode_all, small_batches
+from fused_ffn import compare, decode_all, small_batches, small_model
 from timing import ab_flags, best_of
-from translate_speed import forced, hf_model
+from translate_speed import forced
 
 from qkv import checkpoint, native
-from qkv.marian import convert
 from qkv.packed import pack
 
 # (rows, heads, queries per row, keys, head dimension, what)
@@ -58,9 +54,7 @@ def main() -> None:
         raise SystemExit("the kernel is not in use here (see the line above)")
     print(f"{args.threads} threads, torch {torch.__version__}")
     per_call(args.repeats)
-    tmp = Path(tempfile.mkdtemp(prefix="qkv-attn-"))
-    hf_model("small").save_pretrained(tmp / "hf")
-    model = pack(checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0])
+    model = pack(checkpoint.load(small_model("qkv-attn-"))[0])
     batches, lengths = small_batches()
     print("small model, 8 x 32 sentences, sentences/s")
     for beam in (1, 5):

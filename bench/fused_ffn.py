@@ -36,6 +36,14 @@ def decode_all(model, batches, lengths, cfg: DecodeConfig) -> tuple[float, list]
     return 32 * len(batches) / (time.perf_counter() - t0), out
 
 
+def small_model(prefix: str) -> Path:
+    """translate_speed.py's small random Marian model, saved and converted to qkv in a new
+    temporary directory: the qkv model's directory."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    hf_model("small").save_pretrained(tmp / "hf")
+    return convert(tmp / "hf", tmp / "qkv")
+
+
 def small_batches() -> tuple[list[torch.Tensor], torch.Tensor]:
     """8 batches of 32 random sources of 20 tokens and eos, the same in every run; lengths."""
     g = torch.Generator().manual_seed(1)
@@ -56,14 +64,12 @@ def compare(run, repeats: int, beam: int, line: str) -> None:
 
 def main() -> None:
     args = ab_flags(__doc__)
-    tmp = Path(tempfile.mkdtemp(prefix="qkv-ffn-"))
-    hf_model("small").save_pretrained(tmp / "hf")
-    convert(tmp / "hf", tmp / "qkv")
+    model_dir = small_model("qkv-ffn-")
     batches, lengths = small_batches()
     bf16_packs = Packed([torch.nn.Linear(256, 256)], bf16=True)._packed is not None
     print(f"small model, {args.threads} threads, 8 x 32 sentences, torch {torch.__version__}")
     for precision in ["fp32"] + (["bf16"] if bf16_packs else []):
-        model = pack(checkpoint.load(tmp / "qkv")[0], bf16=precision == "bf16")
+        model = pack(checkpoint.load(model_dir)[0], bf16=precision == "bf16")
         ffns = [m for m in model.modules() if isinstance(m, PackedFeedForward)]
         post_op = ffns[0].post_op
         for beam in (1, 5):

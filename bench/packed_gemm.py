@@ -20,18 +20,16 @@ attention and cache writes do.
 
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fused_ffn import compare, decode_all, small_batches
+from fused_ffn import compare, decode_all, small_batches, small_model
 from timing import ab_flags
-from translate_speed import SIZES, forced, hf_model
+from translate_speed import SIZES, forced
 
 from qkv import checkpoint, native
-from qkv.marian import convert
 from qkv.packed import pack
 
 MEMORY = """
@@ -179,15 +177,13 @@ def main() -> None:
         raise SystemExit("MKL's packed product is not in use here (see the line above)")
     print(f"{args.threads} threads, torch {torch.__version__}")
     per_step(args.repeats)
-    tmp = Path(tempfile.mkdtemp(prefix="qkv-gemm-"))
-    hf_model("small").save_pretrained(tmp / "hf")
-    convert(tmp / "hf", tmp / "qkv")
-    mkl = pack(checkpoint.load(tmp / "qkv")[0])
+    model_dir = small_model("qkv-gemm-")
+    mkl = pack(checkpoint.load(model_dir)[0])
     with native.off():  # packs for oneDNN (the attention kernel is used by both when decoding)
-        onednn = pack(checkpoint.load(tmp / "qkv")[0])
+        onednn = pack(checkpoint.load(model_dir)[0])
     print("memory that packing the small model adds, MB resident / address space (fresh process):")
     for route in ("mkl", "onednn"):
-        rss, size = packing_memory(tmp / "qkv", route)
+        rss, size = packing_memory(model_dir, route)
         print(f"  {route:6}: {rss:5.0f} / {size:5.0f}")
     batches, lengths = small_batches()
     print("small model, 8 x 32 sentences, sentences/s")
