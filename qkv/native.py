@@ -24,10 +24,12 @@ QKV_NATIVE=0 turns both off.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+NAME = "qkv_native"  # the module's name, TORCH_EXTENSION_NAME in csrc/bindings.cpp
+# A build takes about half a minute; a lock file this old was left by a killed one.
+STALE_LOCK_S = 600
 # Queries per row it takes: one per decoding step, or one per beam where a sentence's beams
 # share its cross-attention keys (qkv/cache.py). More, and PyTorch's kernel does well.
 MAX_QUERIES = 32
@@ -97,6 +102,24 @@ def _say(message: str) -> None:
 
 
 def _compile() -> ModuleType:
+    """The module: built here once (torch's builder), then imported directly by every process.
+
+    torch's builder takes a lock file in the build directory on every load, even when nothing
+    needs building, and waits for it without end: a process killed inside that window (a
+    SIGTERM'd server or training, a killed test) left every later qkv process hanging. So once
+    a build has loaded, a marker file says so and later loads skip the builder; a lock older
+    than STALE_LOCK_S is taken to be a killed build's and removed."""
+    where = build_dir()
+    library, marker = where / f"{NAME}.so", where / "built"
+    if marker.exists() and library.exists():
+        loaded = sys.modules.get(NAME)
+        if loaded is not None and Path(loaded.__file__) == library:
+            return loaded
+        spec = importlib.util.spec_from_file_location(NAME, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[NAME] = module
+        return module
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # pip's ninja, in a virtual environment not activated
@@ -106,18 +129,24 @@ def _compile() -> ModuleType:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass  # torch says that ninja is missing
-    where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
-    if not any(where.glob("*.so")):
+    lock = where / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    if not library.exists():
         _say("compiling qkv's C++ kernels for this CPU (once, about 30 s)")
-    return load(
-        name="qkv_native",
+    module = load(
+        name=NAME,
         sources=[str(f) for f in SOURCES],
         build_directory=str(where),
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+    tmp = where / f"built.{os.getpid()}"
+    tmp.write_text(torch.__version__)
+    tmp.replace(marker)  # atomic: a reader sees the marker whole or not at all
+    return module
 
 
 def _faster(module: ModuleType) -> bool:

@@ -18,12 +18,12 @@ PackedFeedForward (the activation applied with the first packed product, fp32 or
 share the original parameters, so state dicts, checkpoints, weight tying and inspection see the
 same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
-number of decodes at once. With oneDNN, int8 or bf16, small layers stay as they are: those
-packed kernels cost about 50 us more per call (bench/linear_speed.py), more than they save below
-~130k weights; MKL's packed product is faster at every size (bench/packed_gemm.py), so with it
-all fp32 layers pack. With gradients on a packed layer computes with its live weights
-(F.linear); a packed model refuses to run in training mode, since its packed copies would not
-follow an optimizer's updates.
+number of decodes at once. oneDNN's, fbgemm's and the bf16 packed kernels cost about 50 us more
+per call (bench/linear_speed.py), more than they save below ~130k weights, so they take only
+the large layers; MKL's packed product is faster at every size (bench/packed_gemm.py), so where
+it is in use every fp32 layer packs for it, and with int8 or bf16 the small layers do. With
+gradients on a packed layer computes with its live weights (F.linear); a packed model refuses
+to run in training mode, since its packed copies would not follow an optimizer's updates.
 
 `pack` also readies qkv's C++ kernels (qkv/native.py: compiled on first use; the attention
 kernel for decoding and MKL's product), so that a server's first request does not wait for them.
@@ -295,11 +295,16 @@ def pack(
     # including those inside the new PackedAttentions
     # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);
     # only large ones are reordered for the packed kernels
+    # int8 and bf16 gain only on large layers; the small ones stay fp32, packed for MKL's
+    # product where it is in use (faster than plain at every size), else plain
+    small_fp32 = (int8 or bf16) and native.packs()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is MultiHeadAttention and name == "self_attn":
-                big = 3 * child.q_proj.weight.numel() >= min_weights
-                setattr(parent, name, PackedAttention(child, int8 and big, big, bf16 and big))
+                if 3 * child.q_proj.weight.numel() >= min_weights:
+                    setattr(parent, name, PackedAttention(child, int8, True, bf16))
+                else:
+                    setattr(parent, name, PackedAttention(child, reorder=small_fp32))
     for parent in list(model.modules()):  # their linears are packed by the loop below
         for name, child in list(parent.named_children()):
             if type(child) is FeedForward:
@@ -308,4 +313,6 @@ def pack(
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:
                 setattr(parent, name, PackedLinear(child, int8, bf16))
+            elif type(child) is nn.Linear and small_fp32:
+                setattr(parent, name, PackedLinear(child))
     return model

@@ -193,6 +193,50 @@ def test_pips_ninja_is_found_outside_an_activated_environment(monkeypatch, tmp_p
     assert "-march=native" in seen["extra_cflags"]
 
 
+def test_a_built_library_is_imported_without_torchs_builder(kernel, monkeypatch):
+    """Once built, a process imports the library itself: torch's builder takes a lock on every
+    load and waits for it without end, so a process killed in that window hung every later
+    one (a SIGTERM'd server's test did, on a fresh clone)."""
+    import torch.utils.cpp_extension as ext
+
+    def builder(**kw):
+        raise AssertionError("torch's builder ran")
+
+    monkeypatch.setattr(ext, "load", builder)
+    (native.build_dir() / "lock").touch()  # as a killed process leaves it
+    try:
+        module = native._compile()
+    finally:
+        (native.build_dir() / "lock").unlink()
+    q = torch.randn(2, 2, 1, 32)
+    torch.testing.assert_close(
+        module.decode_attention(q, q, q, native._NO_MASK, native._NO_TABLE), q
+    )
+
+
+def test_a_stale_lock_is_removed_before_building(monkeypatch, tmp_path):
+    import os
+
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("QKV_CACHE", str(tmp_path))
+    where = native.build_dir()
+    where.mkdir(parents=True)
+    lock = where / "lock"
+    lock.touch()
+    old = native.time.time() - native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    seen = []
+    monkeypatch.setattr(ext, "load", lambda **kw: seen.append(lock.exists()))
+    native._compile()
+    assert seen == [False]  # removed before torch's builder would wait for it
+    assert (where / "built").exists()  # the next process imports the library directly
+    lock.touch()  # a fresh lock (a build running elsewhere) is left to torch's builder
+    (where / "built").unlink()
+    native._compile()
+    assert seen == [False, True]
+
+
 def test_a_reorder_moves_the_table_not_the_keys(kernel, tiny):
     """Where the kernel reads the cache, beam search's reorder (rows reordered, duplicated,
     dropped) changes only the table; steps after it equal the full forward over the reordered
