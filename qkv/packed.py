@@ -20,10 +20,12 @@ same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
 number of decodes at once. oneDNN's, fbgemm's and the bf16 packed kernels cost about 50 us more
 per call (bench/linear_speed.py), more than they save below ~130k weights, so they take only
-the large layers; MKL's packed product is faster at every size (bench/packed_gemm.py), so where
-it is in use every fp32 layer packs for it, and with int8 or bf16 the small layers do. With
-gradients on a packed layer computes with its live weights (F.linear); a packed model refuses
-to run in training mode, since its packed copies would not follow an optimizer's updates.
+the large layers, the small ones staying plain fp32; MKL's packed product is faster at every
+size (bench/packed_gemm.py), so where it is in use every fp32 layer packs for it (with int8 or
+bf16 the small layers stay plain: packing them for MKL measured no faster end to end, bench/
+README.md). With gradients on a packed layer computes with its live weights (F.linear); a
+packed model refuses to run in training mode, since its packed copies would not follow an
+optimizer's updates.
 
 `pack` also readies qkv's C++ kernels (qkv/native.py: compiled on first use; the attention
 kernel for decoding and MKL's product), so that a server's first request does not wait for them.
@@ -295,16 +297,11 @@ def pack(
     # including those inside the new PackedAttentions
     # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);
     # only large ones are reordered for the packed kernels
-    # int8 and bf16 gain only on large layers; the small ones stay fp32, packed for MKL's
-    # product where it is in use (faster than plain at every size), else plain
-    small_fp32 = (int8 or bf16) and native.packs()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is MultiHeadAttention and name == "self_attn":
-                if 3 * child.q_proj.weight.numel() >= min_weights:
-                    setattr(parent, name, PackedAttention(child, int8, True, bf16))
-                else:
-                    setattr(parent, name, PackedAttention(child, reorder=small_fp32))
+                big = 3 * child.q_proj.weight.numel() >= min_weights
+                setattr(parent, name, PackedAttention(child, int8 and big, big, bf16 and big))
     for parent in list(model.modules()):  # their linears are packed by the loop below
         for name, child in list(parent.named_children()):
             if type(child) is FeedForward:
@@ -313,6 +310,4 @@ def pack(
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:
                 setattr(parent, name, PackedLinear(child, int8, bf16))
-            elif type(child) is nn.Linear and small_fp32:
-                setattr(parent, name, PackedLinear(child))
     return model

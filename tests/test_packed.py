@@ -121,23 +121,16 @@ def test_packed_model_is_the_same_model(tiny, int8, gemm_route):
 
 def test_with_mkls_product_every_fp32_layer_packs(tiny, gemm_route, monkeypatch):
     """MKL's packed product beats the plain one at every size, so pack's default packs all fp32
-    layers where it is in use, and only large ones elsewhere (oneDNN); int8 and bf16 take the
-    large layers, and the small ones stay fp32, on MKL's product where it is in use."""
+    layers where it is in use, and only large ones elsewhere (oneDNN, int8, bf16)."""
     monkeypatch.delenv("QKV_PACK_MIN_WEIGHTS", raising=False)
     model = pack(tiny(d_model=32, d_ff=64))
     cross = model.decoder.layers[0].cross_attn.q_proj  # 32 x 32
     assert isinstance(cross, PackedLinear) == (gemm_route == "mkl")
-    # int8 and bf16 only for large layers; the small ones fp32, on MKL's product where in use
-    for kind in ("int8", "bf16"):
+    for kind in ("int8", "bf16"):  # large layers only, either way; the small ones plain
         if kind == "int8" and not available(int8=True):
             continue
         small = pack(tiny(d_model=32, d_ff=64), **{kind: True}).decoder.layers[0]
-        fc1, attn = small.ff.fc1, small.self_attn
-        if gemm_route == "mkl":
-            assert isinstance(fc1, PackedLinear) and fc1.packed.mkl and not fc1.packed.int8
-            assert not fc1.packed.bf16 and attn.packed_qkv.mkl
-        else:
-            assert type(fc1) is nn.Linear and not attn.packed_qkv.reorder
+        assert type(small.ff.fc1) is nn.Linear and not small.self_attn.packed_qkv.reorder
 
 
 def test_small_layers_stay_plain(tiny):
