@@ -171,8 +171,6 @@ class Packed:
             if torch.compiler.is_compiling():  # a C++ call would break the graph
                 y = F.linear(x2, self._stacked, self._bias)
             else:
-                if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
-                    x2 = x2.contiguous()  # MKL reads rows of contiguous values, not overlapping
                 y = native.packed_linear(x2, self._packed, self._bias, self._stacked.shape[0])
             if post_op is not None:
                 ACTIVATE_IN_PLACE[attr](y)
