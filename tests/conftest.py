@@ -1,5 +1,6 @@
 import random
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -91,22 +92,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def native_kernels(*names: str):
+    """qkv's C++ kernels, built (the test machine must build them) and in use inside, whatever
+    the quick measurements in qkv/native.py would choose, so tests do not depend on timings:
+    "attention" (`native.kernel`), "gemm" (MKL's packed product, `native.gemm`; skipped where
+    this PyTorch lacks it). Yields the module."""
+    from qkv import native
+
+    module = native._compile()
+    if "gemm" in names and not module.gemm_available():
+        pytest.skip("no MKL packed GEMM in this PyTorch")
+    saved = dict(native._state)
+    native._state["built"] = module
+    native._state.update({{"attention": "module", "gemm": "gemm"}[n]: module for n in names})
+    try:
+        yield module
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
 @pytest.fixture(params=["onednn", "mkl"])
 def gemm_route(request):
     """Which kernel packed fp32 layers use: oneDNN's, or MKL's packed product (qkv/native.py),
-    the latter in use whatever the quick measurement in `native.gemm` would choose, so tests do
-    not depend on timings. Packs made inside the test take the route."""
+    whatever the quick measurement in `native.gemm` would choose. Packs made inside the test
+    take the route."""
     from qkv import native
 
-    saved = dict(native._state)
     if request.param == "mkl":
-        module = native._compile()
-        if not module.gemm_available():
-            pytest.skip("no MKL packed GEMM in this PyTorch")
-        native._state["built"] = native._state["gemm"] = module
-        yield request.param
+        with native_kernels("gemm"):
+            yield request.param
     else:
         with native.off():
             yield request.param
-    native._state.clear()
-    native._state.update(saved)

@@ -10,17 +10,14 @@ from hypothesis import strategies as st
 from qkv import native
 from qkv.attention import attention
 
+from .conftest import native_kernels
+
 
 @pytest.fixture(scope="module")
 def kernel():
-    """The kernel, built (the test machine must build it) and in use whatever the quick
-    measurement in `native.kernel` would choose, so these tests do not hang on timings."""
-    module = native._compile()
-    saved = dict(native._state)
-    native._state["module"] = module
-    yield module
-    native._state.clear()
-    native._state.update(saved)
+    """The attention kernel, in use whatever its timing says (conftest.native_kernels)."""
+    with native_kernels("attention") as module:
+        yield module
 
 
 def explicit(q, k, v, mask):
@@ -277,15 +274,9 @@ def test_a_reorder_moves_the_table_not_the_keys(kernel, tiny):
 
 @pytest.fixture(scope="module")
 def mkl():
-    """The module, for MKL's packed product, in use whatever `native.gemm`'s timing says."""
-    module = native._compile()
-    if not module.gemm_available():
-        pytest.skip("no MKL packed GEMM in this PyTorch")
-    saved = dict(native._state)
-    native._state["built"] = native._state["gemm"] = module
-    yield module
-    native._state.clear()
-    native._state.update(saved)
+    """MKL's packed product, in use whatever its timing says (conftest.native_kernels)."""
+    with native_kernels("gemm") as module:
+        yield module
 
 
 @settings(max_examples=60, deadline=None)
