@@ -84,15 +84,22 @@ def quartile(fn, runs: int) -> float:
     return sorted(times)[len(times) // 4] * 1e3
 
 
+def step_layers(size: str, gen: torch.Generator) -> list[tuple]:
+    """Random weights and biases of a decoding step's products (step_shapes), each with its
+    copies packed for oneDNN's product and for MKL's: (w, b, oneDNN's, MKL's)."""
+    layers = []
+    for n, k in step_shapes(size):
+        w, b = torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen)
+        onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        layers.append((w, b, onednn, native.pack_weight(w)))
+    return layers
+
+
 def per_step(repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     print("one decoding step's products in sequence, ms: F.linear, oneDNN packed, MKL packed")
     for size in ("small", "base"):
-        layers = []
-        for n, k in step_shapes(size):
-            w, b = torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen)
-            onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            layers.append((w, b, onednn, native.pack_weight(w)))
+        layers = step_layers(size, gen)
         for rows in (1, 8, 32, 160, 672):
             xs = {k: torch.randn(rows, k, generator=gen) for k in {w.shape[1] for w, *_ in layers}}
 
@@ -148,13 +155,10 @@ def in_place(model, repeats: int) -> None:
 
 
 def evicted(repeats: int) -> None:
-    """The small model's step products in sequence (32 rows), with `mb` MB copied between
-    them."""
+    """The small model's step products on MKL's packed product in sequence (32 rows), with 0,
+    1 or 2 MB copied between them; ms per step, the fastest of repeats x 10."""
     gen = torch.Generator().manual_seed(0)
-    layers = []
-    for n, k in step_shapes("small"):
-        w, b = torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen)
-        layers.append((w, b, native.pack_weight(w)))
+    layers = step_layers("small", gen)
     xs = {k: torch.randn(32, k, generator=gen) for k in (256, 1024)}
     for mb in (0, 1, 2):
         src, dst = torch.randn(mb * 2**18 + 1), torch.empty(mb * 2**18 + 1)
@@ -162,7 +166,7 @@ def evicted(repeats: int) -> None:
         with torch.inference_mode():
             for _ in range(repeats * 10):
                 total = 0.0
-                for w, b, p in layers:
+                for w, b, _, p in layers:
                     dst.copy_(src)
                     t0 = time.perf_counter()
                     native.packed_linear(xs[w.shape[1]], p, b, w.shape[0])
