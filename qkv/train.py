@@ -135,6 +135,10 @@ class Task(Protocol):
         """What the model directory records about the task (languages, labels, ...)."""
         ...
 
+    # Optional: `before_training(device, log)`, run by every process before the clock of
+    # --max-minutes starts: one-time set-up the validation needs (translation: build the C++
+    # kernels its decoding runs, about 40 s on a machine that has not built them yet).
+
     # Optional: `after_training(out, device, log)`, run once by rank 0 when the budget is spent
     # and best/ and averaged/ are written: what the task does with them (translation: tune the
     # length penalty on the validation set).
@@ -544,6 +548,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model.train()
+        before = getattr(self.task, "before_training", None)
+        if before is not None:
+            before(self.device, self.log)
         t0, elapsed0 = time.monotonic(), self.elapsed
         progress = Progress()
         stop = self._budget_spent()  # a resumed run that had already finished

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +189,41 @@ def test_the_loop_trains_another_task_and_resumes_bit_identically(tmp_path):
     meta = checkpoint.read_config(tmp_path / "straight" / "best")[1]
     assert meta["task"] == "counting" and meta["modulus"] == 10
     assert runs[0].best == min(losses)
+
+
+class SlowStart(Counting):
+    """Counting with one-time set-up that takes 100 s of the (fake) clock."""
+
+    def __init__(self, seed: int, clock: list[float]):
+        super().__init__(seed)
+        self.clock = clock
+
+    def before_training(self, device, log) -> None:
+        self.clock[0] += 100.0
+
+
+def test_set_up_before_training_is_not_charged_to_the_time_budget(tmp_path, monkeypatch):
+    clock = [0.0]
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + clock[0])
+    model_cfg = ModelConfig(d_model=16, n_heads=2, d_ff=32, max_len=16)
+    cfg = TrainConfig(threads=1, max_steps=5, max_minutes=1.0, eval_every=100, log_every=100)
+    trainer = train(SlowStart(0, clock), model_cfg, cfg, tmp_path, log=lambda s: None)
+    assert clock[0] == 100.0  # the hook ran
+    assert trainer.step == 5 and trainer.elapsed < 60  # charged, it would stop after one step
+
+
+def test_translation_builds_the_kernels_before_training_on_a_cpu(monkeypatch):
+    from qkv import native
+    from qkv.tasks.translation import Translation
+
+    calls = []
+    monkeypatch.setattr(native, "kernel", lambda: calls.append(1))
+    task = Translation.__new__(Translation)  # the hook needs no data
+    task.before_training(torch.device("meta"), print)
+    assert calls == []
+    task.before_training(torch.device("cpu"), print)
+    assert calls == [1]
 
 
 class Unhandled(Exception):
