@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Two so far:
+Three so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -11,6 +11,10 @@ Two so far:
 - The packed linear layers' product (`pack_weight`, `packed_linear`): MKL's packed GEMM, the
   weight laid out once for its kernel instead of at every call, for any number of rows
   (qkv/packed.py uses it for fp32 inference; bench/packed_gemm.py measures it).
+- Choosing from a step's scores (`log_softmax_`, `argmax`, `beam_topk`): the last position's
+  log-softmax in one read of the logits, greedy's best token and beam search's best 2K
+  extensions of a sentence's beams, each a scan that skips the chunks of scores that cannot
+  win (qkv/search.py uses them; bench/choose_speed.py measures them).
 
 The first use compiles the files (torch.utils.cpp_extension: a C++ compiler and ninja; about half
 a minute) with -march=native into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native),
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of a build's identity
 NAME = "qkv_native"  # the module's name, TORCH_EXTENSION_NAME in csrc/bindings.cpp
 # A build takes about half a minute; a lock file this old was left by a killed one.
 STALE_LOCK_S = 600
@@ -87,7 +92,7 @@ def _cpu_key() -> str:
         lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
     except OSError:
         lines = [os.uname().machine]
-    sources = [f.read_text() for f in SOURCES]
+    sources = [f.read_text() for f in [*SOURCES, *HEADERS]]
     text = "\n".join([*lines, *CFLAGS, *sources, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -180,6 +185,14 @@ def _gemm_faster(module: ModuleType) -> bool:
     )
 
 
+def _choose_faster(module: ModuleType) -> bool:
+    """Whether the log-softmax beats PyTorch's here, at greedy decoding's shape: 32 rows of an
+    8,000-token vocabulary. (The scans after it, argmax and beam_topk, beat PyTorch's by more
+    than it does, bench/choose_speed.py; they go with it.)"""
+    x = torch.randn(32, 8000, generator=torch.Generator().manual_seed(0))
+    return _quicker(lambda: module.log_softmax_(x), lambda: torch.log_softmax(x, -1))
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -242,6 +255,18 @@ def gemm() -> ModuleType | None:
         return None
 
     return _checked("gemm", check)
+
+
+def choose() -> ModuleType | None:
+    """The module, for its log-softmax and scans; None where it is off, fails to build, or its
+    log-softmax is not faster here."""
+
+    def check(module: ModuleType) -> str | None:
+        if not _choose_faster(module):
+            return "the log-softmax kernel is slower than PyTorch's here: unused"
+        return None
+
+    return _checked("choose", check)
 
 
 def _inference_fp32(*tensors: Tensor) -> bool:
@@ -313,3 +338,40 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Ten
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
         x = x.contiguous()  # MKL reads rows of contiguous values, not overlapping
     return _built().packed_linear(x, packed, _NO_BIAS if bias is None else bias, n)
+
+
+def _rows(x: Tensor) -> bool:
+    """Whether x is (N, V) rows the scans take: fp32 on the CPU, no gradients, each row
+    contiguous, and the kernels on here."""
+    return x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1 and _inference_fp32(x)
+
+
+def log_softmax_(x: Tensor) -> bool:
+    """Turn x (N, V) into its rows' log-softmax in place; False (x untouched) where the kernel
+    does not apply (then the caller uses PyTorch's)."""
+    if not _rows(x) or choose() is None:
+        return False
+    choose().log_softmax_(x)
+    return True
+
+
+def argmax(x: Tensor) -> Tensor | None:
+    """(N, V) -> (N,): torch.argmax(x, -1) (first largest, NaN counting as largest), or None
+    where the kernel does not apply."""
+    if not _rows(x) or choose() is None:
+        return None
+    return choose().argmax_rows(x)
+
+
+def beam_topk(log_probs: Tensor, scores: Tensor, want: int) -> tuple[Tensor, Tensor] | None:
+    """log_probs (n * K, V), scores (n, K) -> the `want` best of
+    (log_probs + scores.view(-1, 1)).view(n, K * V) per row and their positions (n, want) each,
+    best first; None where the kernel does not apply or a score is NaN. Ties go to the lower
+    position; where fewer than `want` are above -inf, the rest are -inf at position 0."""
+    k = scores.shape[-1]
+    if not _rows(log_probs) or scores.dtype != torch.float32 or choose() is None:
+        return None
+    values, positions = choose().beam_topk(log_probs, scores.reshape(-1), k, want)
+    if values is None:  # an undefined tensor: a NaN score
+        return None
+    return values, positions

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from . import native
 from .config import DecodeConfig
 
 
@@ -50,9 +51,15 @@ def model_step(model: Any) -> StepFn:
     """A step function over a qkv model's KV cache: last position's log-probabilities."""
 
     def step(tokens: Tensor, cache: Any) -> Tensor:
-        return model.step(tokens, cache, last=True)[:, -1].float().log_softmax(-1)
+        return log_softmax(model.step(tokens, cache, last=True)[:, -1].float())
 
     return step
+
+
+def log_softmax(logits: Tensor) -> Tensor:
+    """logits (N, V) -> log-probabilities: in place by qkv's C++ kernel where it applies (one
+    read of the logits instead of three), else PyTorch's. For logits no one else holds."""
+    return logits if native.log_softmax_(logits) else logits.log_softmax(-1)
 
 
 def max_lengths(cfg: DecodeConfig, src_lengths: Tensor, cap: int) -> Tensor:
@@ -87,7 +94,9 @@ def _cap(max_positions: int | None, prefix_len: int) -> int:
 # 325 us and amax 16 us on one thread of an AVX-512 Xeon. So both look at blocks of BLOCK scores:
 # the block maxima say which blocks can hold the winners, and only those are searched (1.9-5.2x
 # faster at decoding's shapes on that CPU, bench/choose_speed.py). Short rows, where there is
-# little to gain, go to torch's.
+# little to gain, go to torch's. Where qkv's C++ kernels are in use (qkv/native.py), a scan of
+# the same idea in C++ (csrc/choose.cpp) takes precedence; the blocks serve the rest (a GPU,
+# QKV_NATIVE=0).
 BLOCK = 64
 
 
@@ -120,7 +129,14 @@ def _block_scores(x: Tensor, blocks: Tensor) -> tuple[Tensor, Tensor]:
 
 def argmax(x: Tensor) -> Tensor:
     """x (N, V) -> (N,): the position of each row's largest score, the first one on ties (NaN
-    counts as largest), as torch.argmax(x, -1)."""
+    counts as largest), as torch.argmax(x, -1): qkv's C++ scan where it applies, else by
+    blocks."""
+    best = native.argmax(x)
+    return best if best is not None else block_argmax(x)
+
+
+def block_argmax(x: Tensor) -> Tensor:
+    """argmax by blocks: the block maxima say which block holds the winner."""
     if x.device.type != "cpu" or x.shape[1] < 8 * BLOCK:
         return x.argmax(-1)
     best = _block_maxima(x).argmax(-1, keepdim=True)  # (N, 1): the first block holding the max
@@ -140,6 +156,19 @@ def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     scores, index = _block_scores(x, blocks)
     values, at = scores.topk(k, dim=1)
     return values, index.gather(1, at)
+
+
+def beam_topk(log_probs: Tensor, scores: Tensor, want: int) -> tuple[Tensor, Tensor]:
+    """log_probs (n * K, V) of the K beams of n sentences, scores (n, K) theirs so far -> each
+    sentence's `want` best whole-prefix log-probs over its K * V extensions, best first, and
+    their positions beam * V + token (n, want) each: qkv's C++ scan where it applies (it adds a
+    beam's score only to the few log-probs that can win), else the sum's `topk`. log_probs may
+    be overwritten."""
+    chosen = native.beam_topk(log_probs, scores, want)
+    if chosen is not None:
+        return chosen
+    n, k = scores.shape
+    return topk(log_probs.add_(scores.view(-1, 1)).view(n, -1), want)
 
 
 # --- logit edits: small pure functions, applied in order by edit_log_probs --------------------
@@ -453,7 +482,6 @@ def beam_search(
     first_k = torch.arange(2 * k, device=device) < k  # (2K,) ranks that may finish a hypothesis
 
     for t in range(int(limit.max()) + 1):
-        n = len(sent)
         feed = start if t == 0 else tokens[:, -1:]  # (B, P) first, then (N, 1)
         at_max = (t >= limit[sent]).repeat_interleave(k)  # (N,)
         raw = step(feed, state)  # (N, V)
@@ -461,8 +489,7 @@ def beam_search(
             raw = raw.repeat_interleave(k, dim=0)
         log_probs = edit_log_probs(raw, t, tokens[:, p:], at_max, cfg, eos, pad)
         v = log_probs.shape[-1]
-        total = log_probs.add_(scores.view(-1, 1)).view(n, k * v)  # (n, K*V) whole-prefix
-        top_lp, top_idx = topk(total, 2 * k)  # (n, 2K), best first
+        top_lp, top_idx = beam_topk(log_probs, scores, 2 * k)  # (n, 2K) whole-prefix, best first
         origin, token = top_idx // v, top_idx % v  # which beam, which token
         norm = length_penalty(t + 1, cfg.alpha, cfg.penalty)
 

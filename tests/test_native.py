@@ -295,6 +295,7 @@ def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, thr
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
+    kept = None if b is None else b.clone()
     packed = native.pack_weight(w)
     x = torch.randn(m, k + spare, generator=g)[:, :k]
     before = torch.get_num_threads()
@@ -307,7 +308,7 @@ def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, thr
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     torch.testing.assert_close(got, want.float(), atol=1e-4 * k**0.5, rtol=1e-5)
     if b is not None:
-        assert torch.equal(b, b.clone())  # the bias, copied into the output, is left alone
+        assert torch.equal(b, kept)  # the bias, copied into the output, is left alone
 
 
 def test_packed_product_leaves_its_bias_alone_with_one_row(mkl):
@@ -320,3 +321,169 @@ def test_packed_product_leaves_its_bias_alone_with_one_row(mkl):
         x = torch.randn(1, 4)
         torch.testing.assert_close(native.packed_linear(x, packed, b, 8), x @ w.T + kept)
     assert torch.equal(b, kept)
+
+
+# --- choosing from a step's scores (csrc/choose.cpp) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scans():
+    """The log-softmax and scans, in use whatever their timing says (conftest.native_kernels)."""
+    with native_kernels("choose") as module:
+        yield module
+
+
+def scores(rows: int, width: int, kind: str, g: torch.Generator) -> torch.Tensor:
+    """Distinct scores, many ties (small integers), mostly -inf (edits and forced tokens), or
+    large ones (exp overflows unless the largest is taken out first)."""
+    if kind == "ties":
+        return torch.randint(0, 4, (rows, width), generator=g).float()
+    x = torch.randn(rows, width, generator=g) * 4
+    if kind == "few finite":
+        x[:, 3:] = float("-inf")
+    if kind == "large":
+        x = x * 1e3
+    return x
+
+
+KINDS = st.sampled_from(["distinct", "ties", "few finite", "large"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    width=st.integers(1, 300),  # chunks of 64 and a shorter last one
+    kind=KINDS,
+    spare=st.integers(0, 3),  # rows inside a wider buffer
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_log_softmax_and_argmax_are_torchs(scans, rows, width, kind, spare, threads, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = scores(rows, width + spare, kind, g)[:, :width]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        best = native.argmax(x)
+        mine = x.clone()
+        assert native.log_softmax_(mine)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(best, x.argmax(-1))  # the first largest
+    want = x.double().log_softmax(-1).float()
+    torch.testing.assert_close(mine, want, atol=2e-6 * (1 + want.abs().max().item()), rtol=1e-6)
+
+
+def test_log_softmax_and_argmax_of_nan_and_infinite_rows_are_torchs(scans):
+    x = torch.randn(5, 200)
+    x[0] = float("-inf")  # nothing allowed: NaN everywhere, argmax 0
+    x[1, 7] = x[1, 150] = float("nan")  # NaN: NaN everywhere, argmax the first NaN
+    x[2, 60:70] = float("inf")  # +inf: NaN everywhere, argmax the first +inf
+    x[3, 64:] = float("-inf")  # a chunk of -inf after a finite one
+    x[4, 199] = 1e30
+    assert torch.equal(native.argmax(x), x.argmax(-1))
+    mine = x.clone()
+    native.log_softmax_(mine)
+    torch.testing.assert_close(mine, x.log_softmax(-1), equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    k=st.integers(1, 6),
+    want=st.integers(1, 12),
+    width=st.integers(1, 300),
+    kind=KINDS,
+    unused=st.booleans(),  # beams at -inf: a search's first step
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_beam_topk_is_the_stable_sort_of_the_sums(
+    scans, n, k, want, width, kind, unused, threads, seed
+):
+    """The best `want` of score + log-prob over a sentence's K x V extensions: values as the sum
+    (log_probs + scores) computes them, best first, ties to the lower position; past the finite
+    ones, -inf at position 0."""
+    g = torch.Generator().manual_seed(seed)
+    log_probs = scores(n * k, width, kind, g)
+    beams = -torch.rand(n, k, generator=g) * 10
+    if unused:
+        beams[:, 1:] = float("-inf")
+    whole = (log_probs + beams.view(-1, 1)).view(n, k * width)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, positions = native.beam_topk(log_probs.clone(), beams, want)
+    finally:
+        torch.set_num_threads(before)
+    order = whole.sort(dim=1, descending=True, stable=True)
+    m = min(want, k * width)
+    finite = order.values[:, :m] > float("-inf")
+    assert torch.equal(values[:, :m][finite], order.values[:, :m][finite])
+    assert torch.equal(positions[:, :m][finite], order.indices[:, :m][finite])
+    rest = torch.ones_like(values, dtype=torch.bool)
+    rest[:, :m] = ~finite
+    assert (values[rest] == float("-inf")).all() and (positions[rest] == 0).all()
+
+
+def test_beam_topk_leaves_nan_to_pytorch(scans):
+    log_probs, beams = torch.randn(4, 100), torch.zeros(2, 2)
+    log_probs[3, 40] = float("nan")
+    assert native.beam_topk(log_probs, beams, 3) is None
+    beams[1, 1] = float("-inf")  # the NaN's beam unused: its row is never read
+    assert native.beam_topk(log_probs, beams, 3) is not None
+    beams[0, 0] = float("nan")
+    assert native.beam_topk(log_probs, beams, 3) is None
+
+
+def test_search_takes_the_scans_and_decodes_as_without_them(scans, tiny, monkeypatch):
+    """Greedy and beam search on a model give the same tokens and scores with the C++
+    log-softmax and scans as with PyTorch's ops, and do call them."""
+    from qkv.config import DecodeConfig
+    from qkv.search import decode, model_step
+
+    calls = []
+    for name in ("log_softmax_", "argmax", "beam_topk"):
+        real = getattr(native, name)
+        monkeypatch.setattr(
+            native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    model = tiny()
+    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(0))
+    lengths = torch.full((4,), 7)
+
+    def run(cfg):
+        return decode(model_step(model), model.start(src), lengths, cfg, bos=1, eos=2, pad=0)
+
+    for cfg in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam=3, nbest=3)):
+        with torch.inference_mode():
+            ours = run(cfg)
+            with native.off():
+                theirs = run(cfg)
+        assert [[h.tokens for h in n] for n in ours] == [[h.tokens for h in n] for n in theirs]
+        for a, b in zip(ours, theirs, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert x.score == pytest.approx(y.score, abs=1e-5)
+    assert {"log_softmax_", "argmax", "beam_topk"} <= set(calls)
+
+
+def test_beam_one_is_greedy_even_with_tied_scores(scans, tiny):
+    """Ties go to the lower token in both greedy and beam search's scan, so a beam of one is
+    greedy even where scores tie (as bf16 logits often do: 56 of 1,000 Multi30k sentences
+    differed between the two under torch.topk's tie order, bench/README.md)."""
+    from qkv.config import DecodeConfig
+    from qkv.search import beam_search, greedy, log_softmax
+
+    model = tiny()
+    src = torch.randint(3, 23, (8, 7), generator=torch.Generator().manual_seed(1))
+    lengths = torch.full((8,), 7)
+
+    def step(tokens, cache):  # logits rounded to halves: ties everywhere
+        logits = model.step(tokens, cache, last=True)[:, -1]
+        return log_softmax((logits * 2).round() / 2)
+
+    kw = dict(bos=1, eos=2, pad=0)
+    with torch.inference_mode():
+        one = greedy(step, model.start(src), lengths, DecodeConfig(), **kw)
+        beam = beam_search(step, model.start(src), lengths, DecodeConfig(beam=1), **kw)
+    assert [h.tokens for h in one] == [b[0].tokens for b in beam]

@@ -5,6 +5,10 @@
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const torch::Tensor& keep,
                                const torch::Tensor& table);
+void log_softmax_(torch::Tensor& x);
+torch::Tensor argmax_rows(const torch::Tensor& x);
+std::vector<torch::Tensor> beam_topk(const torch::Tensor& log_probs, const torch::Tensor& scores,
+                                     int64_t k, int64_t want);
 bool gemm_available();
 torch::Tensor pack_weight(const torch::Tensor& w);
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
@@ -13,6 +17,9 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention,
         "softmax(q k^T / sqrt(Dh)) v for a few queries per row (decode_attention.cpp)");
+  m.def("log_softmax_", &log_softmax_, "each row's log-softmax, in place (choose.cpp)");
+  m.def("argmax_rows", &argmax_rows, "each row's first largest score's position (choose.cpp)");
+  m.def("beam_topk", &beam_topk, "each sentence's best extensions of its K beams (choose.cpp)");
   m.def("gemm_available", &gemm_available, "whether MKL's packed GEMM is linked (packed_gemm.cpp)");
   m.def("pack_weight", &pack_weight, "an (N, K) weight packed for packed_linear");
   m.def("packed_linear", &packed_linear, "x W^T + b on a packed weight (packed_gemm.cpp)");

@@ -17,6 +17,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "fast_exp.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,22 +27,7 @@
 
 namespace {
 
-// e^x for x <= 0 (a score minus the row's largest): 2^n e^r with n = round(x log2 e) and
-// |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative error about 1e-7, as fp32's own
-// rounding). A plain expression, so the loop around it vectorizes; std::exp is a call per score.
-// Below -87 (e^-87 < 1e-37 of the largest weight) the weight is 0.
-inline float exp_nonpositive(float x) {
-  const float c = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(c * 1.44269504f + 0.5f);
-  const float r = c - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, exact first
-  const float p =
-      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
-                                                            r * (1.f / 720 + r * (1.f / 5040)))))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.0f ? 0.f : p * two_n;
-}
+using qkv::exp_nonpositive;  // fast_exp.h: e^x of a score minus the row's largest
 
 // One (row, head): T queries, S keys. D > 0: the head dimension known when compiling, so the
 // loops over it unroll and the query and the sum stay in vector registers; D == 0: `dh` at run
