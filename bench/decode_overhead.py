@@ -15,7 +15,7 @@ import torch
 from qkv.config import DecodeConfig, ModelConfig
 from qkv.models import from_config
 from qkv.packed import pack
-from qkv.search import beam_search, greedy, model_step
+from qkv.search import beam_search, greedy, max_steps, model_step
 
 
 def ms_per_step(model, beam: int, steps: int = 25, repeats: int = 3) -> float:
@@ -29,7 +29,7 @@ def ms_per_step(model, beam: int, steps: int = 25, repeats: int = 3) -> float:
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first is a warm-up
             t0 = time.perf_counter()
-            state = model.start(src)
+            state = model.start(src, max_steps(cfg, lengths, None))  # as qkv translate
             if beam == 1:
                 greedy(model_step(model), state, lengths, cfg, **kw)
             else:

@@ -19,7 +19,7 @@ from qkv import checkpoint
 from qkv.allocator import keep_freed_memory
 from qkv.marian import convert
 from qkv.packed import pack
-from qkv.search import beam_search, greedy, model_step
+from qkv.search import beam_search, greedy, max_steps, model_step
 
 
 def main() -> None:
@@ -36,8 +36,8 @@ def main() -> None:
 
     def run(beam: int) -> None:
         with torch.inference_mode():
-            state = model.start(src)
             cfg = forced(beam)
+            state = model.start(src, max_steps(cfg, lengths, None))  # as qkv translate
             if beam == 1:
                 greedy(model_step(model), state, lengths, cfg, **kw)
             else:

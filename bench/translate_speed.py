@@ -130,7 +130,8 @@ def qkv_engine(
                 lengths = torch.full((len(x),), x.shape[1])
                 cfg = forced(beam, n)
                 if fixed is None:
-                    step, state = model_step(model), model.start(x)
+                    # the cache's room reserved, as qkv translate does
+                    step, state = model_step(model), model.start(x, max_steps(cfg, lengths, None))
                 else:
                     step, state = fixed.start(x, max_steps(cfg, lengths, None), beam)
                 if beam == 1:

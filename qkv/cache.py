@@ -26,13 +26,21 @@ class KVCache:
     copies no keys either: the rows are "stored rows", and a small table (B, capacity) says which
     stored row holds each row's key and value at each position. A row's new keys always go to
     its own stored row (`b`), at positions no row has written yet, so a sentence's beams share
-    the history they have in common. The table is dropped (the rows copied into place, once)
-    when the storage grows. Elsewhere a reorder copies the rows. `k` and `v` give the keys and
-    values per row; attention reads the stored rows through the table (`stored`).
+    the history they have in common. When the storage grows, the stored rows are copied as they
+    are and the table keeps pointing into them (gathering each row's history into place cost
+    a beam search 4 ms per layer at the growth, bench/README.md). Elsewhere a reorder copies
+    the rows. `k` and `v` give the keys and values per row; attention reads the stored rows
+    through the table (`stored`).
     """
 
-    def __init__(self, static: bool = False) -> None:
+    def __init__(self, static: bool = False, reserve: int = 0) -> None:
         self.static = static  # cross-attention: filled once from the encoder output, then reused
+        # Positions to make room for at the first append: a search that knows how long it may
+        # run (qkv.translate) reserves them, so the storage never grows (a growth copies every
+        # key, into fresh pages: 2.6 ms per layer's keys for beam 5 over 32 sentences, 25
+        # positions, bench/README.md). Room reserved but never written costs no memory: the
+        # pages of a position are touched when it is written.
+        self.reserve = reserve
         self._k: Tensor | None = None  # (P, H, capacity, Dh): P stored rows
         self._v: Tensor | None = None
         self._table: Tensor | None = None  # (B, capacity) long; None: row b in stored row b
@@ -77,7 +85,9 @@ class KVCache:
             raise ValueError(f"the cache holds {self.rows} rows, not {b}")
         if self._k is None or self.length + t > self._k.shape[2] or b > self._k.shape[0]:
             # cross-attention keys/values never grow: no spare room to copy on every reorder
-            self._grow(k, v, self.length + t if self.static else max(2 * (self.length + t), 16))
+            capacity = self.length + t if self.static else max(2 * (self.length + t), 16)
+            capacity = max(capacity, self.reserve, 0 if self._k is None else self._k.shape[2])
+            self._grow(k, v, capacity, b)
         assert self._k is not None and self._v is not None
         end = self.length + t
         self._k[:b, :, self.length : end] = k  # row b's own stored row: free from here on
@@ -87,15 +97,31 @@ class KVCache:
         self.length = end
         return self.stored()
 
-    def _grow(self, k: Tensor, v: Tensor, capacity: int) -> None:
-        """New storage of `capacity` positions, each row's keys and values in its own row."""
+    def _grow(self, k: Tensor, v: Tensor, capacity: int, rows: int) -> None:
+        """New storage of `capacity` positions and at least `rows` stored rows (a reorder may
+        have made more rows than are stored: beam search's first): the stored rows copied as
+        they are, the positions in use only; the table, if any, widened and still valid."""
         _, h, _, dh = k.shape
-        b = self.rows if self._k is not None else k.shape[0]
-        new_k = k.new_empty(b, h, capacity, dh)
-        new_v = v.new_empty(b, h, capacity, v.shape[-1])
+        p = max(rows, self._k.shape[0] if self._k is not None else 0)
+        new_k = k.new_empty(p, h, capacity, dh)
+        new_v = v.new_empty(p, h, capacity, v.shape[-1])
         if self._k is not None and self._v is not None and self.length:
-            new_k[:, :, : self.length] = self.k
-            new_v[:, :, : self.length] = self.v
+            new_k[: self._k.shape[0], :, : self.length] = self._k[:, :, : self.length]
+            new_v[: self._v.shape[0], :, : self.length] = self._v[:, :, : self.length]
+        if self._table is not None:
+            table = self._table.new_empty(self._table.shape[0], capacity)
+            table[:, : self.length] = self._table[:, : self.length]
+            self._table = table
+        self._k, self._v = new_k, new_v
+
+    def _rows_in_place(self) -> None:
+        """Each row's keys and values copied into its own stored row and the table dropped:
+        what PyTorch's kernels read (one row of keys per row)."""
+        assert self._k is not None and self._v is not None
+        new_k = self._k.new_empty(self.rows, *self._k.shape[1:])
+        new_v = self._v.new_empty(self.rows, *self._v.shape[1:])
+        new_k[:, :, : self.length] = self.k
+        new_v[:, :, : self.length] = self.v
         self._k, self._v, self._table = new_k, new_v, None
 
     def select(self, index: Tensor) -> None:
@@ -111,7 +137,7 @@ class KVCache:
             return
         if self.static or not native.reads_tables(self._k):
             if self._table is not None:  # rows in place first (the kernel was switched off)
-                self._grow(self._k, self._v, self._k.shape[2])
+                self._rows_in_place()
             new_k = self._k.new_empty(len(index), *self._k.shape[1:])
             new_v = self._v.new_empty(len(index), *self._v.shape[1:])
             torch.index_select(self.k, 0, index, out=new_k[:, :, : self.length])

@@ -84,9 +84,11 @@ class Decoder(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         offsets: Tensor | None = None,
+        steps: int = 0,
     ) -> DecoderCache:
         """An empty cache; cross-attention keys/values are projected here, once. `offsets` (B,):
-        the first step's tokens are left-padded by that many pads per row."""
+        the first step's tokens are left-padded by that many pads per row. `steps`: the most
+        positions the decode may reach, if known (room is reserved for them)."""
         cross, source = None, None
         if memory is not None:
             source = torch.arange(memory.shape[0], device=memory.device)
@@ -95,7 +97,8 @@ class Decoder(nn.Module):
                 c = KVCache(static=True)
                 c.append(*layer.cross_attn.project_kv(memory))
                 cross.append(c)
-        return DecoderCache([KVCache() for _ in self.layers], cross, memory_mask, source, offsets)
+        own = [KVCache(reserve=steps) for _ in self.layers]
+        return DecoderCache(own, cross, memory_mask, source, offsets)
 
     def forward(
         self,

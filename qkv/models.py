@@ -125,10 +125,12 @@ class Seq2Seq(nn.Module):
         memory, mask = self.encode(src)
         return self.lm_head(self.decoder(tgt, memory, mask))
 
-    def start(self, src: Tensor) -> Any:
-        """Encode the source once; return the cache that `step` grows (the decoder's kind)."""
+    def start(self, src: Tensor, steps: int = 0) -> Any:
+        """Encode the source once; return the cache that `step` grows (the decoder's kind).
+        `steps`: the most target positions the decode may reach, if known (a Transformer's
+        cache reserves room for them, so it need not grow)."""
         memory, mask = self.encode(src)
-        return self.decoder.start(memory, mask)
+        return self.decoder.start(memory, mask, steps=steps)
 
     def step(self, tokens: Tensor, cache: Any, last: bool = False) -> Tensor:
         """New target tokens (B, T) -> logits (B, T, V); `cache` grows by T positions. `last`:
@@ -175,10 +177,11 @@ class DecoderOnly(nn.Module):
         """ids (B, T) -> logits (B, T, V). `pad_mask` (B, 1, 1, T) hides padding keys."""
         return self.lm_head(self.decoder(ids, tgt_mask=pad_mask))
 
-    def start(self, offsets: Tensor | None = None) -> DecoderCache:
+    def start(self, offsets: Tensor | None = None, steps: int = 0) -> DecoderCache:
         """An empty cache; it takes its batch size from the first step (a prompt, or bos).
-        `offsets` (B,): prompts of different lengths, left-padded by that many pads each."""
-        return self.decoder.start(offsets=offsets)
+        `offsets` (B,): prompts of different lengths, left-padded by that many pads each.
+        `steps`: the most positions the decode may reach, prompt included, if known."""
+        return self.decoder.start(offsets=offsets, steps=steps)
 
     def step(self, tokens: Tensor, cache: DecoderCache, last: bool = False) -> Tensor:
         """New tokens (B, T) -> logits (B, T, V); `cache` grows by T positions. `last`: only the

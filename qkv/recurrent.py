@@ -106,7 +106,9 @@ class RecurrentDecoder(nn.Module):
         h0 = torch.tanh(self.init(c)).view(len(c), self.n_layers, -1)
         return h0.transpose(0, 1).contiguous()
 
-    def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
+    def start(self, memory: Tensor, mask: Tensor, steps: int = 0) -> RecurrentCache:
+        """The cache of a decode (`steps`, the most it may take, is for Transformer caches:
+        a recurrent state does not grow)."""
         raise NotImplementedError
 
     def run(self, y: Tensor, cache: RecurrentCache) -> Tensor:
@@ -146,7 +148,7 @@ class FixedVectorDecoder(RecurrentDecoder):
             dropout=dropout if n_layers > 1 else 0.0,
         )
 
-    def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
+    def start(self, memory: Tensor, mask: Tensor, steps: int = 0) -> RecurrentCache:
         c = final_state(memory, mask)  # everything the decoder will ever know of the source
         return RecurrentCache(self.first_hidden(c), c, mask)
 
@@ -198,7 +200,7 @@ class AttentionDecoder(RecurrentDecoder):
             [nn.GRUCell(2 * d_model if i == 0 else d_model, d_model) for i in range(n_layers)]
         )
 
-    def start(self, memory: Tensor, mask: Tensor) -> RecurrentCache:
+    def start(self, memory: Tensor, mask: Tensor, steps: int = 0) -> RecurrentCache:
         h0 = self.first_hidden(final_state(memory, mask))
         return RecurrentCache(h0, memory, mask[:, 0, 0, :], self.cross_attn.keys(memory))
 

@@ -90,7 +90,8 @@ class Translator:
         compiled step sees few distinct shapes; the padding rows repeat the first sentence and
         their outputs are dropped. Sampling stays eager: its random draws depend on the rows."""
         if self.fixed is None or cfg.strategy == "sample":
-            return model_step(self.model), self.model.start(src), lengths
+            steps = max_steps(cfg, lengths, self.config.max_len)  # room reserved: no growth
+            return model_step(self.model), self.model.start(src, steps), lengths
         rows, s = self.batch_size - len(src), bucket(src.shape[1], 8) - src.shape[1]
         src = torch.cat([src, src[:1].expand(rows, -1)]) if rows > 0 else src
         src = F.pad(src, (0, s), value=self.config.pad_id)

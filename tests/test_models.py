@@ -81,6 +81,30 @@ def test_incremental_after_select_equals_full(tiny):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_cache_with_room_reserved_never_grows(tiny):
+    """start(src, steps): the self-attention caches make room for `steps` positions at the
+    first append, so later steps (a beam search's expansion to K rows aside) copy no key; and
+    steps one at a time still equal the full forward."""
+    model = tiny()
+    src, tgt = batch()
+    tgt = torch.cat([tgt, torch.randint(3, 20, (3, 20))], 1)  # 27 positions
+    with torch.no_grad():
+        cache = model.start(src, steps=27)
+        rows = torch.tensor([0, 0, 1, 1, 2, 2])
+        steps = [model.step(tgt[:, :1], cache)]
+        cache.select(rows)  # two beams a sentence: more rows than stored
+        steps.append(model.step(tgt[rows, 1:2], cache))
+        c = cache.self_attn[0]
+        storage = c.stored()[0].data_ptr()
+        steps += [model.step(tgt[rows, i : i + 1], cache) for i in range(2, 27)]
+        assert c.stored()[0].data_ptr() == storage and c._k.shape[2] == 27
+        want = model(src[rows], tgt[rows])
+    torch.testing.assert_close(torch.cat([steps[0][rows], *steps[1:]], 1), want)
+    unreserved = model.start(src)
+    model.step(tgt[:, :17], unreserved)  # past the default first room of 16: it grew
+    assert unreserved.self_attn[0]._k.shape[2] == 34
+
+
 def test_beams_share_their_sentence_cross_attention_rows(tiny):
     from qkv.inspect import record_attention
 

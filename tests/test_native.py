@@ -238,8 +238,9 @@ def test_a_reorder_moves_the_table_not_the_keys(kernel, tiny):
     """Where the kernel reads the cache, beam search's reorder (rows reordered, duplicated,
     dropped) changes only the table; steps after it equal the full forward over the reordered
     rows, one token at a time (the kernel) and several (PyTorch's kernel, gathering through the
-    table), also once the cache has grown past its first capacity (its rows copied into place,
-    as when a reorder makes more rows than are stored: beam search's first)."""
+    table), also once the cache has grown past its first capacity (the stored rows copied as
+    they are, the table widened, as when a reorder makes more rows than are stored: beam
+    search's first)."""
     from tests.test_models import batch
 
     model = tiny()
@@ -261,7 +262,10 @@ def test_a_reorder_moves_the_table_not_the_keys(kernel, tiny):
         cache.select(torch.tensor([2, 1]))
         more = torch.randint(3, 20, (2, 12))
         got = model.step(more, cache)  # 19 positions: past the first capacity of 16
-        assert c.table is None
+        assert c.table is not None and c.table.shape == (2, 19)
+        assert c.table[:, :7].tolist() == [[0] * 4 + [2] * 3, [0] * 4 + [1] * 3]  # not moved
+        assert c.table[:, 7:].tolist() == [[0] * 12, [1] * 12]
+        assert c.stored()[0].shape[0] == 3  # the three stored rows, none gathered
         rows = index[torch.tensor([2, 1])]
         want = model(src[rows], torch.cat([tgt[rows], more], 1))
         torch.testing.assert_close(got, want[:, 7:], atol=1e-5, rtol=1e-5)
