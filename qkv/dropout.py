@@ -11,25 +11,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
 
-    The same function as F.dropout. On the CPU the mask is cut from 64-bit random integers, four
-    16-bit draws each: PyTorch's CPU bernoulli draws one number per element and costs about twice
-    as much (bench/dropout_speed.py). The mask, scaled, is applied as one multiplication, whose
-    backward is one multiplication too (cheaper than torch.where's). p is rounded to a multiple
-    of 1/65536, and in bf16 moved a little further (`cut_and_scale`).
+    The same function as F.dropout. On the CPU each element's fate is a 16-bit random draw:
+    PyTorch's CPU bernoulli draws one number per element and costs about twice as much
+    (bench/dropout_speed.py). The draws come from qkv's C++ mask (qkv/native.py: one pass,
+    seeded from PyTorch's generator) where it applies, else from 64-bit random integers cut in
+    four (`torch_mask`). The mask, scaled, is applied as one multiplication, whose backward is
+    one multiplication too (cheaper than torch.where's). p is rounded to a multiple of 1/65536,
+    and in bf16 moved a little further (`cut_and_scale`).
     """
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training)
+    cut, scale = cut_and_scale(p, x.dtype)
+    mask = native.dropout_mask(x, cut, scale)
+    return x * (mask if mask is not None else torch_mask(x, cut, scale))
+
+
+def torch_mask(x: Tensor, cut: int, scale: float) -> Tensor:
+    """Dropout's mask like x from PyTorch's generator: 64-bit random integers, four 16-bit draws
+    each; `scale` where a draw is at least the cut, else 0 (dropped with probability
+    cut / 65536)."""
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-    cut, scale = cut_and_scale(p, x.dtype)  # drop when bits < -32768 + cut
-    return x * (bits >= cut - 32768).to(x.dtype).mul_(scale)
+    return (bits >= cut - 32768).to(x.dtype).mul_(scale)
 
 
 def cut_and_scale(p: float, dtype: torch.dtype) -> tuple[int, float]:

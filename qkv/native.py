@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Three so far:
+Four so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -15,6 +15,9 @@ Three so far:
   log-softmax in one read of the logits, greedy's best token and beam search's best 2K
   extensions of a sentence's beams, each a scan that skips the chunks of scores that cannot
   win (qkv/search.py uses them; bench/choose_speed.py measures them).
+- Dropout's mask for training (`dropout_mask`): drawn by a counter-based generator seeded from
+  PyTorch's, in one pass, where PyTorch's route made four (qkv/dropout.py uses it;
+  bench/dropout_speed.py measures it).
 
 The first use compiles the files (torch.utils.cpp_extension: a C++ compiler and ninja; about half
 a minute) with -march=native into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native),
@@ -193,6 +196,18 @@ def _choose_faster(module: ModuleType) -> bool:
     return _quicker(lambda: module.log_softmax_(x), lambda: torch.log_softmax(x, -1))
 
 
+def _masks_faster(module: ModuleType) -> bool:
+    """Whether the dropout mask beats PyTorch's route (qkv/dropout.py) here, at a training
+    feed-forward's shape: 2,048 tokens by 1,024, fp32."""
+    from .dropout import cut_and_scale, torch_mask
+
+    x = torch.empty(2048, 1024)
+    cut, scale = cut_and_scale(0.1, x.dtype)
+    return _quicker(
+        lambda: module.dropout_mask(x, cut, scale, 1), lambda: torch_mask(x, cut, scale)
+    )
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -267,6 +282,18 @@ def choose() -> ModuleType | None:
         return None
 
     return _checked("choose", check)
+
+
+def masks() -> ModuleType | None:
+    """The module, for dropout's mask; None where it is off, fails to build, or is not faster
+    here."""
+
+    def check(module: ModuleType) -> str | None:
+        if not _masks_faster(module):
+            return "the dropout mask kernel is slower than PyTorch's here: unused"
+        return None
+
+    return _checked("masks", check)
 
 
 def _inference_fp32(*tensors: Tensor) -> bool:
@@ -375,3 +402,15 @@ def beam_topk(log_probs: Tensor, scores: Tensor, want: int) -> tuple[Tensor, Ten
     if values is None:  # an undefined tensor: a NaN score
         return None
     return values, positions
+
+
+def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
+    """A mask like x (fp32 or bf16, on the CPU): `scale` where kept, 0 where dropped (probability
+    cut / 65536), its seed drawn from PyTorch's generator (so torch.manual_seed and a saved
+    generator state reproduce it); None where the kernel does not apply."""
+    if _off or torch.compiler.is_compiling() or x.device.type != "cpu":
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16) or masks() is None:
+        return None
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (1,)))
+    return masks().dropout_mask(x, cut, scale, seed)

@@ -97,7 +97,8 @@ def native_kernels(*names: str):
     """qkv's C++ kernels, built (the test machine must build them) and in use inside, whatever
     the quick measurements in qkv/native.py would choose, so tests do not depend on timings:
     "attention" (`native.kernel`), "gemm" (MKL's packed product, `native.gemm`; skipped where
-    this PyTorch lacks it), "choose" (the log-softmax and scans of search, `native.choose`).
+    this PyTorch lacks it), "choose" (the log-softmax and scans of search, `native.choose`),
+    "masks" (dropout's mask, `native.masks`).
     Yields the module."""
     from qkv import native
 
@@ -107,7 +108,10 @@ def native_kernels(*names: str):
     saved = dict(native._state)
     native._state["built"] = module
     native._state.update(
-        {{"attention": "module", "gemm": "gemm", "choose": "choose"}[n]: module for n in names}
+        {
+            {"attention": "module", "gemm": "gemm", "choose": "choose", "masks": "masks"}[n]: module
+            for n in names
+        }
     )
     try:
         yield module

@@ -491,3 +491,64 @@ def test_beam_one_is_greedy_even_with_tied_scores(scans, tiny):
         one = greedy(step, model.start(src), lengths, DecodeConfig(), **kw)
         beam = beam_search(step, model.start(src), lengths, DecodeConfig(beam=1), **kw)
     assert [h.tokens for h in one] == [b[0].tokens for b in beam]
+
+
+# --- dropout's mask (csrc/dropout_mask.cpp) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def masks():
+    """The dropout mask kernel, in use whatever its timing says (conftest.native_kernels)."""
+    with native_kernels("masks") as module:
+        yield module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cut", [0, 1, 6554, 32768, 65535, 65536])
+def test_dropout_mask_drops_cut_in_65536_and_scales_the_rest(masks, dtype, cut):
+    x = torch.empty(1 << 22, dtype=dtype)
+    mask = masks.dropout_mask(x, cut, 1.25, 7)
+    assert mask.dtype == dtype and mask.shape == x.shape
+    kept = mask != 0
+    assert (mask[kept] == 1.25).all()
+    dropped = 1 - kept.double().mean().item()
+    assert abs(dropped - cut / 65536) < 5e-4 + 2e-6 * (cut > 0)  # 4M draws: sd under 2.5e-4
+
+
+def test_dropout_mask_is_a_function_of_its_seed_alone(masks):
+    """The same seed: the same mask, at any thread count, and a shorter mask is the start of a
+    longer one; another seed, another mask; draws within and across blocks uncorrelated."""
+    x = torch.empty(3, 1000)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = masks.dropout_mask(torch.empty(100_003), 32768, 2.0, 11)
+        torch.set_num_threads(2)
+        two = masks.dropout_mask(torch.empty(100_003), 32768, 2.0, 11)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert torch.equal(masks.dropout_mask(x, 32768, 2.0, 11).view(-1), one[:3000])
+    other = masks.dropout_mask(torch.empty(100_003), 32768, 2.0, 12)
+    assert 0.45 < (other == one).double().mean().item() < 0.55
+    kept = (one != 0).double()
+    for lag in (1, 64, 128, 256, 4096):  # next element, the same word's next lane, next block
+        agree = (kept[lag:] == kept[:-lag]).double().mean().item()
+        assert abs(agree - 0.5) < 0.01, lag
+
+
+def test_dropout_draws_the_c_mask_from_torchs_generator(masks, monkeypatch):
+    """qkv.dropout takes the C++ mask where it applies; torch.manual_seed reproduces it."""
+    from qkv.dropout import dropout
+
+    calls = []
+    real = native.dropout_mask
+    monkeypatch.setattr(native, "dropout_mask", lambda *a: calls.append(1) or real(*a))
+    x = torch.ones(50, 70, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.3), y) and len(calls) == 2
+    assert not torch.equal(dropout(x, 0.3), y)  # the generator moved on
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the same mask

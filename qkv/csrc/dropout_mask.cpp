@@ -1,0 +1,93 @@
+// Dropout's mask for training on the CPU (qkv/dropout.py): each element kept with probability
+// 1 - cut / 65536 and then worth `scale`, else 0, written in the activations' dtype (fp32 or
+// bf16) in one pass.
+//
+// PyTorch's route drew 64-bit integers with its Mersenne Twister (`random_`), compared their
+// 16-bit pieces with the cut (`ge`), converted and scaled the result: four passes, the first a
+// serial generator. Here the bits come from SplitMix64 (Steele, Lea and Flood 2014, the
+// generator of Java's SplittableRandom) used as a counter-based generator: the 64-bit word at
+// position w is mix(seed + (w + 1) * golden gamma), a function of the seed and the position
+// alone, so any thread can make any part of the mask and the mask does not depend on how the
+// work was split. The seed is drawn from PyTorch's generator by the caller, so torch.manual_seed
+// and a checkpoint's saved generator state reproduce the masks.
+//
+// Each block of kWords words makes 4 * kWords mask elements: element lane * kWords + j takes the
+// lane-th 16 bits of word j, so every store is contiguous and the loops vectorize.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kWords = 64;
+constexpr int64_t kBlock = 4 * kWords;  // mask elements per block
+constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+
+inline uint64_t mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// One block's elements: out[lane * kWords + j] = keep ? on : 0 for the lane-th 16 bits of word
+// block * kWords + j. T is float or uint16_t (bf16's bits).
+template <typename T>
+inline void block(uint64_t seed, int64_t b, uint32_t cut, T on, T* out) {
+  uint64_t words[kWords];
+  const uint64_t first = static_cast<uint64_t>(b) * kWords + 1;
+#pragma omp simd
+  for (int64_t j = 0; j < kWords; ++j) words[j] = mix(seed + (first + j) * kGamma);
+  for (int lane = 0; lane < 4; ++lane) {
+    T* o = out + lane * kWords;
+#pragma omp simd
+    for (int64_t j = 0; j < kWords; ++j) {
+      const uint32_t draw = static_cast<uint32_t>(words[j] >> (16 * lane)) & 0xFFFFu;
+      o[j] = draw >= cut ? on : T(0);
+    }
+  }
+}
+
+template <typename T>
+void fill(T* out, int64_t n, uint64_t seed, uint32_t cut, T on) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kBlock;
+      if (start + kBlock <= n) {
+        block(seed, b, cut, on, out + start);
+      } else {  // the last, partial block: made whole, then the part needed copied
+        T tail[kBlock];
+        block(seed, b, cut, on, tail);
+        std::memcpy(out + start, tail, sizeof(T) * (n - start));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// A mask like `like` (its shape, fp32 or bf16): scale where kept, 0 where dropped (probability
+// cut / 65536); the same for the same seed, whatever the thread count.
+torch::Tensor dropout_mask(const torch::Tensor& like, int64_t cut, double scale, int64_t seed) {
+  TORCH_CHECK(cut >= 0 && cut <= 65536, "dropout_mask: cut in [0, 65536]");
+  TORCH_CHECK(like.scalar_type() == at::kFloat || like.scalar_type() == at::kBFloat16,
+              "dropout_mask: fp32 or bf16");
+  auto out = torch::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = out.numel();
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint32_t c = static_cast<uint32_t>(cut);
+  if (out.scalar_type() == at::kFloat) {
+    fill<float>(out.data_ptr<float>(), n, s, c, static_cast<float>(scale));
+  } else {
+    const at::BFloat16 on(static_cast<float>(scale));
+    uint16_t bits;
+    std::memcpy(&bits, &on, sizeof bits);
+    fill<uint16_t>(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n, s, c, bits);
+  }
+  return out;
+}
