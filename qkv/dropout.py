@@ -34,12 +34,16 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     return x * (mask if mask is not None else torch_mask(x, cut, scale))
 
 
-def torch_mask(x: Tensor, cut: int, scale: float) -> Tensor:
-    """Dropout's mask like x from PyTorch's generator: 64-bit random integers, four 16-bit draws
-    each; `scale` where a draw is at least the cut, else 0 (dropped with probability
-    cut / 65536)."""
+def torch_mask(
+    x: Tensor, cut: int, scale: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Dropout's mask like x from PyTorch's generator (the default one unless given): 64-bit
+    random integers, four 16-bit draws each; `scale` where a draw is at least the cut, else 0
+    (dropped with probability cut / 65536)."""
     n = x.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator
+    )
     bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
     return (bits >= cut - 32768).to(x.dtype).mul_(scale)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .data import Seq2SeqBatch
 
 
@@ -93,23 +94,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rows = max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
                 hc = F.pad(hc, (0, 0, 0, -n % ROW_QUANTUM))
             g = torch.empty(len(hc), v, dtype=dtype, device=h.device) if grads else None
-            in_g = g is not None and dtype == torch.float32
             loss = torch.zeros((), device=h.device)
             for i in range(0, n, rows):
-                t = target[i : i + rows, None]
+                t = target[i : i + rows]
                 scores = F.linear(hc[i : i + rows], wc, bc)[: len(t)]  # (real rows, V)
-                if in_g:  # fp32: the gradient is made where it is kept, not copied there
-                    log_probs = torch.log_softmax(scores, -1, out=g[i : i + len(t)])
-                else:
-                    log_probs = scores.float().log_softmax(-1)
-                # -sum_j q_j log p_j, q = (1 - eps) on the right token + eps / V on every token
-                right = log_probs.gather(1, t).sum()
-                loss -= (1 - eps) * right + eps / v * log_probs.sum()
-                if g is not None:  # p - q, as SmoothedCrossEntropy.backward
-                    p = log_probs.exp_().sub_(eps / v)
-                    p.scatter_add_(1, t, p.new_full(t.shape, -(1 - eps)))
-                    if not in_g:
-                        g[i : i + len(t)] = p
+                loss += chunk_loss(scores, t, eps, None if g is None else g[i : i + len(t)])
             if g is not None:
                 g[n:] = 0  # the padding's rows, if any
                 need = ctx.needs_input_grad
@@ -130,6 +119,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_out.item() != 1.0:  # the usual case, loss.backward(), skips a pass
             grads = tuple(None if x is None else x * grad_out for x in grads)
         return (*grads, None, None, None)
+
+
+def chunk_loss(scores: Tensor, target: Tensor, eps: float, grad: Tensor | None) -> Tensor | float:
+    """The summed label-smoothed cross-entropy of scores (rows, V) against target (rows,) and,
+    into `grad` (rows, V) where given, its gradient p - q: qkv's C++ kernel where it applies
+    (qkv/native.py: two reads of each row and one write, while it is in cache), else PyTorch's
+    ops (`torch_chunk_loss`)."""
+    got = native.smoothed_cross_entropy_rows(scores, target, eps, grad)
+    return got if got is not None else torch_chunk_loss(scores, target, eps, grad)
+
+
+def torch_chunk_loss(scores: Tensor, target: Tensor, eps: float, grad: Tensor | None) -> Tensor:
+    """chunk_loss by PyTorch's ops, the softmax and loss in fp32."""
+    t, v = target[:, None], scores.shape[1]
+    in_grad = grad is not None and grad.dtype == torch.float32 == scores.dtype
+    if in_grad:  # fp32: the gradient is made where it is kept, not copied there
+        log_probs = torch.log_softmax(scores, -1, out=grad)
+    else:
+        log_probs = scores.float().log_softmax(-1)
+    # -sum_j q_j log p_j, q = (1 - eps) on the right token + eps / V on every token
+    loss = -((1 - eps) * log_probs.gather(1, t).sum() + eps / v * log_probs.sum())
+    if grad is not None:  # p - q, as SmoothedCrossEntropy.backward
+        p = log_probs.exp_().sub_(eps / v)
+        p.scatter_add_(1, t, p.new_full(t.shape, -(1 - eps)))
+        if not in_grad:
+            grad.copy_(p)
+    return loss
 
 
 def linear_cross_entropy(

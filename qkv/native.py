@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Four so far:
+Five so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -15,6 +15,9 @@ Four so far:
   log-softmax in one read of the logits, greedy's best token and beam search's best 2K
   extensions of a sentence's beams, each a scan that skips the chunks of scores that cannot
   win (qkv/search.py uses them; bench/choose_speed.py measures them).
+- The loss of training's output layer (`smoothed_cross_entropy_rows`): a chunk of scores'
+  label-smoothed cross-entropy and its gradient in two reads and one write of each row, where
+  PyTorch's ops made six passes (qkv/loss.py uses it; bench/loss_speed.py measures it).
 - Dropout's mask for training (`dropout_mask`): drawn by a counter-based generator seeded from
   PyTorch's, in one pass, where PyTorch's route made four (qkv/dropout.py uses it;
   bench/dropout_speed.py measures it).
@@ -70,6 +73,7 @@ _off = False
 _NO_MASK = torch.empty(0, dtype=torch.bool)
 _NO_TABLE = torch.empty(0, dtype=torch.long)
 _NO_BIAS = torch.empty(0)
+_TRAIN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @contextmanager
@@ -201,10 +205,24 @@ def _masks_faster(module: ModuleType) -> bool:
     feed-forward's shape: 2,048 tokens by 1,024, fp32."""
     from .dropout import cut_and_scale, torch_mask
 
-    x = torch.empty(2048, 1024)
+    x, gen = torch.empty(2048, 1024), torch.Generator().manual_seed(0)
     cut, scale = cut_and_scale(0.1, x.dtype)
+    return _quicker(  # its own generator: a training's random stream must not see the check
+        lambda: module.dropout_mask(x, cut, scale, 1), lambda: torch_mask(x, cut, scale, gen)
+    )
+
+
+def _loss_faster(module: ModuleType) -> bool:
+    """Whether the chunk loss beats PyTorch's ops (qkv/loss.py) here, at a chunk of the fused
+    loss: 131 rows of an 8,000-token vocabulary, fp32, with its gradient."""
+    from .loss import torch_chunk_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(131, 8000, generator=gen), torch.randint(0, 8000, (131,), generator=gen)
+    g = torch.empty_like(x)
     return _quicker(
-        lambda: module.dropout_mask(x, cut, scale, 1), lambda: torch_mask(x, cut, scale)
+        lambda: module.smoothed_cross_entropy_rows(x, t, 0.1, g),
+        lambda: torch_chunk_loss(x, t, 0.1, g),
     )
 
 
@@ -282,6 +300,18 @@ def choose() -> ModuleType | None:
         return None
 
     return _checked("choose", check)
+
+
+def losses() -> ModuleType | None:
+    """The module, for the chunk loss; None where it is off, fails to build, or is not faster
+    here."""
+
+    def check(module: ModuleType) -> str | None:
+        if not _loss_faster(module):
+            return "the loss kernel is slower than PyTorch's here: unused"
+        return None
+
+    return _checked("loss", check)
 
 
 def masks() -> ModuleType | None:
@@ -410,7 +440,29 @@ def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
     generator state reproduce it); None where the kernel does not apply."""
     if _off or torch.compiler.is_compiling() or x.device.type != "cpu":
         return None
-    if x.dtype not in (torch.float32, torch.bfloat16) or masks() is None:
+    if x.dtype not in _TRAIN_DTYPES or masks() is None:
         return None
     seed = int(torch.randint(-(2**63), 2**63 - 1, (1,)))
     return masks().dropout_mask(x, cut, scale, seed)
+
+
+def smoothed_cross_entropy_rows(
+    scores: Tensor, target: Tensor, eps: float, grad: Tensor | None
+) -> float | None:
+    """qkv.loss.chunk_loss by the C++ kernel: scores (rows, V) fp32 or bf16 on the CPU with
+    contiguous rows, target (rows,) long, grad like scores (fp32 or bf16, it may be scores) or
+    None; the summed loss, or None where the kernel does not apply."""
+    if _off or torch.compiler.is_compiling() or scores.device.type != "cpu":
+        return None
+    if scores.dim() != 2 or scores.stride(1) != 1 or scores.dtype not in _TRAIN_DTYPES:
+        return None
+    if grad is not None and (grad.stride(1) != 1 or grad.dtype not in _TRAIN_DTYPES):
+        return None
+    if target.dtype != torch.long:
+        return None
+    if losses() is None:
+        return None
+    target = target.contiguous()
+    return losses().smoothed_cross_entropy_rows(
+        scores, target, eps, _NO_BIAS if grad is None else grad
+    )

@@ -98,7 +98,7 @@ def native_kernels(*names: str):
     the quick measurements in qkv/native.py would choose, so tests do not depend on timings:
     "attention" (`native.kernel`), "gemm" (MKL's packed product, `native.gemm`; skipped where
     this PyTorch lacks it), "choose" (the log-softmax and scans of search, `native.choose`),
-    "masks" (dropout's mask, `native.masks`).
+    "masks" (dropout's mask, `native.masks`), "loss" (the chunk loss, `native.losses`).
     Yields the module."""
     from qkv import native
 
@@ -109,7 +109,13 @@ def native_kernels(*names: str):
     native._state["built"] = module
     native._state.update(
         {
-            {"attention": "module", "gemm": "gemm", "choose": "choose", "masks": "masks"}[n]: module
+            {
+                "attention": "module",
+                "gemm": "gemm",
+                "choose": "choose",
+                "masks": "masks",
+                "loss": "loss",
+            }[n]: module
             for n in names
         }
     )

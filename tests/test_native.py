@@ -552,3 +552,78 @@ def test_dropout_draws_the_c_mask_from_torchs_generator(masks, monkeypatch):
     assert not torch.equal(dropout(x, 0.3), y)  # the generator moved on
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the same mask
+
+
+# --- the chunk loss of training's output layer (csrc/cross_entropy.cpp) --------------------------
+
+
+@pytest.fixture(scope="module")
+def loss_kernel():
+    """The chunk loss kernel, in use whatever its timing says (conftest.native_kernels)."""
+    with native_kernels("loss") as module:
+        yield module
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    width=st.integers(1, 300),
+    eps=st.sampled_from([0.0, 0.1, 0.3]),
+    scores_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    grad=st.sampled_from(["none", "fp32", "bf16", "in place"]),
+    spare=st.integers(0, 3),  # rows inside a wider buffer
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunk_loss_and_gradient_are_the_smoothed_cross_entropy(
+    loss_kernel, rows, width, eps, scores_dtype, grad, spare, threads, seed
+):
+    """Against F.cross_entropy(label_smoothing=eps) and its gradient in fp64, on the scores as
+    given (bf16 ones widened exactly); the gradient written in its own dtype."""
+    from qkv.loss import chunk_loss
+
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(rows, width + spare, generator=g) * 4).to(scores_dtype)[:, :width]
+    target = torch.randint(0, width, (rows,), generator=g)
+    exact = scores.double().requires_grad_()
+    want = F.cross_entropy(exact, target, reduction="sum", label_smoothing=eps)
+    (want_grad,) = torch.autograd.grad(want, exact)
+    if grad == "in place" and scores_dtype != torch.float32:
+        grad = "bf16"
+    out = {
+        "none": None,
+        "fp32": torch.empty(rows, width),
+        "bf16": torch.empty(rows, width, dtype=torch.bfloat16),
+        "in place": scores,
+    }[grad]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = chunk_loss(scores.clone() if grad != "in place" else scores, target, eps, out)
+    finally:
+        torch.set_num_threads(before)
+    assert isinstance(got, float)  # the kernel's answer, not PyTorch's
+    assert got == pytest.approx(want.item(), rel=1e-5, abs=1e-4 * rows)
+    if out is not None:
+        tol = 1e-6 if out.dtype == torch.float32 else 8e-3  # bf16 keeps 8 bits
+        torch.testing.assert_close(out.double(), want_grad, atol=tol, rtol=tol)
+
+
+def test_chunk_loss_refuses_a_target_out_of_range(loss_kernel):
+    scores, target = torch.randn(2, 5), torch.tensor([1, 5])
+    with pytest.raises(RuntimeError, match="target out of range"):
+        native.smoothed_cross_entropy_rows(scores, target, 0.1, None)
+
+
+def test_the_quick_checks_leave_torchs_generator_alone(monkeypatch):
+    """Each kernel's once-per-process check runs inside whatever first needs it (a training's
+    first dropout, say): it must not draw from PyTorch's default generator, or a run that made
+    the check and one that did not (a resumed one in the same process) would drop different
+    units. (The dropout check once did, and a resume stopped being bit-identical.)"""
+    monkeypatch.setattr(native, "_state", {"built": native._compile()})  # decide afresh
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    for check in (native.kernel, native.gemm, native.choose, native.masks, native.losses):
+        check()
+    assert torch.equal(torch.rand(3), want)

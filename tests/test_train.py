@@ -380,9 +380,25 @@ def test_smoothed_cross_entropy_matches_torch(eps):
     )
 
 
+@pytest.fixture(params=["pytorch", "c++"])
+def loss_route(request):
+    """Each chunk's loss by PyTorch's ops (qkv's C++ kernels off) or by qkv's C++ kernel
+    (forced on, whatever its timing says)."""
+    from qkv import native
+
+    from .conftest import native_kernels
+
+    if request.param == "c++":
+        with native_kernels("loss"):
+            yield request.param
+    else:
+        with native.off():
+            yield request.param
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
+def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch, loss_route):
     """The fused projection + loss, chunk by chunk (chunks of 8 rows over 37, so the last is
     short), against F.linear then PyTorch's own label-smoothed cross-entropy: the loss and the
     gradients of h, the weight (tied: it also feeds an embedding lookup) and the bias."""
@@ -423,7 +439,7 @@ def test_linear_cross_entropy_equals_the_plain_route(eps, bias, monkeypatch):
 
 @pytest.mark.parametrize("n, chunk_rows", [(70, 16), (300, 256), (384, 128)])
 def test_linear_cross_entropy_in_bf16_autocast_matches_the_plain_route_in_autocast(
-    n, chunk_rows, monkeypatch
+    n, chunk_rows, monkeypatch, loss_route
 ):
     """Under bf16 autocast both routes multiply in bf16 and take the softmax in fp32: their
     losses and gradients agree to bf16's rounding, and the gradients come back in fp32. The

@@ -10,6 +10,8 @@ torch::Tensor argmax_rows(const torch::Tensor& x);
 std::vector<torch::Tensor> beam_topk(const torch::Tensor& log_probs, const torch::Tensor& scores,
                                      int64_t k, int64_t want);
 torch::Tensor dropout_mask(const torch::Tensor& like, int64_t cut, double scale, int64_t seed);
+double smoothed_cross_entropy_rows(const torch::Tensor& scores, const torch::Tensor& target,
+                                   double eps, const torch::Tensor& grad);
 bool gemm_available();
 torch::Tensor pack_weight(const torch::Tensor& w);
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
@@ -22,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "each row's first largest score's position (choose.cpp)");
   m.def("beam_topk", &beam_topk, "each sentence's best extensions of its K beams (choose.cpp)");
   m.def("dropout_mask", &dropout_mask, "dropout's scaled mask, counter-based (dropout_mask.cpp)");
+  m.def("smoothed_cross_entropy_rows", &smoothed_cross_entropy_rows,
+        "a chunk's label-smoothed cross-entropy and its gradient (cross_entropy.cpp)");
   m.def("gemm_available", &gemm_available, "whether MKL's packed GEMM is linked (packed_gemm.cpp)");
   m.def("pack_weight", &pack_weight, "an (N, K) weight packed for packed_linear");
   m.def("packed_linear", &packed_linear, "x W^T + b on a packed weight (packed_gemm.cpp)");
