@@ -21,11 +21,18 @@ from qkv.cli import main
 
 from .conftest import free_port
 
-# QKV_NATIVE=0: each process decides by a quick timing whether qkv's C++ attention kernel beats
+# QKV_NATIVE=0: each process decides by a quick timing whether each of qkv's C++ kernels beats
 # PyTorch's (qkv/native.py); under load two processes can decide differently and round
-# differently (1e-7), enough to move a rank statistic. These tests compare processes, so all of
-# them use PyTorch's kernels (one_and_two's in-process run too).
+# differently (1e-7), enough to move a rank statistic, and Adam amplifies it over steps. These
+# tests compare processes, so all of them use PyTorch's kernels (the in-process runs too:
+# `pytorch_kernels`).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "QKV_DIST_TIMEOUT": "60", "QKV_NATIVE": "0"}
+
+
+@pytest.fixture(autouse=True)
+def pytorch_kernels():
+    with native.off():
+        yield
 
 
 def flags(corpus, out: Path, steps: int, accumulate: int, *extra: str) -> list[str]:
@@ -63,8 +70,7 @@ def torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
 def one_and_two(args: list[str], root: Path, capsys) -> tuple[list[dict], list[dict]]:
     """`qkv train ARGS` by one process and by two: the same weights (to 1e-5); the validation
     rows of each, to compare."""
-    with native.off():
-        assert main([*args, "--out", str(root / "one")]) == 0
+    assert main([*args, "--out", str(root / "one")]) == 0
     capsys.readouterr()
     torchrun([*args, "--out", str(root / "two")])
     assert_same_weights(root / "one", root / "two", atol=1e-5)
