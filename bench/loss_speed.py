@@ -2,7 +2,8 @@
 target tokens (1,800 x 256 hidden states, 8k vocabulary), forward + backward, three ways:
 `F.linear` then PyTorch's `F.cross_entropy(..., label_smoothing=0.1)`; `F.linear` then qkv's
 closed-form `smoothed_cross_entropy` (the route before 2026-11-30); and qkv's
-`linear_cross_entropy`, projection and loss fused, chunk by chunk (the route now). In fp32, or
+`linear_cross_entropy`, projection and loss fused, chunk by chunk (the route now), each chunk's
+loss by qkv's C++ kernel (since 2026-11-30) or by PyTorch's ops (`native.off()`). In fp32, or
 with `--precision bf16` under bf16 autocast as `qkv train --precision bf16` runs it; the fused
 route once per chunk size in `--chunks`, in rows (qkv.loss.CHUNK_SCORES / 8000 is qkv's).
 Alternated, best of --repeats. With --new-rows every call gets a number of rows no call had
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qkv import loss
+from qkv import loss, native
 from qkv.loss import linear_cross_entropy, smoothed_cross_entropy
 
 
@@ -52,6 +53,12 @@ def main() -> None:
             return linear_cross_entropy(h, head.weight, None, target, 0.1)
 
         systems[f"linear_cross_entropy, {rows} rows"] = fused
+
+        def fused_torch(h, target, fused=fused):
+            with native.off():  # each chunk's loss by PyTorch's ops, not qkv's C++ kernel
+                return fused(h, target)
+
+        systems[f"  {rows} rows, PyTorch's chunk ops"] = fused_torch
     best = {name: float("inf") for name in systems}
     calls = 0
     for _ in range(args.repeats):
