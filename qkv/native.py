@@ -264,16 +264,20 @@ def _checked(key: str, check) -> ModuleType | None:
     return _state[key]
 
 
+def _speed_checked(key: str, faster, what: str) -> ModuleType | None:
+    """_checked with a speed check: the module where `faster(module)`, else None and one line
+    saying that `what` is slower than PyTorch's here."""
+
+    def check(module: ModuleType) -> str | None:
+        return None if faster(module) else f"{what} is slower than PyTorch's here: unused"
+
+    return _checked(key, check)
+
+
 def kernel() -> ModuleType | None:
     """The module, for its attention kernel; None where it is off, fails to build, or is not
     faster here."""
-
-    def check(module: ModuleType) -> str | None:
-        if not _faster(module):
-            return "the decoding attention kernel is slower than PyTorch's here: unused"
-        return None
-
-    return _checked("module", check)
+    return _speed_checked("module", _faster, "the decoding attention kernel")
 
 
 def gemm() -> ModuleType | None:
@@ -293,37 +297,19 @@ def gemm() -> ModuleType | None:
 def choose() -> ModuleType | None:
     """The module, for its log-softmax and scans; None where it is off, fails to build, or its
     log-softmax is not faster here."""
-
-    def check(module: ModuleType) -> str | None:
-        if not _choose_faster(module):
-            return "the log-softmax kernel is slower than PyTorch's here: unused"
-        return None
-
-    return _checked("choose", check)
+    return _speed_checked("choose", _choose_faster, "the log-softmax kernel")
 
 
 def losses() -> ModuleType | None:
     """The module, for the chunk loss; None where it is off, fails to build, or is not faster
     here."""
-
-    def check(module: ModuleType) -> str | None:
-        if not _loss_faster(module):
-            return "the loss kernel is slower than PyTorch's here: unused"
-        return None
-
-    return _checked("loss", check)
+    return _speed_checked("loss", _loss_faster, "the loss kernel")
 
 
 def masks() -> ModuleType | None:
     """The module, for dropout's mask; None where it is off, fails to build, or is not faster
     here."""
-
-    def check(module: ModuleType) -> str | None:
-        if not _masks_faster(module):
-            return "the dropout mask kernel is slower than PyTorch's here: unused"
-        return None
-
-    return _checked("masks", check)
+    return _speed_checked("masks", _masks_faster, "the dropout mask kernel")
 
 
 def _inference_fp32(*tensors: Tensor) -> bool:

@@ -123,22 +123,15 @@ def test_attention_takes_the_kernel_where_it_applies(kernel, monkeypatch):
     assert len(calls) == 1
 
 
-def test_decoding_is_the_same_with_and_without_the_kernel(kernel, tiny):
-    """Greedy and beam search over the KV cache (self-attention with one query, cross-attention
-    with a sentence's beams grouped) give the same tokens and scores either way."""
-    from qkv.config import DecodeConfig
+def assert_decodes_alike(model, src, lengths, cfgs) -> None:
+    """Each config decodes src to the same tokens, and scores within 1e-5, with qkv's C++
+    kernels (as in use inside the test) and without (native.off)."""
     from qkv.search import decode, model_step
 
-    model = tiny()
-    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(0))
-    src[1, 5:] = 0  # padding: the cross-attention mask hides it
-    lengths = (src != 0).sum(1)
-
     def run(cfg):
-        step = model_step(model)
-        return decode(step, model.start(src), lengths, cfg, bos=1, eos=2, pad=0)
+        return decode(model_step(model), model.start(src), lengths, cfg, bos=1, eos=2, pad=0)
 
-    for cfg in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam=3, nbest=2)):
+    for cfg in cfgs:
         with torch.inference_mode():
             ours = run(cfg)
             with native.off():
@@ -147,6 +140,20 @@ def test_decoding_is_the_same_with_and_without_the_kernel(kernel, tiny):
         for a, b in zip(ours, theirs, strict=True):
             for x, y in zip(a, b, strict=True):
                 assert x.score == pytest.approx(y.score, abs=1e-5)
+
+
+def test_decoding_is_the_same_with_and_without_the_kernel(kernel, tiny):
+    """Greedy and beam search over the KV cache (self-attention with one query, cross-attention
+    with a sentence's beams grouped) give the same tokens and scores either way."""
+    from qkv.config import DecodeConfig
+
+    model = tiny()
+    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(0))
+    src[1, 5:] = 0  # padding: the cross-attention mask hides it
+    lengths = (src != 0).sum(1)
+
+    greedy, beam = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam=3, nbest=2)
+    assert_decodes_alike(model, src, lengths, [greedy, beam])
 
 
 def test_off_switch_and_a_failed_build(monkeypatch, capsys):
@@ -444,7 +451,6 @@ def test_search_takes_the_scans_and_decodes_as_without_them(scans, tiny, monkeyp
     """Greedy and beam search on a model give the same tokens and scores with the C++
     log-softmax and scans as with PyTorch's ops, and do call them."""
     from qkv.config import DecodeConfig
-    from qkv.search import decode, model_step
 
     calls = []
     for name in ("log_softmax_", "argmax", "beam_topk"):
@@ -456,18 +462,8 @@ def test_search_takes_the_scans_and_decodes_as_without_them(scans, tiny, monkeyp
     src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(0))
     lengths = torch.full((4,), 7)
 
-    def run(cfg):
-        return decode(model_step(model), model.start(src), lengths, cfg, bos=1, eos=2, pad=0)
-
-    for cfg in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam=3, nbest=3)):
-        with torch.inference_mode():
-            ours = run(cfg)
-            with native.off():
-                theirs = run(cfg)
-        assert [[h.tokens for h in n] for n in ours] == [[h.tokens for h in n] for n in theirs]
-        for a, b in zip(ours, theirs, strict=True):
-            for x, y in zip(a, b, strict=True):
-                assert x.score == pytest.approx(y.score, abs=1e-5)
+    greedy, beam = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam=3, nbest=3)
+    assert_decodes_alike(model, src, lengths, [greedy, beam])
     assert {"log_softmax_", "argmax", "beam_topk"} <= set(calls)
 
 
