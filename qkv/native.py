@@ -28,7 +28,7 @@ one build per CPU (its model name and flags), compiler flags, sources and torch 
 once per process, a quick measurement at a decoding shape checks that each kernel beats
 PyTorch's (oneDNN's for the product) on this machine; where one does not, or anything fails (no
 compiler, no ninja, no MKL in the PyTorch build), qkv uses PyTorch's and says so once.
-QKV_NATIVE=0 turns both off.
+QKV_NATIVE=0 turns them all off.
 """
 
 from __future__ import annotations
@@ -392,18 +392,18 @@ def _rows(x: Tensor) -> bool:
 def log_softmax_(x: Tensor) -> bool:
     """Turn x (N, V) into its rows' log-softmax in place; False (x untouched) where the kernel
     does not apply (then the caller uses PyTorch's)."""
-    if not _rows(x) or choose() is None:
+    module = choose() if _rows(x) else None
+    if module is None:
         return False
-    choose().log_softmax_(x)
+    module.log_softmax_(x)
     return True
 
 
 def argmax(x: Tensor) -> Tensor | None:
     """(N, V) -> (N,): torch.argmax(x, -1) (first largest, NaN counting as largest), or None
     where the kernel does not apply."""
-    if not _rows(x) or choose() is None:
-        return None
-    return choose().argmax_rows(x)
+    module = choose() if _rows(x) else None
+    return None if module is None else module.argmax_rows(x)
 
 
 def beam_topk(log_probs: Tensor, scores: Tensor, want: int) -> tuple[Tensor, Tensor] | None:
@@ -411,25 +411,32 @@ def beam_topk(log_probs: Tensor, scores: Tensor, want: int) -> tuple[Tensor, Ten
     (log_probs + scores.view(-1, 1)).view(n, K * V) per row and their positions (n, want) each,
     best first; None where the kernel does not apply or a score is NaN. Ties go to the lower
     position; where fewer than `want` are above -inf, the rest are -inf at position 0."""
-    k = scores.shape[-1]
-    if not _rows(log_probs) or scores.dtype != torch.float32 or choose() is None:
+    module = choose() if _rows(log_probs) and scores.dtype == torch.float32 else None
+    if module is None:
         return None
-    values, positions = choose().beam_topk(log_probs, scores.reshape(-1), k, want)
+    values, positions = module.beam_topk(log_probs, scores.reshape(-1), scores.shape[-1], want)
     if values is None:  # an undefined tensor: a NaN score
         return None
     return values, positions
+
+
+def _training(*tensors: Tensor) -> bool:
+    """What the training kernels need: CPU tensors of fp32 or bf16 (autocast's), not inside
+    torch.compile, and not switched off (`off`)."""
+    if _off or torch.compiler.is_compiling():
+        return False
+    return all(x.device.type == "cpu" and x.dtype in _TRAIN_DTYPES for x in tensors)
 
 
 def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
     """A mask like x (fp32 or bf16, on the CPU): `scale` where kept, 0 where dropped (probability
     cut / 65536), its seed drawn from PyTorch's generator (so torch.manual_seed and a saved
     generator state reproduce it); None where the kernel does not apply."""
-    if _off or torch.compiler.is_compiling() or x.device.type != "cpu":
-        return None
-    if x.dtype not in _TRAIN_DTYPES or masks() is None:
+    module = masks() if _training(x) else None
+    if module is None:
         return None
     seed = int(torch.randint(-(2**63), 2**63 - 1, (1,)))
-    return masks().dropout_mask(x, cut, scale, seed)
+    return module.dropout_mask(x, cut, scale, seed)
 
 
 def smoothed_cross_entropy_rows(
@@ -438,17 +445,13 @@ def smoothed_cross_entropy_rows(
     """qkv.loss.chunk_loss by the C++ kernel: scores (rows, V) fp32 or bf16 on the CPU with
     contiguous rows, target (rows,) long, grad like scores (fp32 or bf16, it may be scores) or
     None; the summed loss, or None where the kernel does not apply."""
-    if _off or torch.compiler.is_compiling() or scores.device.type != "cpu":
+    given = [scores] if grad is None else [scores, grad]
+    if scores.dim() != 2 or target.dtype != torch.long or not _training(*given):
         return None
-    if scores.dim() != 2 or scores.stride(1) != 1 or scores.dtype not in _TRAIN_DTYPES:
+    if any(x.stride(1) != 1 for x in given):  # rows of contiguous scores
         return None
-    if grad is not None and (grad.stride(1) != 1 or grad.dtype not in _TRAIN_DTYPES):
+    module = losses()
+    if module is None:
         return None
-    if target.dtype != torch.long:
-        return None
-    if losses() is None:
-        return None
-    target = target.contiguous()
-    return losses().smoothed_cross_entropy_rows(
-        scores, target, eps, _NO_BIAS if grad is None else grad
-    )
+    grad = _NO_BIAS if grad is None else grad
+    return module.smoothed_cross_entropy_rows(scores, target.contiguous(), eps, grad)

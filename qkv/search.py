@@ -167,8 +167,7 @@ def beam_topk(log_probs: Tensor, scores: Tensor, want: int) -> tuple[Tensor, Ten
     chosen = native.beam_topk(log_probs, scores, want)
     if chosen is not None:
         return chosen
-    n, k = scores.shape
-    return topk(log_probs.add_(scores.view(-1, 1)).view(n, -1), want)
+    return topk(log_probs.add_(scores.view(-1, 1)).view(len(scores), -1), want)
 
 
 # --- logit edits: small pure functions, applied in order by edit_log_probs --------------------
