@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, native
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, TrainConfig, to_dict
 from .data import DataError
@@ -548,6 +548,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model.train()
+        if self.device.type == "cpu":  # qkv's C++ kernels for dropout and the loss, built (about
+            native.masks()  # 40 s on a machine that has none yet) and checked before the clock
+            native.losses()  # starts, not inside the first step of a --max-minutes budget
         before = getattr(self.task, "before_training", None)
         if before is not None:
             before(self.device, self.log)

@@ -213,6 +213,34 @@ def test_set_up_before_training_is_not_charged_to_the_time_budget(tmp_path, monk
     assert trainer.step == 5 and trainer.elapsed < 60  # charged, it would stop after one step
 
 
+def test_the_training_kernels_are_ready_before_the_clock_starts(tmp_path, monkeypatch):
+    """On a CPU, dropout's and the loss's C++ kernels are built and checked before the time
+    budget starts (a first build takes about 40 s), for any task: here each first decision
+    costs 100 s of a fake clock, which inside the budget would stop training after one step."""
+    from qkv import native
+
+    clock = [0.0]
+    real_clock = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real_clock() + clock[0])
+    fresh = {k: v for k, v in native._state.items() if k not in ("masks", "loss")}
+    monkeypatch.setattr(native, "_state", fresh)
+    decided = []
+    real_checked = native._checked
+
+    def checked(key, check):
+        if key not in native._state:
+            decided.append(key)
+            clock[0] += 100.0
+        return real_checked(key, check)
+
+    monkeypatch.setattr(native, "_checked", checked)
+    model_cfg = ModelConfig(d_model=16, n_heads=2, d_ff=32, max_len=16, dropout=0.1)
+    cfg = TrainConfig(threads=1, max_steps=5, max_minutes=1.0, eval_every=100, log_every=100)
+    trainer = train(Counting(0), model_cfg, cfg, tmp_path, log=lambda s: None)
+    assert {"masks", "loss"} <= set(decided)
+    assert trainer.step == 5 and trainer.elapsed < 60
+
+
 def test_translation_builds_the_kernels_before_training_on_a_cpu(monkeypatch):
     from qkv import native
     from qkv.tasks.translation import Translation
