@@ -1,5 +1,8 @@
-"""qkv's C++ attention kernel for decoding (qkv/native.py) against PyTorch's fused kernel and the
-explicit math, and where qkv.attention uses it."""
+"""qkv's C++ kernels (qkv/native.py) against PyTorch: decoding's attention (against its fused
+kernel and the explicit math), MKL's packed product, search's log-softmax and scans, dropout's
+mask and the training loss; where qkv uses each, and how the module is built and loaded."""
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,6 +14,17 @@ from qkv import native
 from qkv.attention import attention
 
 from .conftest import native_kernels
+
+
+@contextmanager
+def threads_set_to(n: int):
+    """PyTorch's intra-op threads (which the kernels' at::parallel_for follow) set to n inside."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -309,12 +323,8 @@ def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, thr
     kept = None if b is None else b.clone()
     packed = native.pack_weight(w)
     x = torch.randn(m, k + spare, generator=g)[:, :k]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_set_to(threads):
         got = native.packed_linear(x, packed, b, n)
-    finally:
-        torch.set_num_threads(before)
     assert got.shape == (m, n) and got.is_contiguous()
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     torch.testing.assert_close(got, want.float(), atol=1e-4 * k**0.5, rtol=1e-5)
@@ -372,14 +382,10 @@ KINDS = st.sampled_from(["distinct", "ties", "few finite", "large"])
 def test_log_softmax_and_argmax_are_torchs(scans, rows, width, kind, spare, threads, seed):
     g = torch.Generator().manual_seed(seed)
     x = scores(rows, width + spare, kind, g)[:, :width]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_set_to(threads):
         best = native.argmax(x)
         mine = x.clone()
         assert native.log_softmax_(mine)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(best, x.argmax(-1))  # the first largest
     want = x.double().log_softmax(-1).float()
     torch.testing.assert_close(mine, want, atol=2e-6 * (1 + want.abs().max().item()), rtol=1e-6)
@@ -421,12 +427,8 @@ def test_beam_topk_is_the_stable_sort_of_the_sums(
     if unused:
         beams[:, 1:] = float("-inf")
     whole = (log_probs + beams.view(-1, 1)).view(n, k * width)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_set_to(threads):
         values, positions = native.beam_topk(log_probs.clone(), beams, want)
-    finally:
-        torch.set_num_threads(before)
     order = whole.sort(dim=1, descending=True, stable=True)
     m = min(want, k * width)
     finite = order.values[:, :m] > float("-inf")
@@ -515,14 +517,10 @@ def test_dropout_mask_is_a_function_of_its_seed_alone(masks):
     """The same seed: the same mask, at any thread count, and a shorter mask is the start of a
     longer one; another seed, another mask; draws within and across blocks uncorrelated."""
     x = torch.empty(3, 1000)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads_set_to(1):
         one = masks.dropout_mask(torch.empty(100_003), 32768, 2.0, 11)
-        torch.set_num_threads(2)
+    with threads_set_to(2):
         two = masks.dropout_mask(torch.empty(100_003), 32768, 2.0, 11)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(one, two)
     assert torch.equal(masks.dropout_mask(x, 32768, 2.0, 11).view(-1), one[:3000])
     other = masks.dropout_mask(torch.empty(100_003), 32768, 2.0, 12)
@@ -592,12 +590,8 @@ def test_chunk_loss_and_gradient_are_the_smoothed_cross_entropy(
         "bf16": torch.empty(rows, width, dtype=torch.bfloat16),
         "in place": scores,
     }[grad]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_set_to(threads):
         got = chunk_loss(scores.clone() if grad != "in place" else scores, target, eps, out)
-    finally:
-        torch.set_num_threads(before)
     assert isinstance(got, float)  # the kernel's answer, not PyTorch's
     assert got == pytest.approx(want.item(), rel=1e-5, abs=1e-4 * rows)
     if out is not None:
