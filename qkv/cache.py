@@ -37,9 +37,9 @@ class KVCache:
         self.static = static  # cross-attention: filled once from the encoder output, then reused
         # Positions to make room for at the first append: a search that knows how long it may
         # run (qkv.translate) reserves them, so the storage never grows (a growth copies every
-        # key, into fresh pages: 2.6 ms per layer's keys for beam 5 over 32 sentences, 25
-        # positions, bench/README.md). Room reserved but never written costs no memory: the
-        # pages of a position are touched when it is written.
+        # key: 2.9 ms per layer's keys for beam 5 over 32 sentences at 16 positions,
+        # bench/README.md). Room reserved but never written costs no memory: the pages of a
+        # position are touched when it is written.
         self.reserve = reserve
         self._k: Tensor | None = None  # (P, H, capacity, Dh): P stored rows
         self._v: Tensor | None = None
