@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .dropout import Dropout
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -75,4 +76,9 @@ class Residual(nn.Module):
         skip = x if self.skip else 0.0
         if self.norm_first:
             return skip + self.dropout(sublayer(self.norm(x)))
-        return self.norm(skip + self.dropout(sublayer(x)))
+        y = self.dropout(sublayer(x))
+        if self.skip:  # inference on the CPU: add and norm in one C++ call, where it applies
+            fused = native.add_layer_norm(x, y, self.norm)
+            if fused is not None:
+                return fused
+        return self.norm(skip + y)

@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Five so far:
+Six so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -18,6 +18,9 @@ Five so far:
 - The loss of training's output layer (`smoothed_cross_entropy_rows`): a chunk of scores'
   label-smoothed cross-entropy and its gradient in two reads and one write of each row, where
   PyTorch's ops made six passes (qkv/loss.py uses it; bench/loss_speed.py measures it).
+- The steps between a decoding step's products (`add_layer_norm`, `activate_`): a post-LN skip
+  connection's add and layer norm in one call, and GELU or SiLU in place after MKL's product
+  (qkv/layers.py and qkv/packed.py use them; bench/pointwise_speed.py measures them).
 - Dropout's mask for training (`dropout_mask`): drawn by a counter-based generator seeded from
   PyTorch's, in one pass, where PyTorch's route made four (qkv/dropout.py uses it;
   bench/dropout_speed.py measures it).
@@ -66,6 +69,12 @@ CFLAGS = [
     "-funsafe-math-optimizations",  # reorder the sums to vectorize them; infinities still hold
     "-fno-math-errno",
 ]
+
+# The activation kernel's use is its lower cost per call: PyTorch's (oneDNN's eltwise kernel)
+# costs more per call but less per value, and on the Xeon of bench/README.md won from about
+# 600,000 values (a batch's encoder layer) up (bench/pointwise_speed.py). Decoding steps have
+# at most a few hundred thousand.
+ACTIVATE_MAX = 1 << 18
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -226,6 +235,20 @@ def _loss_faster(module: ModuleType) -> bool:
     )
 
 
+def _pointwise_faster(module: ModuleType) -> bool:
+    """Whether the skip connection's add and layer norm beat PyTorch's two ops here, at greedy
+    decoding's shape for 32 sentences of a d256 model. (The activation beats PyTorch's gelu_ by
+    more, bench/pointwise_speed.py; it goes with them.)"""
+    gen = torch.Generator().manual_seed(0)
+    x, y, w, b = (
+        torch.randn(*shape, generator=gen) for shape in ((32, 256), (32, 256), (256,), (256,))
+    )
+    return _quicker(
+        lambda: module.add_layer_norm(x, y, w, b, 1e-5),
+        lambda: F.layer_norm(x + y, (256,), w, b, 1e-5),
+    )
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -310,6 +333,12 @@ def masks() -> ModuleType | None:
     """The module, for dropout's mask; None where it is off, fails to build, or is not faster
     here."""
     return _speed_checked("masks", _masks_faster, "the dropout mask kernel")
+
+
+def pointwise() -> ModuleType | None:
+    """The module, for the post-LN skip connection and the activation; None where it is off,
+    fails to build, or is not faster here."""
+    return _speed_checked("pointwise", _pointwise_faster, "the add-and-norm kernel")
 
 
 def _inference_fp32(*tensors: Tensor) -> bool:
@@ -455,3 +484,36 @@ def smoothed_cross_entropy_rows(
         return None
     grad = _NO_BIAS if grad is None else grad
     return module.smoothed_cross_entropy_rows(scores, target.contiguous(), eps, grad)
+
+
+def add_layer_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm) -> Tensor | None:
+    """norm(x + y) for x, y (..., D) alike, by the C++ kernel (one call, where PyTorch's took
+    two); None where it does not apply: fp32 inference on the CPU, rows of contiguous values,
+    and a norm over the last dimension with weights."""
+    if x.shape != y.shape or x.dim() < 2 or norm.weight is None or not _inference_fp32(x, y):
+        return None
+    if norm.normalized_shape != (x.shape[-1],) or norm.weight.dtype != torch.float32:
+        return None
+    module = pointwise()
+    if module is None:
+        return None
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # views where they can be
+    if x2.stride(1) != 1 or y2.stride(1) != 1:
+        return None
+    bias = _NO_BIAS if norm.bias is None else norm.bias
+    return module.add_layer_norm(x2, y2, norm.weight, bias, norm.eps).view(x.shape)
+
+
+def activate_(x: Tensor, kind: str) -> bool:
+    """x = gelu(x) (the erf form) or silu(x), in place, by the C++ kernel; False (x untouched)
+    where it does not apply: fp32 inference on the CPU, x contiguous, at most ACTIVATE_MAX
+    values."""
+    if kind not in ("gelu", "silu") or x.numel() > ACTIVATE_MAX or not x.is_contiguous():
+        return False
+    if not _inference_fp32(x):
+        return False
+    module = pointwise()
+    if module is None:
+        return False
+    module.activate_(x, kind)
+    return True

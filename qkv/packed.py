@@ -54,11 +54,13 @@ MIN_WEIGHTS = 2**17
 # oneDNN applies these to the product's fp32 accumulator before writing it (its "post-op"): a
 # feed-forward's first product and its activation in one pass (PackedFeedForward).
 POST_OPS = {F.relu: ("relu", ""), F.gelu: ("gelu", "none"), F.silu: ("swish", "")}
-# MKL's packed product (qkv/native.py) has no post-op: the activation follows it, in place.
+# MKL's packed product (qkv/native.py) has no post-op: the activation follows it, in place, by
+# qkv's C++ kernel where it applies (PyTorch's gelu_ cost more than the product's fixed cost at
+# decoding's shapes, bench/pointwise_speed.py).
 ACTIVATE_IN_PLACE = {
     "relu": torch.relu_,
-    "gelu": torch.ops.aten.gelu_,
-    "swish": lambda y: F.silu(y, inplace=True),
+    "gelu": lambda y: native.activate_(y, "gelu") or torch.ops.aten.gelu_(y),
+    "swish": lambda y: native.activate_(y, "silu") or F.silu(y, inplace=True),
 }
 
 

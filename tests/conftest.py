@@ -98,7 +98,8 @@ def native_kernels(*names: str):
     the quick measurements in qkv/native.py would choose, so tests do not depend on timings:
     "attention" (`native.kernel`), "gemm" (MKL's packed product, `native.gemm`; skipped where
     this PyTorch lacks it), "choose" (the log-softmax and scans of search, `native.choose`),
-    "masks" (dropout's mask, `native.masks`), "loss" (the chunk loss, `native.losses`).
+    "masks" (dropout's mask, `native.masks`), "loss" (the chunk loss, `native.losses`),
+    "pointwise" (add-and-norm and the activation, `native.pointwise`).
     Yields the module."""
     from qkv import native
 
@@ -115,6 +116,7 @@ def native_kernels(*names: str):
                 "choose": "choose",
                 "masks": "masks",
                 "loss": "loss",
+                "pointwise": "pointwise",
             }[n]: module
             for n in names
         }

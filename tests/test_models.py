@@ -98,6 +98,8 @@ def test_a_cache_with_room_reserved_never_grows(tiny):
         storage = c.stored()[0].data_ptr()
         steps += [model.step(tgt[rows, i : i + 1], cache) for i in range(2, 27)]
         assert c.stored()[0].data_ptr() == storage and c._k.shape[2] == 27
+        # position-major storage: one step's keys of a row are one block, all heads together
+        assert c._k[3, :, 26].is_contiguous() and c._v[3, :, 26].is_contiguous()
         want = model(src[rows], tgt[rows])
     torch.testing.assert_close(torch.cat([steps[0][rows], *steps[1:]], 1), want)
     unreserved = model.start(src)

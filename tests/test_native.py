@@ -614,6 +614,117 @@ def test_the_quick_checks_leave_torchs_generator_alone(monkeypatch):
     torch.manual_seed(0)
     want = torch.rand(3)
     torch.manual_seed(0)
-    for check in (native.kernel, native.gemm, native.choose, native.masks, native.losses):
+    checks = (native.kernel, native.gemm, native.choose, native.masks, native.losses)
+    for check in (*checks, native.pointwise):
         check()
     assert torch.equal(torch.rand(3), want)
+
+
+@pytest.fixture(scope="module")
+def pointwise():
+    """Add-and-norm and the activation, in use whatever their timing says."""
+    with native_kernels("pointwise") as module:
+        yield module
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    width=st.integers(1, 300),
+    bias=st.booleans(),
+    spare=st.integers(0, 3),  # rows inside a wider buffer
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_add_layer_norm_is_layer_norm_of_the_sum(
+    pointwise, rows, width, bias, spare, scale, threads, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, width + spare, generator=g) * scale + 3 * scale)[:, :width]
+    y = torch.randn(rows, width, generator=g) * scale
+    norm = torch.nn.LayerNorm(width, bias=bias)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        if bias:
+            norm.bias.normal_(generator=g)
+        with threads_set_to(threads):
+            got = native.add_layer_norm(x, y, norm)
+        want = F.layer_norm(
+            (x + y).double(),
+            (width,),
+            norm.weight.double(),
+            norm.bias.double() if bias else None,
+            1e-5,
+        )
+    assert got is not None and got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "silu"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_activation_in_place_is_torchs(pointwise, kind, threads):
+    """GELU (erf) and SiLU over the whole float range that matters, and at the edges: as close
+    to the fp64 result as PyTorch's own fp32 ops (within fp32's rounding); infinities and NaN
+    as fp64's."""
+    x = torch.cat(
+        [
+            torch.linspace(-20, 20, 40_001),
+            torch.randn(5000) * 1e-3,
+            torch.tensor([0.0, -0.0, 88.0, -88.0, 1e30, -1e30, float("inf"), float("nan")]),
+        ]
+    )
+    mine = x.clone()
+    with torch.no_grad(), threads_set_to(threads):
+        assert native.activate_(mine, kind)
+    exact = getattr(F, kind)(x.double())
+    theirs = getattr(F, kind)(x)
+    finite = exact.isfinite()
+    err = (mine.double() - exact)[finite].abs()
+    bound = (theirs.double() - exact)[finite].abs().max() + 1e-6 * exact[finite].abs()
+    assert (err <= bound).all(), (x[finite][err > bound], err.max())
+    # NaN and infinite results as fp64's (PyTorch's fp32 GELU gives NaN for +inf)
+    torch.testing.assert_close(mine[~finite].double(), exact[~finite], equal_nan=True)
+
+
+def test_the_activation_and_add_norm_refuse_what_they_do_not_take(pointwise):
+    """Gradients, other dtypes, strided or too large tensors: None / False, x untouched, so the
+    caller runs PyTorch's ops."""
+    norm = torch.nn.LayerNorm(8)
+    x = torch.randn(4, 8, requires_grad=True)
+    assert native.add_layer_norm(x, x, norm) is None  # training: autograd must see the ops
+    with torch.no_grad():
+        assert native.add_layer_norm(x.double(), x.double(), norm) is None
+        assert native.add_layer_norm(x, x[:, :4], norm) is None
+        assert native.add_layer_norm(x.t(), x.t(), torch.nn.LayerNorm(4)) is None
+        for y in (x.t(), x.double(), torch.randn(native.ACTIVATE_MAX + 1)):
+            before = y.clone()
+            assert not native.activate_(y, "gelu")
+            assert torch.equal(y, before)
+        assert not native.activate_(x.clone(), "relu")
+
+
+def test_post_ln_layers_take_the_kernels_and_decode_as_without_them(pointwise, tiny, monkeypatch):
+    """A post-LN GELU model, packed as qkv translate runs it: greedy and beam search give the
+    same tokens and scores with add-and-norm and the activation in C++ as with PyTorch's ops,
+    and do call them; training's forward does not."""
+    from qkv.config import DecodeConfig
+    from qkv.packed import pack
+
+    calls = []
+    for name in ("add_layer_norm", "activate_"):
+        real = getattr(native, name)
+        monkeypatch.setattr(
+            native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    model = tiny(norm_first=False, activation="gelu")
+    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(src, src).sum().backward()  # gradients: PyTorch's ops, and they flow
+    assert "add_layer_norm" in calls and all(p.grad is not None for p in model.parameters())
+    calls.clear()
+    greedy, beam = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam=3, nbest=3)
+    with native_kernels("gemm"):  # MKL's product, which the activation follows in place
+        model = pack(model)
+        assert_decodes_alike(model, src, torch.full((4,), 7), [greedy, beam])
+    assert {"add_layer_norm", "activate_"} <= set(calls)
