@@ -291,6 +291,9 @@ def _speed_checked(key: str, faster, what: str) -> ModuleType | None:
     """_checked with a speed check: the module where `faster(module)`, else None and one line
     saying that `what` is slower than PyTorch's here."""
 
+    if key in _state:  # decided: the common case, on every call of a kernel's wrapper
+        return _state[key]
+
     def check(module: ModuleType) -> str | None:
         return None if faster(module) else f"{what} is slower than PyTorch's here: unused"
 
@@ -347,8 +350,8 @@ def _inference_fp32(*tensors: Tensor) -> bool:
     if _off or torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    for x in tensors:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or (grad and x.requires_grad):
+    for x in tensors:  # is_cpu, not device.type: a tenth of the cost, on every decoding step
+        if not x.is_cpu or x.dtype != torch.float32 or (grad and x.requires_grad):
             return False
     return True
 
@@ -365,32 +368,20 @@ def decode_attention(
 ) -> Tensor | None:
     """softmax(q k^T / sqrt(Dh)) v by the C++ kernel, or None where it does not apply (then the
     caller uses PyTorch's): CPU, fp32, no gradients, not inside torch.compile, at most
-    MAX_QUERIES queries per row, and a mask (True = may attend) that only hides keys, the same
-    for every head and query: (B or 1, 1, 1, S).
+    MAX_QUERIES queries per row, a contiguous last dimension, and a mask (True = may attend)
+    that only hides keys, the same for every head and query: (B or 1, 1, 1, S). (The kernel
+    itself checks the last three, and returns None where they fail: in Python those checks
+    cost a fifth of a greedy step's attention.)
 
     q (B, H, T, Dh); k, v (B, H, S, Dh), or a KVCache's stored rows (P, H, S, Dh) read through
-    `table` (B, S) (qkv.attention.attention says how). Returns (B, H, T, Dh)."""
-    if q.dim() != 4 or q.shape[-2] > MAX_QUERIES or not _inference_fp32(q, k, v):
-        return None
-    if mask is None:
-        mask = _NO_MASK
-    elif (
-        mask.dtype != torch.bool
-        or mask.dim() != 4
-        or mask.shape[0] not in (1, q.shape[0])
-        or mask.shape[1:] != (1, 1, k.shape[-2])
-    ):
-        return None
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return None
-    if table is None:
-        table = _NO_TABLE
-    elif table.dtype != torch.long or table.shape != (q.shape[0], k.shape[-2]):
+    `table` (B, S) long (qkv.attention.attention says how). Returns (B, H, T, Dh)."""
+    if q.dim() != 4 or q.shape[2] > MAX_QUERIES or not _inference_fp32(q, k, v):
         return None
     module = kernel()
     if module is None:
         return None
-    return module.decode_attention(q, k, v, mask, table)
+    mask = _NO_MASK if mask is None else mask
+    return module.decode_attention(q, k, v, mask, _NO_TABLE if table is None else table)
 
 
 def packs() -> bool:
@@ -406,9 +397,7 @@ def pack_weight(w: Tensor) -> Tensor | None:
 
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
-    """x (M, K) W^T + bias for W packed by `pack_weight` (n = its rows): (M, n), fp32."""
-    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
-        x = x.contiguous()  # MKL reads rows of contiguous values, not overlapping
+    """x (..., K) W^T + bias for W packed by `pack_weight` (n = its rows): (..., n), fp32."""
     return _built().packed_linear(x, packed, _NO_BIAS if bias is None else bias, n)
 
 
@@ -488,20 +477,17 @@ def smoothed_cross_entropy_rows(
 
 def add_layer_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm) -> Tensor | None:
     """norm(x + y) for x, y (..., D) alike, by the C++ kernel (one call, where PyTorch's took
-    two); None where it does not apply: fp32 inference on the CPU, rows of contiguous values,
-    and a norm over the last dimension with weights."""
-    if x.shape != y.shape or x.dim() < 2 or norm.weight is None or not _inference_fp32(x, y):
+    two); None where it does not apply: fp32 inference on the CPU and a norm over the last
+    dimension with weights. (Few checks: this runs three times per layer per decoding step.)"""
+    weight, bias = norm.weight, norm.bias  # each a module attribute lookup: once
+    if weight is None or x.shape != y.shape or not _inference_fp32(x, y, weight):
         return None
-    if norm.normalized_shape != (x.shape[-1],) or norm.weight.dtype != torch.float32:
+    if norm.normalized_shape != x.shape[-1:]:
         return None
     module = pointwise()
     if module is None:
         return None
-    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # views where they can be
-    if x2.stride(1) != 1 or y2.stride(1) != 1:
-        return None
-    bias = _NO_BIAS if norm.bias is None else norm.bias
-    return module.add_layer_norm(x2, y2, norm.weight, bias, norm.eps).view(x.shape)
+    return module.add_layer_norm(x, y, weight, _NO_BIAS if bias is None else bias, norm.eps)
 
 
 def activate_(x: Tensor, kind: str) -> bool:

@@ -109,10 +109,12 @@ def test_attention_takes_the_kernel_where_it_applies(kernel, monkeypatch):
     calls = []
     real = kernel.decode_attention
 
-    class Spy:
+    class Spy:  # counts the calls the kernel computed (it declines some inputs itself: None)
         def decode_attention(self, *args):
-            calls.append(args[0].shape)
-            return real(*args)
+            out = real(*args)
+            if out is not None:
+                calls.append(args[0].shape)
+            return out
 
     monkeypatch.setitem(native._state, "module", Spy())
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
@@ -135,6 +137,13 @@ def test_attention_takes_the_kernel_where_it_applies(kernel, monkeypatch):
     many = torch.randn(2, 4, native.MAX_QUERIES + 1, 16)
     attention(many, k, v)
     assert len(calls) == 1
+    # declined by the kernel itself, not raised: a mask per head, a table of another shape,
+    # values not contiguous along Dh
+    no_table = native._NO_TABLE
+    with torch.inference_mode():
+        assert real(q, k, v, pad.expand(2, 4, 1, 9), no_table) is None
+        assert real(q, k, v, native._NO_MASK, torch.zeros(2, 3, dtype=torch.long)) is None
+        assert real(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), pad, no_table) is None
 
 
 def assert_decodes_alike(model, src, lengths, cfgs) -> None:
@@ -311,21 +320,27 @@ def mkl():
     k=st.integers(1, 300),
     bias=st.booleans(),
     spare=st.integers(0, 5),  # rows inside a wider buffer
+    layout=st.sampled_from(["rows", "(m, 1, k)", "transposed"]),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, threads, seed):
+def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, layout, threads, seed):
     """Packed once (for the 160 rows the layout is tuned for), right for any number of rows, in
-    any thread count: x W^T + b as F.linear computes it, in fp64."""
+    any thread count, for x of any shape (..., k) and strides: x W^T + b as F.linear computes
+    it, in fp64."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     kept = None if b is None else b.clone()
     packed = native.pack_weight(w)
     x = torch.randn(m, k + spare, generator=g)[:, :k]
+    if layout == "(m, 1, k)":  # a decoding step's (B, T, D)
+        x = x[:, None]
+    elif layout == "transposed":  # values not contiguous along k: copied inside
+        x = x.t().contiguous().t()
     with threads_set_to(threads):
         got = native.packed_linear(x, packed, b, n)
-    assert got.shape == (m, n) and got.is_contiguous()
+    assert got.shape == (*x.shape[:-1], n) and got.is_contiguous()
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     torch.testing.assert_close(got, want.float(), atol=1e-4 * k**0.5, rtol=1e-5)
     if b is not None:
@@ -688,15 +703,17 @@ def test_activation_in_place_is_torchs(pointwise, kind, threads):
 
 
 def test_the_activation_and_add_norm_refuse_what_they_do_not_take(pointwise):
-    """Gradients, other dtypes, strided or too large tensors: None / False, x untouched, so the
-    caller runs PyTorch's ops."""
+    """Gradients, other dtypes, other shapes, strided or too large tensors to activate in
+    place: None / False, x untouched, so the caller runs PyTorch's ops."""
     norm = torch.nn.LayerNorm(8)
     x = torch.randn(4, 8, requires_grad=True)
     assert native.add_layer_norm(x, x, norm) is None  # training: autograd must see the ops
     with torch.no_grad():
         assert native.add_layer_norm(x.double(), x.double(), norm) is None
         assert native.add_layer_norm(x, x[:, :4], norm) is None
-        assert native.add_layer_norm(x.t(), x.t(), torch.nn.LayerNorm(4)) is None
+        norm4 = torch.nn.LayerNorm(4)  # strided rows are taken (copied inside), and right
+        got = native.add_layer_norm(x.t(), 2 * x.t(), norm4)
+        torch.testing.assert_close(got, norm4(3 * x.t()))
         for y in (x.t(), x.double(), torch.randn(native.ACTIVATE_MAX + 1)):
             before = y.clone()
             assert not native.activate_(y, "gelu")

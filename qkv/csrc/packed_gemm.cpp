@@ -42,7 +42,8 @@ static bool fill_bias(torch::Tensor& out, const torch::Tensor& bias, int64_t n) 
               "packed_linear: bias must be ", n, " contiguous fp32 values");
   const float* b = bias.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  for (int64_t i = 0; i < out.size(0); ++i) std::memcpy(y + i * n, b, n * sizeof(float));
+  const int64_t rows = n > 0 ? out.numel() / n : 0;  // out (..., n), contiguous
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(y + i * n, b, n * sizeof(float));
   return true;
 }
 
@@ -66,12 +67,20 @@ torch::Tensor pack_weight(const torch::Tensor& w) {
 
 // x (M, K) with a contiguous last dimension; packed from pack_weight of an (n, K) weight; bias
 // (n) or empty. Returns (M, n), contiguous.
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
+// x (..., K) fp32, any strides: its rows are made contiguous here where they are not (MKL
+// reads rows of contiguous values, not overlapping ones). Returns (..., n). (The shapes are
+// handled here rather than in Python, where a reshape and a view cost a few microseconds a
+// call, at every layer of every decoding step.)
+torch::Tensor packed_linear(const torch::Tensor& x_in, const torch::Tensor& packed,
                             const torch::Tensor& bias, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1,
-              "packed_linear: x must be 2-D fp32 with a contiguous last dimension");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == torch::kFloat32,
+              "packed_linear: x must be fp32");
+  auto x = x_in.reshape({-1, x_in.size(-1)});
+  if (x.stride(1) != 1 || (x.size(0) > 1 && x.stride(0) < x.size(1))) x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
-  auto y = torch::empty({m, n}, x.options());
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = n;
+  auto y = torch::empty(sizes, x.options());
   const bool has_bias = fill_bias(y, bias, n);
   if (m == 0) return y;
   const int64_t lda = m == 1 ? k : x.stride(0);

@@ -74,23 +74,27 @@ void activate_(torch::Tensor& x, const std::string& kind) {
   });
 }
 
-// x, y: (N, D) fp32 with contiguous rows (any row stride); weight (D); bias (D) or empty.
-// Returns norm(x + y) (N, D): each row's mean and variance (the biased one, as LayerNorm's) of
-// x + y, the row normalised, scaled by weight and shifted by bias.
-torch::Tensor add_layer_norm(const torch::Tensor& x, const torch::Tensor& y,
+// x, y: (..., D) alike, fp32, any strides; weight (D); bias (D) or empty. Returns norm(x + y),
+// shaped as x: each row's mean and variance (the biased one, as LayerNorm's) of x + y, the row
+// normalised, scaled by weight and shifted by bias. (The shapes are handled here, not in
+// Python, where a reshape and a view cost half as much again as the whole kernel.)
+torch::Tensor add_layer_norm(const torch::Tensor& x_in, const torch::Tensor& y_in,
                              const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.sizes() == y.sizes(), "add_layer_norm: x and y (N, D) alike");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.sizes() == y_in.sizes(), "add_layer_norm: x, y alike");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat &&
                   weight.scalar_type() == at::kFloat,
               "add_layer_norm: fp32");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "add_layer_norm: contiguous rows");
-  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t d = x_in.size(-1);
+  // rows of contiguous values: views where the strides allow, else copies
+  const auto x = x_in.reshape({-1, d}).contiguous();
+  const auto y = y_in.reshape({-1, d}).contiguous();
+  const int64_t n = x.size(0);
   TORCH_CHECK(weight.numel() == d && weight.is_contiguous(), "add_layer_norm: weight (D)");
   const bool has_bias = bias.numel() > 0;
   TORCH_CHECK(!has_bias || (bias.numel() == d && bias.is_contiguous() &&
                             bias.scalar_type() == at::kFloat),
               "add_layer_norm: bias (D) or none");
-  auto out = torch::empty({n, d}, x.options());
+  auto out = torch::empty(x_in.sizes(), x.options());
   const float* xs = x.data_ptr<float>();
   const float* ys = y.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
