@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +118,8 @@ class Packed:
                 with warnings.catch_warnings():  # quantized tensors are deprecated, still served
                     warnings.simplefilter("ignore")
                     qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-                    self._packed = torch.ops.quantized.linear_prepack(qw, self._bias)
+                    with _quantized_engine(int8_engine()):
+                        self._packed = torch.ops.quantized.linear_prepack(qw, self._bias)
             elif bf16:
                 self._packed = _bf16_packed(w, self._bias)
             elif (mkl := native.pack_weight(w)) is not None:
@@ -187,6 +190,52 @@ class Packed:
                 x2, self._packed, self._bias, attr, [], algorithm
             )
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@contextmanager
+def _quantized_engine(engine: str) -> Iterator[None]:
+    """PyTorch's quantized engine set to `engine` inside (a process-wide setting, read when a
+    weight is prepacked; the packed weight then runs on that engine's kernel wherever it is
+    called)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+@cache
+def int8_engine() -> str:
+    """The quantized engine whose dynamic int8 product is faster here, decided once per process
+    at a decoding step's shape (32 rows by a 1024 x 256 weight): oneDNN's or fbgemm's (PyTorch's
+    default on x86). On the Xeon of bench/README.md, which has AMX, oneDNN's took 285 us where
+    fbgemm's took 490 for 32 rows of the 8k-word output layer (bench/int8_engines.py); elsewhere
+    fbgemm's may win, hence the measurement."""
+    from .precision import best_of
+
+    engines = [e for e in ("onednn", "fbgemm") if e in torch.backends.quantized.supported_engines]
+    if len(engines) < 2:
+        return torch.backends.quantized.engine
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(1024, 256, generator=gen), torch.randn(32, 256, generator=gen)
+    scale = (w.abs().amax(dim=1) / 127).double()
+    times = {}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(
+            w, scale, torch.zeros(1024, dtype=torch.long), 0, torch.qint8
+        )
+        for engine in engines:
+            try:
+                with _quantized_engine(engine):
+                    packed = torch.ops.quantized.linear_prepack(qw, None)
+                times[engine] = best_of(
+                    lambda p=packed: torch.ops.quantized.linear_dynamic(x, p, True), 50
+                )
+            except RuntimeError:  # an engine this build lists but cannot run here
+                continue
+    return min(times, key=times.get) if times else torch.backends.quantized.engine
 
 
 def _bf16_packed(w: Tensor, bias: Tensor | None) -> Tensor | None:

@@ -37,13 +37,24 @@ def test_packed_linear_equals_linear(bias, gemm_route):
             torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
 
 
+ENGINES = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
+
+
 @pytest.mark.skipif(not available(int8=True), reason="no fbgemm")
-def test_int8_within_quantization_error_bound():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_int8_within_quantization_error_bound(engine, monkeypatch):
+    """On either of PyTorch's int8 engines (qkv.packed.int8_engine picks the faster one), and
+    the process's engine setting left as it was."""
+    import qkv.packed
+
+    monkeypatch.setattr(qkv.packed, "int8_engine", lambda: engine)
+    before = torch.backends.quantized.engine
     lin = _linear(d_in=64, d_out=32)
     x = torch.randn(9, 64) * 3
     with torch.inference_mode():
         got = PackedLinear(lin, int8=True)(x)
         want = lin(x)
+    assert torch.backends.quantized.engine == before
     w = lin.weight.detach()
     # Weights: per row, step = max|w| / 127. Inputs: per tensor, 7 bits (0..127) over
     # [min(x, 0), max(x, 0)]. Rounding errs by at most half a step in each factor.
@@ -209,3 +220,9 @@ def test_feed_forward_unfused_with_gradients_or_int8(case):
         with torch.inference_mode():
             packed(x)
     assert calls  # the activation ran on its own
+
+
+def test_int8_engine_is_one_this_pytorch_supports():
+    from qkv.packed import int8_engine
+
+    assert int8_engine() in torch.backends.quantized.supported_engines

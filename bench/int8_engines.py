@@ -1,0 +1,50 @@
+"""PyTorch's two x86 engines for dynamic int8 products, side by side: fbgemm's (PyTorch's
+default on x86) and oneDNN's, at decoding's shapes (32 rows: greedy over 32 sentences; 160:
+beam 5), microseconds per call (the fastest of 5 x 100 calls), and each one's largest error
+against the fp32 product. `qkv.packed.int8_engine` makes the same comparison once per process
+at 32 x 256 by 1024 and prepacks int8 weights for the faster engine.
+
+    .venv/bin/python bench/int8_engines.py --threads 1
+"""
+
+import argparse
+import warnings
+
+import torch
+from timing import best_of
+
+from qkv.packed import _quantized_engine, int8_engine
+
+SHAPES = [(32, 256, 768), (32, 256, 1024), (32, 1024, 256), (32, 256, 8000), (160, 256, 1024)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    torch.set_num_threads(parser.parse_args().threads)
+    warnings.simplefilter("ignore")  # quantized tensors are deprecated, still served
+    engines = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
+    print(f"threads {torch.get_num_threads()}, engines {engines}, qkv picks {int8_engine()}")
+    print(f"{'rows x in x out':>18} " + " ".join(f"{e + ' us':>10} {'err':>6}" for e in engines))
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for m, k, n in SHAPES:
+            w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, k)
+            scale = (w.abs().amax(dim=1) / 127).double()
+            qw = torch.quantize_per_channel(
+                w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8
+            )
+            row = f"{f'{m} x {k} x {n}':>18}"
+            for engine in engines:
+                with _quantized_engine(engine):
+                    packed = torch.ops.quantized.linear_prepack(qw, b)
+                err = (torch.ops.quantized.linear_dynamic(x, packed, True) - (x @ w.T + b)).abs()
+                t = best_of(lambda p=packed, x=x: torch.ops.quantized.linear_dynamic(x, p, True))
+                row += f" {t:10.1f} {err.max().item():6.2f}"
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
