@@ -137,7 +137,8 @@ class Generator:
             offsets = torch.tensor(pads, device=device) if any(pads) else None
             hyps = decode(
                 model_step(self.model),
-                self.model.start(offsets),
+                # the cache's room for the prompt and every new token: it never grows
+                self.model.start(offsets, width + seg_cfg.max_len_b + 1),
                 torch.zeros(len(live), dtype=torch.long, device=device),
                 seg_cfg,
                 bos=mc.bos_id,

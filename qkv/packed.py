@@ -6,8 +6,9 @@ reorders each fp32 weight once into the blocked layout of MKL's packed GEMM (qkv
 `torch.compile`'s CPU backend packs frozen fp32 weights the same way), or, where that is missing
 or slower, of oneDNN's GEMM: the same function, with float rounding differences around 1e-6.
 `int8=True` instead quantizes each weight row to 8 bits and each input row on the fly (dynamic
-quantization, fbgemm): about 4x fewer weight bytes and integer arithmetic, at a small accuracy
-cost that bench/README.md measures in BLEU. `bf16=True` keeps a bfloat16 copy of each weight
+quantization, on fbgemm's or oneDNN's kernel, whichever `int8_engine` measures faster here):
+about 4x fewer weight bytes and integer arithmetic, at a small accuracy cost that
+bench/README.md measures in BLEU. `bf16=True` keeps a bfloat16 copy of each weight
 (packed for oneDNN's bf16 GEMM where the CPU has bf16 units, else a plain bf16 matmul) and casts
 each input to bf16 and each output back to fp32 (qkv/precision.py says when that is faster).
 
@@ -205,37 +206,45 @@ def _quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = before
 
 
+# oneDNN's int8 engine is taken only where it is this much faster than fbgemm's (the default):
+# a wide margin keeps the choice the same from one process to the next, where timings close
+# together could flip it (the engines round differently, so a flip changes some outputs).
+INT8_ENGINE_MARGIN = 1.1
+
+
 @cache
 def int8_engine() -> str:
-    """The quantized engine whose dynamic int8 product is faster here, decided once per process
-    at a decoding step's shape (32 rows by a 1024 x 256 weight): oneDNN's or fbgemm's (PyTorch's
-    default on x86). On the Xeon of bench/README.md, which has AMX, oneDNN's took 285 us where
-    fbgemm's took 490 for 32 rows of the 8k-word output layer (bench/int8_engines.py); elsewhere
-    fbgemm's may win, hence the measurement."""
+    """The quantized engine whose dynamic int8 products are faster here, decided once per
+    process: fbgemm's (PyTorch's default on x86), or oneDNN's where it is at least
+    INT8_ENGINE_MARGIN times faster over the two products a greedy step spends most of its int8
+    time on, 32 rows by the 8k-word output layer and by a 1024 x 256 feed-forward weight. On the
+    Xeon of bench/README.md (AMX) oneDNN's took 340 us for the two where fbgemm's took 548 at 1
+    thread, and 242 against 359 at 2 (bench/int8_engines.py); elsewhere fbgemm's may win."""
     from .precision import best_of
 
-    engines = [e for e in ("onednn", "fbgemm") if e in torch.backends.quantized.supported_engines]
+    engines = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
     if len(engines) < 2:
         return torch.backends.quantized.engine
     gen = torch.Generator().manual_seed(0)
-    w, x = torch.randn(1024, 256, generator=gen), torch.randn(32, 256, generator=gen)
-    scale = (w.abs().amax(dim=1) / 127).double()
-    times = {}
+    x = torch.randn(32, 256, generator=gen)
+    weights = [torch.randn(n, 256, generator=gen) for n in (8000, 1024)]
+    times = dict.fromkeys(engines, 0.0)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        qw = torch.quantize_per_channel(
-            w, scale, torch.zeros(1024, dtype=torch.long), 0, torch.qint8
-        )
-        for engine in engines:
-            try:
-                with _quantized_engine(engine):
-                    packed = torch.ops.quantized.linear_prepack(qw, None)
-                times[engine] = best_of(
-                    lambda p=packed: torch.ops.quantized.linear_dynamic(x, p, True), 50
-                )
-            except RuntimeError:  # an engine this build lists but cannot run here
-                continue
-    return min(times, key=times.get) if times else torch.backends.quantized.engine
+        for w in weights:
+            scale = (w.abs().amax(dim=1) / 127).double()
+            zero = torch.zeros(w.shape[0], dtype=torch.long)
+            qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+            for engine in engines:
+                try:
+                    with _quantized_engine(engine):
+                        packed = torch.ops.quantized.linear_prepack(qw, None)
+                    times[engine] += best_of(
+                        lambda p=packed: torch.ops.quantized.linear_dynamic(x, p, True), 20
+                    )
+                except RuntimeError:  # an engine this build lists but cannot run here
+                    times[engine] = float("inf")
+    return "onednn" if times["onednn"] * INT8_ENGINE_MARGIN < times["fbgemm"] else "fbgemm"
 
 
 def _bf16_packed(w: Tensor, bias: Tensor | None) -> Tensor | None:
