@@ -241,6 +241,22 @@ def test_generation_equals_teacher_forcing_the_continuation(model):
     assert out.log_prob == pytest.approx(float(chosen), abs=1e-3)
 
 
+def test_generation_reserves_its_cache_once(model, monkeypatch):
+    """The generator gives the cache room for the prompt and every new token, so each layer's
+    cache is laid out once, at its first append, and never copied into a larger one (a prompt
+    of 3 and 20 new tokens pass the default first room of 16)."""
+    from qkv.cache import KVCache
+
+    grows = []
+    real = KVCache._grow
+    monkeypatch.setattr(KVCache, "_grow", lambda self, *a: grows.append(a[2]) or real(self, *a))
+    out = Generator(model, Characters.of(ALPHABET[:36])).generate(
+        ["abc"], DecodeConfig(strategy="greedy"), 20
+    )[0]
+    assert len(out.tokens) == 20
+    assert len(grows) == len(model.decoder.layers) and min(grows) >= 3 + 20
+
+
 def test_streaming_shows_the_same_text_and_batches_match_single_prompts(model):
     tok = Characters.of(ALPHABET[:36])
     gen = Generator(model, tok)
