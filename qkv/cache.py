@@ -154,9 +154,9 @@ def storage(like: Tensor, rows: int, capacity: int) -> Tensor:
     """Room for `rows` rows of `capacity` positions of keys (or values) shaped like `like`
     (., H, ., Dh): seen as (rows, H, capacity, Dh), laid out position-major per row (rows,
     capacity, H, Dh). An append then writes each row's new position as one contiguous block of
-    H x Dh, where head-major storage scattered it over H places a capacity apart, one memory page
-    each: at beam 5 over 32 sentences, 1,280 pages touched per layer's keys at every step, the
-    largest operator in a profile of beam search (bench/README.md). The attention kernel reads
+    H x Dh, where head-major storage scattered it over H places a capacity apart: at beam 5 over
+    32 sentences, 1,280 places per layer's keys at every step, and the append was among the
+    largest operators in a profile of beam search (bench/README.md). The attention kernel reads
     any strides."""
     _, h, _, dh = like.shape
     return like.new_empty(rows, capacity, h, dh).transpose(1, 2)

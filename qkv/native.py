@@ -71,9 +71,9 @@ CFLAGS = [
 ]
 
 # The activation kernel's use is its lower cost per call: PyTorch's (oneDNN's eltwise kernel)
-# costs more per call but less per value, and on the Xeon of bench/README.md won from about
-# 600,000 values (a batch's encoder layer) up (bench/pointwise_speed.py). Decoding steps have
-# at most a few hundred thousand.
+# costs more per call but less per value, and on the Xeon of bench/README.md it lost at 164,000
+# values (beam 5's 160 rows) and won at 688,000 (a batch's encoder layer; bench/
+# pointwise_speed.py). Decoding steps have at most a few hundred thousand.
 ACTIVATE_MAX = 1 << 18
 
 _lock = threading.Lock()
@@ -237,8 +237,8 @@ def _loss_faster(module: ModuleType) -> bool:
 
 def _pointwise_faster(module: ModuleType) -> bool:
     """Whether the skip connection's add and layer norm beat PyTorch's two ops here, at greedy
-    decoding's shape for 32 sentences of a d256 model. (The activation beats PyTorch's gelu_ by
-    more, bench/pointwise_speed.py; it goes with them.)"""
+    decoding's shape for 32 sentences of a d256 model. (The activation beats PyTorch's gelu_ at
+    decoding's sizes too, bench/pointwise_speed.py; it goes with them.)"""
     gen = torch.Generator().manual_seed(0)
     x, y, w, b = (
         torch.randn(*shape, generator=gen) for shape in ((32, 256), (32, 256), (256,), (256,))
@@ -371,7 +371,7 @@ def decode_attention(
     MAX_QUERIES queries per row, a contiguous last dimension, and a mask (True = may attend)
     that only hides keys, the same for every head and query: (B or 1, 1, 1, S). (The kernel
     itself checks the last three, and returns None where they fail: in Python those checks
-    cost a fifth of a greedy step's attention.)
+    cost a few microseconds at every layer of every step.)
 
     q (B, H, T, Dh); k, v (B, H, S, Dh), or a KVCache's stored rows (P, H, S, Dh) read through
     `table` (B, S) long (qkv.attention.attention says how). Returns (B, H, T, Dh)."""

@@ -58,8 +58,8 @@ MIN_WEIGHTS = 2**17
 # feed-forward's first product and its activation in one pass (PackedFeedForward).
 POST_OPS = {F.relu: ("relu", ""), F.gelu: ("gelu", "none"), F.silu: ("swish", "")}
 # MKL's packed product (qkv/native.py) has no post-op: the activation follows it, in place, by
-# qkv's C++ kernel where it applies (PyTorch's gelu_ cost more than the product's fixed cost at
-# decoding's shapes, bench/pointwise_speed.py).
+# qkv's C++ kernel where it applies (PyTorch's gelu_, oneDNN's eltwise primitive, costs more per
+# call at decoding's sizes, bench/pointwise_speed.py).
 ACTIVATE_IN_PLACE = {
     "relu": torch.relu_,
     "gelu": lambda y: native.activate_(y, "gelu") or torch.ops.aten.gelu_(y),
