@@ -27,6 +27,15 @@ def threads_set_to(n: int):
         torch.set_num_threads(before)
 
 
+# The hypothesis strategies the kernels' tests share: rows of scores or values, their width,
+# spare columns (rows inside a wider buffer), PyTorch's thread count, a generator seed.
+ROWS = st.integers(1, 40)
+WIDTHS = st.integers(1, 300)
+SPARE = st.integers(0, 3)
+THREADS = st.sampled_from([1, 2])
+SEEDS = st.integers(0, 2**16)
+
+
 @pytest.fixture(scope="module")
 def kernel():
     """The attention kernel, in use whatever its timing says (conftest.native_kernels)."""
@@ -53,7 +62,7 @@ def explicit(q, k, v, mask):
     masking=st.sampled_from(["none", "rows", "shared"]),
     spare=st.integers(0, 7),
     stored=st.sampled_from([0, 1, 3, 9]),  # 0: one row of keys per row; else a table into P
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_kernel_equals_the_explicit_math_and_sdpa(
     kernel, b, h, t, s, dh, masking, spare, stored, seed
@@ -321,8 +330,8 @@ def mkl():
     bias=st.booleans(),
     spare=st.integers(0, 5),  # rows inside a wider buffer
     layout=st.sampled_from(["rows", "(m, 1, k)", "transposed"]),
-    threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    threads=THREADS,
+    seed=SEEDS,
 )
 def test_packed_product_equals_linear_at_any_rows(mkl, m, n, k, bias, spare, layout, threads, seed):
     """Packed once (for the 160 rows the layout is tuned for), right for any number of rows, in
@@ -387,12 +396,12 @@ KINDS = st.sampled_from(["distinct", "ties", "few finite", "large"])
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, 40),
-    width=st.integers(1, 300),  # chunks of 64 and a shorter last one
+    rows=ROWS,
+    width=WIDTHS,  # chunks of 64 and a shorter last one
     kind=KINDS,
-    spare=st.integers(0, 3),  # rows inside a wider buffer
-    threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    spare=SPARE,
+    threads=THREADS,
+    seed=SEEDS,
 )
 def test_log_softmax_and_argmax_are_torchs(scans, rows, width, kind, spare, threads, seed):
     g = torch.Generator().manual_seed(seed)
@@ -424,11 +433,11 @@ def test_log_softmax_and_argmax_of_nan_and_infinite_rows_are_torchs(scans):
     n=st.integers(1, 12),
     k=st.integers(1, 6),
     want=st.integers(1, 12),
-    width=st.integers(1, 300),
+    width=WIDTHS,
     kind=KINDS,
     unused=st.booleans(),  # beams at -inf: a search's first step
-    threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    threads=THREADS,
+    seed=SEEDS,
 )
 def test_beam_topk_is_the_stable_sort_of_the_sums(
     scans, n, k, want, width, kind, unused, threads, seed
@@ -575,14 +584,14 @@ def loss_kernel():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, 40),
-    width=st.integers(1, 300),
+    rows=ROWS,
+    width=WIDTHS,
     eps=st.sampled_from([0.0, 0.1, 0.3]),
     scores_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     grad=st.sampled_from(["none", "fp32", "bf16", "in place"]),
-    spare=st.integers(0, 3),  # rows inside a wider buffer
-    threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    spare=SPARE,
+    threads=THREADS,
+    seed=SEEDS,
 )
 def test_chunk_loss_and_gradient_are_the_smoothed_cross_entropy(
     loss_kernel, rows, width, eps, scores_dtype, grad, spare, threads, seed
@@ -644,13 +653,13 @@ def pointwise():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, 40),
-    width=st.integers(1, 300),
+    rows=ROWS,
+    width=WIDTHS,
     bias=st.booleans(),
-    spare=st.integers(0, 3),  # rows inside a wider buffer
+    spare=SPARE,
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
-    threads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
+    threads=THREADS,
+    seed=SEEDS,
 )
 def test_add_layer_norm_is_layer_norm_of_the_sum(
     pointwise, rows, width, bias, spare, scale, threads, seed
