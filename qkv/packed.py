@@ -350,8 +350,10 @@ def pack(
     model.eval()
     if not available(int8) or any(p.device.type != "cpu" for p in model.parameters()):
         return model
-    native.kernel()  # decoding's attention kernel and MKL's product: built (once per machine)
-    # and checked now, not inside the first decode (a server's first request)
+    # decoding's attention kernel, add-and-norm and activation, and MKL's product: built (once
+    # per machine) and checked now, not inside the first decode (a server's first request)
+    native.kernel()
+    native.pointwise()
     fp32 = not (int8 or bf16)
     min_weights = min_weights_default(fp32) if min_weights is None else min_weights
     # self-attention first (cross-attention never projects q/k/v together), then the linears,

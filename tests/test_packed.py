@@ -226,3 +226,13 @@ def test_int8_engine_is_one_this_pytorch_supports():
     from qkv.packed import int8_engine
 
     assert int8_engine() in torch.backends.quantized.supported_engines
+
+
+def test_pack_decides_the_decoding_kernels_before_the_first_decode(tiny, monkeypatch):
+    """pack() makes each decoding kernel's once-per-process decision (build, speed check), so a
+    server's first request does not: attention's, and add-and-norm's with the activation."""
+    from qkv import native
+
+    monkeypatch.setattr(native, "_state", {"built": native._compile()})
+    pack(tiny())
+    assert {"module", "pointwise"} <= native._state.keys()
