@@ -29,7 +29,8 @@ packed model refuses to run in training mode, since its packed copies would not 
 optimizer's updates.
 
 `pack` also readies qkv's C++ kernels (qkv/native.py: compiled on first use; the attention
-kernel for decoding and MKL's product), so that a server's first request does not wait for them.
+kernel for decoding, add-and-norm and the activation, and MKL's product), so that a server's
+first request does not wait for them.
 On other devices, or a PyTorch built without oneDNN, `pack` leaves the model as it is.
 """
 
