@@ -443,7 +443,7 @@ def _training(*tensors: Tensor) -> bool:
     torch.compile, and not switched off (`off`)."""
     if _off or torch.compiler.is_compiling():
         return False
-    return all(x.device.type == "cpu" and x.dtype in _TRAIN_DTYPES for x in tensors)
+    return all(x.is_cpu and x.dtype in _TRAIN_DTYPES for x in tensors)
 
 
 def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
