@@ -128,16 +128,20 @@ def native_kernels(*names: str):
         native._state.update(saved)
 
 
+@contextmanager
+def kernel_or_pytorch(name: str, on: bool):
+    """The two routes a test runs both of: qkv's C++ kernel `name` in use (`native_kernels`),
+    or all of qkv's kernels off, PyTorch's ops instead (`native.off`)."""
+    from qkv import native
+
+    with native_kernels(name) if on else native.off():
+        yield
+
+
 @pytest.fixture(params=["onednn", "mkl"])
 def gemm_route(request):
     """Which kernel packed fp32 layers use: oneDNN's, or MKL's packed product (qkv/native.py),
     whatever the quick measurement in `native.gemm` would choose. Packs made inside the test
     take the route."""
-    from qkv import native
-
-    if request.param == "mkl":
-        with native_kernels("gemm"):
-            yield request.param
-    else:
-        with native.off():
-            yield request.param
+    with kernel_or_pytorch("gemm", request.param == "mkl"):
+        yield request.param

@@ -412,16 +412,10 @@ def test_smoothed_cross_entropy_matches_torch(eps):
 def loss_route(request):
     """Each chunk's loss by PyTorch's ops (qkv's C++ kernels off) or by qkv's C++ kernel
     (forced on, whatever its timing says)."""
-    from qkv import native
+    from .conftest import kernel_or_pytorch
 
-    from .conftest import native_kernels
-
-    if request.param == "c++":
-        with native_kernels("loss"):
-            yield request.param
-    else:
-        with native.off():
-            yield request.param
+    with kernel_or_pytorch("loss", request.param == "c++"):
+        yield request.param
 
 
 @pytest.mark.parametrize("bias", [False, True])
