@@ -7,9 +7,9 @@ PyTorch's ops, on the CPU:
 First each alone, microseconds per call (the fastest of 5 x 100 calls), at decoding's row counts
 (32 sentences: greedy; 160: beam 5; 672: a batch's 32 sources of 21 tokens, the encoder) and
 the largest difference from fp64's result for both. Then in a decode: the small random Marian
-model of translate_speed.py (post-LN, GELU; batch 32, 20+eos source tokens, 25 forced
-outputs), packed as `qkv translate` runs it, greedy and beam 5, with the kernels on and off
-alternated in one process; sentences/s and how many outputs are the same.
+model of translate_speed.py (post-LN, GELU), decoded as translate_speed.py decodes it (4
+batches of 32 sentences, 20+eos source tokens, 25 forced outputs), greedy and beam 5, with the
+kernels on and off alternated in one process; sentences/s and how many outputs are the same.
 
     .venv/bin/python bench/pointwise_speed.py --threads 1
 """
@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timing import alternate, best_of
-from translate_speed import EOS, PAD, V, forced, hf_model
+from translate_speed import hf_model, qkv_engine
 
-from qkv import checkpoint, native
+from qkv import native
 from qkv.allocator import keep_freed_memory
 from qkv.marian import convert
-from qkv.packed import pack
-from qkv.search import beam_search, greedy, max_steps, model_step
 
 
 def alone(module) -> None:
@@ -67,38 +65,21 @@ def alone(module) -> None:
 def in_a_decode(module) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="qkv-pointwise-"))
     hf_model("small").save_pretrained(tmp / "hf")
-    model = pack(checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0])
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(4):
-        src = torch.randint(2, V - 1, (32, 21), generator=g)
-        src[:, -1] = EOS
-        batches.append(src)
-    lengths = torch.full((32,), 21)
+    shape = argparse.Namespace(sentences=128, src_len=20, batch=32, out_len=25)
+    decode = qkv_engine(convert(tmp / "hf", tmp / "qkv"), False, shape)  # as translate_speed's
     for beam in (1, 5):
-        cfg = forced(beam)
 
-        def run(on: bool, cfg=cfg, beam=beam) -> tuple[float, list]:
+        def run(on: bool, beam=beam) -> tuple[float, list]:
             native._state["pointwise"] = module if on else None
-            outs, t0 = [], time.perf_counter()
-            with torch.inference_mode():
-                for src in batches:
-                    state = model.start(src, max_steps(cfg, lengths, None))
-                    kw = dict(bos=PAD, eos=EOS, pad=PAD)
-                    if beam == 1:
-                        hyps = greedy(model_step(model), state, lengths, cfg, **kw)
-                    else:
-                        hyps = [
-                            n[0] for n in beam_search(model_step(model), state, lengths, cfg, **kw)
-                        ]
-                    outs += [tuple(h.tokens) for h in hyps]
+            t0 = time.perf_counter()
+            outs = decode(beam, shape.sentences // shape.batch)
             return len(outs) / (time.perf_counter() - t0), outs
 
         best, same = alternate(run, 3)
         name = "greedy" if beam == 1 else f"beam {beam}"
         print(
             f"{name:>7}: kernels on {best[True]:6.1f} sent/s, off {best[False]:6.1f} "
-            f"({best[True] / best[False]:.2f}x); same outputs {same}/{32 * len(batches)}"
+            f"({best[True] / best[False]:.2f}x); same outputs {same}/{shape.sentences}"
         )
 
 
