@@ -81,30 +81,37 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Add T new positions (B, H, T, Dh); return `stored()`: all keys and values so far."""
         b, t = k.shape[0], k.shape[2]
+        k_store, v_store, _, position = self.room(b, t, k)
+        k_store[:b, :, position : position + t] = k  # row b's own stored row: free from here on
+        v_store[:b, :, position : position + t] = v
+        return self.stored()
+
+    def room(self, b: int, t: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor | None, int]:
+        """Claim T new positions for B rows of keys and values like `like` (., H, ., Dh):
+        the storage of keys and of values (P, H, capacity, Dh), grown if need be, the table
+        (B, capacity) or None, and the first new position. The caller writes row b's new keys
+        and values into stored row b at the positions claimed (`append` does, and so does
+        qkv's C++ decoder step, qkv/csrc/decoder_step.cpp); the cache counts them as held."""
         if self._k is not None and b != self.rows:
             raise ValueError(f"the cache holds {self.rows} rows, not {b}")
         if self._k is None or self.length + t > self._k.shape[2] or b > self._k.shape[0]:
             # cross-attention keys/values never grow: no spare room to copy on every reorder
             capacity = self.length + t if self.static else max(2 * (self.length + t), 16)
             capacity = max(capacity, self.reserve, 0 if self._k is None else self._k.shape[2])
-            self._grow(k, v, capacity, b)
+            self._grow(like, capacity, b)
         assert self._k is not None and self._v is not None
-        end = self.length + t
-        self._k[:b, :, self.length : end] = k  # row b's own stored row: free from here on
-        self._v[:b, :, self.length : end] = v
+        position, self.length = self.length, self.length + t
         if self._table is not None:
-            self._table[:, self.length : end] = torch.arange(b, device=k.device)[:, None]
-        self.length = end
-        return self.stored()
+            self._table[:, position : self.length] = torch.arange(b, device=like.device)[:, None]
+        return self._k, self._v, self._table, position
 
-    def _grow(self, k: Tensor, v: Tensor, capacity: int, rows: int) -> None:
+    def _grow(self, like: Tensor, capacity: int, rows: int) -> None:
         """New storage of `capacity` positions and at least `rows` stored rows (a reorder may
         have made more rows than are stored: beam search's first): the stored rows copied as
         they are, the positions in use only; the table, if any, widened and still valid."""
-        _, h, _, dh = k.shape
         p = max(rows, self._k.shape[0] if self._k is not None else 0)
-        new_k = storage(k, p, capacity)
-        new_v = storage(v, p, capacity)
+        new_k = storage(like, p, capacity)
+        new_v = storage(like, p, capacity)
         if self._k is not None and self._v is not None and self.length:
             new_k[: self._k.shape[0], :, : self.length] = self._k[:, :, : self.length]
             new_v[: self._v.shape[0], :, : self.length] = self._v[:, :, : self.length]

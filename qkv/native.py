@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Six so far:
+Seven so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -21,6 +21,9 @@ Six so far:
 - The steps between a decoding step's products (`add_layer_norm`, `activate_`): a post-LN skip
   connection's add and layer norm in one call, and GELU or SiLU in place after MKL's product
   (qkv/layers.py and qkv/packed.py use them; bench/pointwise_speed.py measures them).
+- A decoder layer's whole decoding step (`decoder_layer_step`): the kernels above called in turn
+  from C++, so that a layer is one call from Python rather than a few dozen (qkv/packed.py's
+  PackedDecoderLayer uses it; bench/layer_step.py measures it).
 - Dropout's mask for training (`dropout_mask`): drawn by a counter-based generator seeded from
   PyTorch's, in one pass, where PyTorch's route made four (qkv/dropout.py uses it;
   bench/dropout_speed.py measures it).
@@ -344,6 +347,16 @@ def pointwise() -> ModuleType | None:
     return _speed_checked("pointwise", _pointwise_faster, "the add-and-norm kernel")
 
 
+def layer_steps() -> ModuleType | None:
+    """The module, for a decoder layer's step in C++; None where the kernels it calls are not
+    all in use here: MKL's packed product and the attention kernel. (It computes what the
+    Python route computes, with the same kernels, so it needs no measurement of its own.)"""
+    if "step" not in _state:  # decided once; the kernels it needs said why where they are off
+        on = kernel() is not None and gemm() is not None
+        _state["step"] = _built() if on else None
+    return _state["step"]
+
+
 def _inference_fp32(*tensors: Tensor) -> bool:
     """What the kernel needs of its inputs: CPU, fp32, no gradients, not inside torch.compile,
     and not switched off (`off`)."""
@@ -488,6 +501,47 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm) -> Tensor | N
     if module is None:
         return None
     return module.add_layer_norm(x, y, weight, _NO_BIAS if bias is None else bias, norm.eps)
+
+
+def decoder_layer_step(
+    x: Tensor,
+    linears: tuple[list[Tensor], list[Tensor], list[int]],
+    norms: list[Tensor],
+    self_attn: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    position: int,
+    cross_attn: tuple[Tensor, Tensor, Tensor | None] | None,
+    group: int,
+    activation: str,
+    norm_first: bool,
+    eps: float,
+) -> Tensor:
+    """One decoder layer's step for x (B, 1, D) in C++ (qkv/csrc/decoder_step.cpp says what
+    each argument holds; None stands for a mask, table or bias that is not there). The caller
+    has checked that it applies (qkv/packed.py's PackedDecoderLayer): `layer_steps()`, fp32
+    inference on the CPU, MKL-packed linears."""
+    packed, biases, widths = linears
+    k, v, table, keep = self_attn
+    self_args = [k, v, _NO_TABLE if table is None else table, _NO_MASK if keep is None else keep]
+    cross_args = []
+    if cross_attn is not None:
+        ck, cv, memory_keep = cross_attn
+        cross_args = [ck, cv, _NO_MASK if memory_keep is None else memory_keep]
+    return _state["step"].decoder_layer_step(
+        x,
+        packed,
+        biases,
+        widths,
+        norms,
+        self_args,
+        position,
+        cross_args,
+        group,
+        activation,
+        norm_first,
+        eps,
+        pointwise() is not None,
+        ACTIVATE_MAX,
+    )
 
 
 def activate_(x: Tensor, kind: str) -> bool:

@@ -48,7 +48,9 @@ from torch import Tensor, nn
 
 from . import native
 from .attention import MultiHeadAttention
-from .layers import FeedForward
+from .cache import KVCache
+from .decoder import DecoderLayer
+from .layers import ACTIVATIONS, FeedForward
 
 # Smaller layers run faster unpacked (see above; measured on one AVX2 CPU): the default of pack's
 # min_weights, which $QKV_PACK_MIN_WEIGHTS overrides for another machine (or 0: pack them all).
@@ -339,6 +341,130 @@ class PackedAttention(MultiHeadAttention):
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
 
+def _given(mask: Tensor | None) -> bool:
+    """Whether an attention mask is one the attention kernel takes: none, or keys hidden alike
+    for every head and query of a row, (B or 1, 1, 1, S) bool."""
+    return mask is None or (
+        mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
+    )
+
+
+class PackedDecoderLayer(DecoderLayer):
+    """A DecoderLayer (same submodules and parameters) whose decoding step, one new position
+    per row over a KV cache, is one call into C++ where every linear map is packed for MKL's
+    product and the attention kernel is in use (qkv/csrc/decoder_step.cpp: the same kernels as
+    the Python route, without Python between them; a small model's greedy step spent about a
+    third of its time in that Python, bench/README.md). Elsewhere (training, int8 or bf16
+    weights, a prompt's several positions, inspection's recorders and head masks, ablations)
+    it is DecoderLayer."""
+
+    def __init__(self, layer: DecoderLayer):
+        nn.Module.__init__(self)
+        self.self_attn, self.attn_residual = layer.self_attn, layer.attn_residual
+        self.cross_attn, self.cross_residual = layer.cross_attn, layer.cross_residual
+        self.ff, self.ff_residual = layer.ff, layer.ff_residual
+        self.eval()
+        residuals = [self.attn_residual, self.cross_residual, self.ff_residual]
+        norms = [r.norm for r in residuals if r is not None]
+        self._norms = [
+            t.detach() if t is not None else torch.empty(0)
+            for norm in norms
+            for t in (norm.weight, norm.bias)
+        ]
+        self._norm_first, self._eps = self.attn_residual.norm_first, norms[0].eps
+        names = {f: name for name, f in ACTIVATIONS.items()}
+        self._activation = names.get(self.ff.activation)
+        self._like = torch.empty(0, self.self_attn.n_heads, 0, self.self_attn.d_head)
+        self._linears = self._mkl_linears()
+
+    def _mkl_linears(self) -> tuple[list[Tensor], list[Tensor], list[int]] | None:
+        """The packed weights, biases and widths of the layer's linear maps in the C++ step's
+        order, or None where one of them is not packed for MKL's product."""
+        attn, cross = self.self_attn, self.cross_attn
+        if not isinstance(attn, PackedAttention):
+            return None
+        maps = [attn.packed_qkv, attn.out_proj]
+        if cross is not None:
+            maps += [cross.q_proj, cross.out_proj]
+        maps += [self.ff.fc1, self.ff.fc2]
+        packs = [m.packed if isinstance(m, PackedLinear) else m for m in maps]
+        if not all(isinstance(p, Packed) and p.mkl for p in packs):
+            return None
+        biases = [torch.empty(0) if p._bias is None else p._bias for p in packs]
+        return [p._packed for p in packs], biases, [p._stacked.shape[0] for p in packs]
+
+    def _steps_in_cpp(
+        self,
+        x: Tensor,
+        self_cache: KVCache | None,
+        cross_cache: KVCache | None,
+        self_mask: Tensor | None,
+        memory_mask: Tensor | None,
+    ) -> bool:
+        """Whether this call is a decoding step the C++ layer step takes."""
+        if self._linears is None or self._activation is None:
+            return False
+        # a KVCache's self-attention (qkv.fixed's caches are written by position tensors)
+        if not isinstance(self_cache, KVCache) or self_cache.static:
+            return False
+        if x.shape[1] != 1 or not x.is_contiguous():
+            return False
+        if native.layer_steps() is None or not native._inference_fp32(x):
+            return False
+        attn, cross = self.self_attn, self.cross_attn
+        if attn.recorder is not None or attn.head_mask is not None or not _given(self_mask):
+            return False
+        if cross is not None and (
+            cross.recorder is not None
+            or cross.head_mask is not None
+            or not isinstance(cross_cache, KVCache)
+            or not cross_cache.length
+            or not _given(memory_mask)
+        ):
+            return False
+        residuals = (self.attn_residual, self.cross_residual, self.ff_residual)
+        return all(r is None or (r.skip and not r.bypass) for r in residuals)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        self_mask: Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        self_cache: KVCache | None = None,
+        cross_cache: KVCache | None = None,
+    ) -> Tensor:
+        if not is_causal and self._steps_in_cpp(x, self_cache, cross_cache, self_mask, memory_mask):
+            assert self_cache is not None and self._linears is not None
+            k, v, table, position = self_cache.room(x.shape[0], 1, self._like)
+            cross, group = None, 1
+            if cross_cache is not None:
+                cross, group = (cross_cache.k, cross_cache.v, memory_mask), cross_cache.group
+            return native.decoder_layer_step(
+                x,
+                self._linears,
+                self._norms,
+                (k, v, table, self_mask),
+                position,
+                cross,
+                group,
+                self._activation,
+                self._norm_first,
+                self._eps,
+            )
+        return super().forward(
+            x,
+            memory,
+            memory_mask,
+            self_mask,
+            is_causal=is_causal,
+            self_cache=self_cache,
+            cross_cache=cross_cache,
+        )
+
+
 def pack(
     model: nn.Module, int8: bool = False, min_weights: int | None = None, bf16: bool = False
 ) -> nn.Module:
@@ -374,4 +500,9 @@ def pack(
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.numel() >= min_weights:
                 setattr(parent, name, PackedLinear(child, int8, bf16))
+    # last: a decoder layer's step in C++ takes its linear maps as packed above
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is DecoderLayer:
+                setattr(parent, name, PackedDecoderLayer(child))
     return model

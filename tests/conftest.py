@@ -99,8 +99,9 @@ def native_kernels(*names: str):
     "attention" (`native.kernel`), "gemm" (MKL's packed product, `native.gemm`; skipped where
     this PyTorch lacks it), "choose" (the log-softmax and scans of search, `native.choose`),
     "masks" (dropout's mask, `native.masks`), "loss" (the chunk loss, `native.losses`),
-    "pointwise" (add-and-norm and the activation, `native.pointwise`).
-    Yields the module."""
+    "pointwise" (add-and-norm and the activation, `native.pointwise`), "step" (a decoder
+    layer's step in C++, `native.layer_steps`; off inside unless named, so that a test of the
+    kernels above sees them called from Python). Yields the module."""
     from qkv import native
 
     module = native._compile()
@@ -117,10 +118,13 @@ def native_kernels(*names: str):
                 "masks": "masks",
                 "loss": "loss",
                 "pointwise": "pointwise",
+                "step": "step",
             }[n]: module
             for n in names
         }
     )
+    if "step" not in names:
+        native._state["step"] = None
     try:
         yield module
     finally:

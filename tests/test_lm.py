@@ -249,7 +249,11 @@ def test_generation_reserves_its_cache_once(model, monkeypatch):
 
     grows = []
     real = KVCache._grow
-    monkeypatch.setattr(KVCache, "_grow", lambda self, *a: grows.append(a[2]) or real(self, *a))
+    monkeypatch.setattr(
+        KVCache,
+        "_grow",
+        lambda self, like, room, rows: grows.append(room) or real(self, like, room, rows),
+    )
     out = Generator(model, Characters.of(ALPHABET[:36])).generate(
         ["abc"], DecodeConfig(strategy="greedy"), 20
     )[0]

@@ -754,3 +754,165 @@ def test_post_ln_layers_take_the_kernels_and_decode_as_without_them(pointwise, t
         model = pack(model)
         assert_decodes_alike(model, src, torch.full((4,), 7), [greedy, beam])
     assert {"add_layer_norm", "activate_"} <= set(calls)
+
+
+class _Counting:
+    """The module, counting calls of its decoder_layer_step."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def decoder_layer_step(self, *args):
+        self.calls += 1
+        return self.module.decoder_layer_step(*args)
+
+
+@contextmanager
+def layer_step(on: bool):
+    """MKL's product, the attention kernel and add-and-norm in use inside, with a decoder
+    layer's step in C++ (counted: yields the counter) or from Python (yields None)."""
+    names = ("attention", "gemm", "pointwise") + (("step",) if on else ())
+    with native_kernels(*names) as module:
+        if not on:
+            yield None
+            return
+        counter = _Counting(module)
+        native._state["step"] = counter
+        yield counter
+
+
+def with_norms_drawn(model):
+    """model with each layer norm's weight and bias drawn at random (a new model's are all ones
+    and zeros, alike in every layer: a mix-up between two norms would go unseen)."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=gen))
+                if m.bias is not None:
+                    m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
+def decode_both_ways(model, src, lengths, cfg, **kw):
+    """`decode` with the layer step in C++ and from Python: (ours, theirs, C++ calls)."""
+    from qkv.search import decode, model_step
+
+    start = kw.pop("start", {})
+    out, calls = {}, None
+    for on in (True, False):
+        with layer_step(on) as counter, torch.inference_mode():
+            state = model.start(src) if src is not None else model.start(**start)
+            out[on] = decode(model_step(model), state, lengths, cfg, bos=1, eos=2, pad=0, **kw)
+            if on:
+                calls = counter.calls
+    return out[True], out[False], calls
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(norm_first=False, activation="gelu"),  # Marian's: post-LN
+        dict(),  # qkv's default: pre-LN, ReLU
+        dict(norm_first=False, activation="silu", bias=False),
+    ],
+    ids=["post-ln-gelu", "pre-ln-relu", "no-bias-silu"],
+)
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_the_layer_step_in_cpp_decodes_as_the_python_route(tiny, overrides, strategy):
+    """A packed encoder-decoder: the C++ layer step gives the same tokens and the same scores
+    as the same kernels called from Python, over padded sources (the memory mask), a cache that
+    grows (no room reserved), and beam search's reordered cache (its table) with a sentence's
+    beams sharing their cross-attention rows; and it is the route taken, once per layer per
+    step."""
+    from qkv.config import DecodeConfig
+    from qkv.packed import pack
+
+    with native_kernels("gemm"):
+        model = pack(with_norms_drawn(tiny(**overrides)))
+    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(1))
+    src[1, 4:] = 0
+    lengths = (src != 0).sum(1)
+    cfg = DecodeConfig(strategy=strategy, beam=3, nbest=3 if strategy == "beam" else 1)
+    ours, theirs, calls = decode_both_ways(model, src, lengths, cfg)
+    assert [[h.tokens for h in n] for n in ours] == [[h.tokens for h in n] for n in theirs]
+    assert [[h.score for h in n] for n in ours] == [[h.score for h in n] for n in theirs]
+    longest = max(len(h.tokens) for n in ours for h in n)
+    assert longest > 16  # past the cache's first storage: it grew under the C++ step
+    assert calls >= longest * len(model.decoder.layers)
+
+
+def test_the_layer_step_in_cpp_matches_the_full_forward(tiny):
+    """Teacher-forced, step by step through the C++ layer step, a packed post-LN model's
+    scores equal the unpacked model's full forward (causal mask, no cache) within 1e-5: an
+    oracle that shares neither the cache nor the kernels."""
+    from qkv.packed import pack
+
+    full_model = with_norms_drawn(tiny(norm_first=False, activation="gelu"))
+    gen = torch.Generator().manual_seed(2)
+    src = torch.randint(3, 23, (3, 6), generator=gen)
+    tgt = torch.randint(3, 23, (3, 9), generator=gen)
+    with torch.inference_mode():
+        expected = full_model(src, tgt)  # (B, T, V)
+    with native_kernels("gemm"):
+        model = pack(with_norms_drawn(tiny(norm_first=False, activation="gelu")))
+    with layer_step(True) as counter, torch.inference_mode():
+        cache = model.start(src)
+        got = torch.cat([model.step(tgt[:, t : t + 1], cache) for t in range(tgt.shape[1])], 1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert counter.calls == tgt.shape[1] * len(model.decoder.layers)
+
+
+def test_a_language_models_prompts_take_the_layer_step(tiny):
+    """A decoder-only model (no cross-attention) continuing left-padded prompts of different
+    lengths: the prompt goes through Python (several positions at once), every later step
+    through C++ with the padding hidden by the self-attention mask; the tokens and scores
+    equal the Python route's."""
+    from qkv.config import DecodeConfig
+    from qkv.packed import pack
+
+    with native_kernels("gemm"):
+        model = pack(with_norms_drawn(tiny(arch="decoder-only", activation="silu")))
+    prefix = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    offsets = (prefix == 0).sum(1)
+    lengths = torch.full((3,), 4)
+    cfg = DecodeConfig(strategy="greedy", max_len_a=0, max_len_b=12, min_len=12)
+    ours, theirs, calls = decode_both_ways(
+        model, None, lengths, cfg, prefix=prefix, start=dict(offsets=offsets)
+    )
+    assert [h[0].tokens for h in ours] == [h[0].tokens for h in theirs]
+    assert [h[0].score for h in ours] == [h[0].score for h in theirs]
+    assert calls > 0
+
+
+def test_inspection_and_ablations_take_the_python_route(tiny):
+    """Recording attention weights, silencing heads, removing a skip connection: each needs
+    the Python modules, so the C++ step stands aside for the layer changed, and the outputs
+    are the Python route's."""
+    from qkv.config import DecodeConfig
+    from qkv.packed import pack
+
+    with native_kernels("gemm"):
+        model = pack(tiny())
+    src = torch.randint(3, 23, (2, 5), generator=torch.Generator().manual_seed(3))
+    cfg = DecodeConfig(strategy="greedy", max_len_a=0, max_len_b=6, min_len=6)
+    layer = model.decoder.layers[0]
+    seen = []
+    changes = [
+        ("recorder", layer.self_attn, lambda m, w: seen.append(w.shape)),
+        ("head_mask", layer.cross_attn, torch.tensor([1.0, 0.0, 1.0, 1.0])),
+        ("skip", layer.ff_residual, False),
+    ]
+    lengths = torch.full((2,), 5)
+    _, _, every_layer = decode_both_ways(model, src, lengths, cfg)
+    for attr, module, value in changes:
+        before = getattr(module, attr)
+        setattr(module, attr, value)
+        try:
+            ours, theirs, calls = decode_both_ways(model, src, lengths, cfg)
+        finally:
+            setattr(module, attr, before)
+        # the changed layer in Python at every step; the other layer still in C++
+        assert calls == every_layer // 2, attr
+        assert [h[0].tokens for h in ours] == [h[0].tokens for h in theirs]
+    assert seen

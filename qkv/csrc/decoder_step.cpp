@@ -1,0 +1,160 @@
+// One decoder layer's decoding step for fp32 inference, its kernels called in turn from C++:
+// masked self-attention over the KV cache, cross-attention to the encoder's keys and values,
+// the feed-forward network, each inside its skip connection and layer norm (qkv/decoder.py's
+// DecoderLayer, the same arithmetic in the same order).
+//
+// Why: at a decoding step's sizes (one new token for each of 32 sentences, say) each of these
+// kernels takes a few microseconds to tens of them, and the Python around them (module calls,
+// views, the cache's bookkeeping, the checks of which kernel applies) cost about as much
+// again: a small model's greedy step spent over a millisecond in it (bench/README.md). Here
+// a layer is one call from Python. The kernels are the ones the Python route calls (MKL's
+// packed product, the attention kernel, add-and-norm and the activation where qkv/native.py
+// uses them, else PyTorch's ops), so both routes compute the same numbers; tests/
+// test_native.py checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this
+// where it applies (qkv/native.py says when) and runs the Python route everywhere else.
+//
+// Shapes: B rows (sentences, or sentences x beams), D d_model, H heads, Dh = D / H.
+
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+#include <cstring>
+
+namespace {
+
+// A tensor's numel() == 0 stands for "none" in the arguments (Python passes empty tensors).
+c10::optional<torch::Tensor> given(const torch::Tensor& t) {
+  if (t.numel() == 0) return c10::nullopt;
+  return t;
+}
+
+struct Norm {
+  const torch::Tensor& weight;
+  const torch::Tensor& bias;  // numel() == 0: none
+};
+
+// The skip connection with layer norm around a sublayer's output y (qkv/layers.py's Residual).
+// post-LN: norm(x + y), by the add-and-norm kernel where `pointwise`, else PyTorch's two ops.
+// pre-LN: x + y (the norm came before the sublayer, `pre_norm`).
+torch::Tensor residual(const torch::Tensor& x, const torch::Tensor& y, const Norm& norm,
+                       bool norm_first, double eps, bool pointwise) {
+  if (norm_first) return x + y;
+  if (pointwise) return add_layer_norm(x, y, norm.weight, norm.bias, eps);
+  return at::layer_norm(x + y, {x.size(-1)}, norm.weight, given(norm.bias), eps);
+}
+
+// What a sublayer reads: x itself (post-LN) or norm(x) (pre-LN), by PyTorch's layer norm.
+torch::Tensor pre_norm(const torch::Tensor& x, const Norm& norm, bool norm_first, double eps) {
+  if (!norm_first) return x;
+  return at::layer_norm(x, {x.size(-1)}, norm.weight, given(norm.bias), eps);
+}
+
+// The feed-forward's activation in place, as qkv/packed.py applies it after MKL's product.
+void activate(torch::Tensor& h, const std::string& kind, bool pointwise, int64_t activate_max) {
+  if (kind == "relu") {
+    h.relu_();
+  } else if (pointwise && h.numel() <= activate_max) {
+    activate_(h, kind);
+  } else if (kind == "gelu") {
+    at::gelu_(h);
+  } else {
+    at::silu_(h);
+  }
+}
+
+}  // namespace
+
+// x (B, 1, D) fp32, contiguous: the layer's input for one new position per row. Returns the
+// layer's output (B, 1, D).
+//
+// packed, biases, widths: the layer's linear maps packed for MKL's product (pack_weight), in
+//   the order self-attention's stacked q/k/v, its output, [cross-attention's query, its
+//   output,] the feed-forward's first and second; each one's bias (empty: none) and its number
+//   of outputs.
+// norms: weight and bias (empty: none) of each skip connection's layer norm, in the same
+//   order: self-attention's, [cross-attention's,] the feed-forward's.
+// self_attn: the KV cache's storage of keys and of values (P, H, capacity, Dh), its table of
+//   stored rows (B, capacity) long or empty, and the mask of keys each row may attend to
+//   (B or 1, 1, 1, position + 1) bool or empty. This step's keys and values are written at
+//   `position` of each row's own stored row (the cache has claimed it, KVCache.room).
+// cross_attn: the encoder's keys and values (n, H, S, Dh), one row per `group` rows of x (a
+//   sentence's beams), and the memory mask (n, 1, 1, S) bool or empty; or no tensors at all
+//   (a decoder-only layer).
+torch::Tensor decoder_layer_step(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                 const std::vector<torch::Tensor>& biases,
+                                 const std::vector<int64_t>& widths,
+                                 const std::vector<torch::Tensor>& norms,
+                                 const std::vector<torch::Tensor>& self_attn,
+                                 int64_t position, const std::vector<torch::Tensor>& cross_attn,
+                                 int64_t group, const std::string& activation, bool norm_first,
+                                 double eps, bool pointwise, int64_t activate_max) {
+  const bool cross = !cross_attn.empty();
+  const size_t linears = cross ? 6 : 4;
+  TORCH_CHECK(packed.size() == linears && biases.size() == linears && widths.size() == linears &&
+                  norms.size() == 2 * (linears / 2) && self_attn.size() == 4 &&
+                  (!cross || cross_attn.size() == 3),
+              "decoder_layer_step: arguments of the wrong count");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
+                  x.scalar_type() == at::kFloat,
+              "decoder_layer_step: x must be (B, 1, D) fp32, contiguous");
+  TORCH_CHECK(activation == "relu" || activation == "gelu" || activation == "silu",
+              "decoder_layer_step: relu, gelu or silu, not ", activation);
+  const torch::Tensor &k_store = self_attn[0], &v_store = self_attn[1];
+  const int64_t B = x.size(0), D = x.size(2), H = k_store.size(1), dh = k_store.size(3);
+  TORCH_CHECK(H * dh == D && v_store.sizes() == k_store.sizes() && k_store.size(0) >= B &&
+                  position < k_store.size(2) && k_store.stride(3) == 1 &&
+                  v_store.stride(3) == 1,
+              "decoder_layer_step: the KV cache's storage does not fit x");
+  auto linear = [&](const torch::Tensor& in, size_t i) {
+    return packed_linear(in, packed[i], biases[i], widths[i]);
+  };
+  auto norm = [&](size_t i) { return Norm{norms[2 * i], norms[2 * i + 1]}; };
+  size_t next = 0;  // the next linear map, in `packed`'s order
+
+  // Masked self-attention: one matmul gives each row's query, key and value.
+  const auto qkv = linear(pre_norm(x, norm(0), norm_first, eps), next++);  // (B, 1, 3D)
+  {  // this position's keys and values into each row's own stored row
+    const float* from = qkv.data_ptr<float>();
+    float* ks = k_store.data_ptr<float>();
+    float* vs = v_store.data_ptr<float>();
+    const int64_t k0 = k_store.stride(0), k1 = k_store.stride(1), k2 = k_store.stride(2);
+    const int64_t v0 = v_store.stride(0), v1 = v_store.stride(1), v2 = v_store.stride(2);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = from + b * 3 * D + h * dh;
+        std::memcpy(ks + b * k0 + h * k1 + position * k2, row + D, dh * sizeof(float));
+        std::memcpy(vs + b * v0 + h * v1 + position * v2, row + 2 * D, dh * sizeof(float));
+      }
+    }
+  }
+  const int64_t S = position + 1;
+  const auto q = qkv.as_strided({B, H, 1, dh}, {3 * D, dh, dh, 1});
+  const auto& table = self_attn[2];
+  auto mixed = decode_attention(q, k_store.slice(2, 0, S), v_store.slice(2, 0, S), self_attn[3],
+                                table.numel() > 0 ? table.slice(1, 0, S) : table);
+  TORCH_CHECK(mixed.defined(), "decoder_layer_step: the attention kernel declined its inputs");
+  // (B, H, 1, Dh) contiguous is the heads concatenated, (B, 1, D)
+  auto h = residual(x, linear(mixed.view({B, 1, D}), next++), norm(0), norm_first, eps,
+                    pointwise);
+
+  if (cross) {  // cross-attention: each row's query against its sentence's encoder output
+    const torch::Tensor &k = cross_attn[0], &v = cross_attn[1];
+    TORCH_CHECK(group >= 1 && B % group == 0 && k.size(0) * group == B,
+                "decoder_layer_step: cross-attention rows do not fit x");
+    const int64_t n = B / group;
+    const auto cq = linear(pre_norm(h, norm(1), norm_first, eps), next++);  // (B, 1, D)
+    // a sentence's `group` beams become `group` queries of its one row of keys
+    const auto grouped = cq.as_strided({n, H, group, dh}, {group * D, dh, D, 1});
+    auto out = decode_attention(grouped, k, v, cross_attn[2], torch::Tensor());
+    TORCH_CHECK(out.defined(), "decoder_layer_step: the attention kernel declined its inputs");
+    if (group > 1) out = out.permute({0, 2, 1, 3}).contiguous();  // (n, group, H, Dh)
+    h = residual(h, linear(out.view({B, 1, D}), next++), norm(1), norm_first, eps, pointwise);
+  }
+
+  // The feed-forward network, position by position.
+  const size_t ff = cross ? 2 : 1;
+  auto hidden = linear(pre_norm(h, norm(ff), norm_first, eps), next++);
+  activate(hidden, activation, pointwise, activate_max);
+  return residual(h, linear(hidden, next++), norm(ff), norm_first, eps, pointwise);
+}

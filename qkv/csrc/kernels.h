@@ -1,0 +1,42 @@
+// The kernels of qkv's C++ files that other files call: bindings.cpp exposes them to Python,
+// and decoder_step.cpp calls them directly, without Python between them.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+// decode_attention.cpp
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& keep,
+                               const torch::Tensor& table);
+// choose.cpp
+void log_softmax_(torch::Tensor& x);
+torch::Tensor argmax_rows(const torch::Tensor& x);
+std::vector<torch::Tensor> beam_topk(const torch::Tensor& log_probs, const torch::Tensor& scores,
+                                     int64_t k, int64_t want);
+// dropout_mask.cpp
+torch::Tensor dropout_mask(const torch::Tensor& like, int64_t cut, double scale, int64_t seed);
+// cross_entropy.cpp
+double smoothed_cross_entropy_rows(const torch::Tensor& scores, const torch::Tensor& target,
+                                   double eps, const torch::Tensor& grad);
+// pointwise.cpp
+void activate_(torch::Tensor& x, const std::string& kind);
+torch::Tensor add_layer_norm(const torch::Tensor& x, const torch::Tensor& y,
+                             const torch::Tensor& weight, const torch::Tensor& bias, double eps);
+// packed_gemm.cpp
+bool gemm_available();
+torch::Tensor pack_weight(const torch::Tensor& w);
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                            const torch::Tensor& bias, int64_t n);
+// decoder_step.cpp
+torch::Tensor decoder_layer_step(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                 const std::vector<torch::Tensor>& biases,
+                                 const std::vector<int64_t>& widths,
+                                 const std::vector<torch::Tensor>& norms,
+                                 const std::vector<torch::Tensor>& self_attn,
+                                 int64_t position, const std::vector<torch::Tensor>& cross_attn,
+                                 int64_t group, const std::string& activation, bool norm_first,
+                                 double eps, bool pointwise, int64_t activate_max);
