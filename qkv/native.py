@@ -348,12 +348,11 @@ def pointwise() -> ModuleType | None:
 
 
 def layer_steps() -> ModuleType | None:
-    """The module, for a decoder layer's step in C++; None where the kernels it calls are not
-    all in use here: MKL's packed product and the attention kernel. (It computes what the
-    Python route computes, with the same kernels, so it needs no measurement of its own.)"""
-    if "step" not in _state:  # decided once; the kernels it needs said why where they are off
-        on = kernel() is not None and gemm() is not None
-        _state["step"] = _built() if on else None
+    """The module, for a decoder layer's step in C++; None where the attention kernel, which it
+    calls, is not in use here. (It computes what the Python route computes, with the same
+    kernels, so it needs no measurement of its own.)"""
+    if "step" not in _state:  # decided once; the attention kernel said why where it is off
+        _state["step"] = _built() if kernel() is not None else None
     return _state["step"]
 
 
@@ -504,22 +503,17 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm) -> Tensor | N
 
 
 def decoder_layer_step(
+    weights: object,
     x: Tensor,
-    linears: tuple[list[Tensor], list[Tensor], list[int]],
-    norms: list[Tensor],
     self_attn: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
     position: int,
     cross_attn: tuple[Tensor, Tensor, Tensor | None] | None,
     group: int,
-    activation: str,
-    norm_first: bool,
-    eps: float,
 ) -> Tensor:
     """One decoder layer's step for x (B, 1, D) in C++ (qkv/csrc/decoder_step.cpp says what
-    each argument holds; None stands for a mask, table or bias that is not there). The caller
-    has checked that it applies (qkv/packed.py's PackedDecoderLayer): `layer_steps()`, fp32
-    inference on the CPU, MKL-packed linears."""
-    packed, biases, widths = linears
+    each argument holds; None stands for a mask or table that is not there), on `weights`
+    gathered by the module's decoder_layer_weights. The caller has checked that it applies
+    (qkv/packed.py's PackedDecoderLayer): `layer_steps()`, fp32 inference on the CPU."""
     k, v, table, keep = self_attn
     self_args = [k, v, _NO_TABLE if table is None else table, _NO_MASK if keep is None else keep]
     cross_args = []
@@ -527,18 +521,12 @@ def decoder_layer_step(
         ck, cv, memory_keep = cross_attn
         cross_args = [ck, cv, _NO_MASK if memory_keep is None else memory_keep]
     return _state["step"].decoder_layer_step(
+        weights,
         x,
-        packed,
-        biases,
-        widths,
-        norms,
         self_args,
         position,
         cross_args,
         group,
-        activation,
-        norm_first,
-        eps,
         pointwise() is not None,
         ACTIVATE_MAX,
     )

@@ -351,12 +351,12 @@ def _given(mask: Tensor | None) -> bool:
 
 class PackedDecoderLayer(DecoderLayer):
     """A DecoderLayer (same submodules and parameters) whose decoding step, one new position
-    per row over a KV cache, is one call into C++ where every linear map is packed for MKL's
-    product and the attention kernel is in use (qkv/csrc/decoder_step.cpp: the same kernels as
-    the Python route, without Python between them; a small model's greedy step spent about a
-    third of its time in that Python, bench/README.md). Elsewhere (training, int8 or bf16
-    weights, a prompt's several positions, inspection's recorders and head masks, ablations)
-    it is DecoderLayer."""
+    per row over a KV cache, is one call into C++ where the attention kernel is in use and
+    every linear map is packed for MKL's product, in int8, or plain fp32
+    (qkv/csrc/decoder_step.cpp: the same kernels as the Python route, without Python between
+    them; bench/layer_step.py measures the difference). Elsewhere (training, bf16 weights or
+    oneDNN's fp32 product, a prompt's several positions, inspection's recorders and head
+    masks, ablations) it is DecoderLayer."""
 
     def __init__(self, layer: DecoderLayer):
         nn.Module.__init__(self)
@@ -364,34 +364,59 @@ class PackedDecoderLayer(DecoderLayer):
         self.cross_attn, self.cross_residual = layer.cross_attn, layer.cross_residual
         self.ff, self.ff_residual = layer.ff, layer.ff_residual
         self.eval()
+        self._like = torch.empty(0, self.self_attn.n_heads, 0, self.self_attn.d_head)
+        self._weights = self._gathered()
+
+    def _gathered(self) -> object | None:
+        """The layer's weights gathered for the C++ step (native's decoder_layer_weights), or
+        None where it cannot take them: the C++ kernels unbuilt, a linear map packed for
+        oneDNN's product or in bf16, an activation other than ReLU, GELU and SiLU."""
+        module = native._built()
+        names = {f: name for name, f in ACTIVATIONS.items()}
+        activation = names.get(self.ff.activation)
+        if module is None or activation is None:
+            return None
+        attn, cross = self.self_attn, self.cross_attn
+        maps = [attn.packed_qkv if isinstance(attn, PackedAttention) else None, attn.out_proj]
+        if cross is not None:
+            maps += [cross.q_proj, cross.out_proj]
+        maps += [self.ff.fc1, self.ff.fc2]
+        kinds, tensors, biases, widths, int8s = [], [], [], [], []
+        for m in maps:
+            p = m.packed if isinstance(m, PackedLinear) else m
+            if isinstance(p, Packed) and p.mkl:
+                kind, tensor, bias = "mkl", p._packed, p._bias
+            elif isinstance(p, Packed) and p.int8:
+                kind, tensor, bias = "int8", None, None
+            elif isinstance(p, Packed) and not p.reorder and not p.bf16:
+                kind, tensor, bias = "plain", p._stacked, p._bias
+            elif type(p) is nn.Linear:
+                kind, tensor, bias = "plain", p.weight.detach(), p.bias
+            else:  # oneDNN's packed product or bf16, or self-attention's q/k/v not stacked
+                return None
+            kinds.append(kind)
+            tensors.append(torch.empty(0) if tensor is None else tensor)
+            biases.append(torch.empty(0) if bias is None else bias.detach())
+            widths.append(p._stacked.shape[0] if isinstance(p, Packed) else p.out_features)
+            int8s.append(p._packed if kind == "int8" else None)
         residuals = [self.attn_residual, self.cross_residual, self.ff_residual]
         norms = [r.norm for r in residuals if r is not None]
-        self._norms = [
+        norm_tensors = [
             t.detach() if t is not None else torch.empty(0)
             for norm in norms
             for t in (norm.weight, norm.bias)
         ]
-        self._norm_first, self._eps = self.attn_residual.norm_first, norms[0].eps
-        names = {f: name for name, f in ACTIVATIONS.items()}
-        self._activation = names.get(self.ff.activation)
-        self._like = torch.empty(0, self.self_attn.n_heads, 0, self.self_attn.d_head)
-        self._linears = self._mkl_linears()
-
-    def _mkl_linears(self) -> tuple[list[Tensor], list[Tensor], list[int]] | None:
-        """The packed weights, biases and widths of the layer's linear maps in the C++ step's
-        order, or None where one of them is not packed for MKL's product."""
-        attn, cross = self.self_attn, self.cross_attn
-        if not isinstance(attn, PackedAttention):
-            return None
-        maps = [attn.packed_qkv, attn.out_proj]
-        if cross is not None:
-            maps += [cross.q_proj, cross.out_proj]
-        maps += [self.ff.fc1, self.ff.fc2]
-        packs = [m.packed if isinstance(m, PackedLinear) else m for m in maps]
-        if not all(isinstance(p, Packed) and p.mkl for p in packs):
-            return None
-        biases = [torch.empty(0) if p._bias is None else p._bias for p in packs]
-        return [p._packed for p in packs], biases, [p._stacked.shape[0] for p in packs]
+        return module.decoder_layer_weights(
+            kinds,
+            tensors,
+            biases,
+            widths,
+            int8s,
+            norm_tensors,
+            activation,
+            self.attn_residual.norm_first,
+            norms[0].eps,
+        )
 
     def _steps_in_cpp(
         self,
@@ -402,7 +427,7 @@ class PackedDecoderLayer(DecoderLayer):
         memory_mask: Tensor | None,
     ) -> bool:
         """Whether this call is a decoding step the C++ layer step takes."""
-        if self._linears is None or self._activation is None:
+        if self._weights is None:
             return False
         # a KVCache's self-attention (qkv.fixed's caches are written by position tensors)
         if not isinstance(self_cache, KVCache) or self_cache.static:
@@ -437,22 +462,13 @@ class PackedDecoderLayer(DecoderLayer):
         cross_cache: KVCache | None = None,
     ) -> Tensor:
         if not is_causal and self._steps_in_cpp(x, self_cache, cross_cache, self_mask, memory_mask):
-            assert self_cache is not None and self._linears is not None
+            assert self_cache is not None
             k, v, table, position = self_cache.room(x.shape[0], 1, self._like)
             cross, group = None, 1
             if cross_cache is not None:
                 cross, group = (cross_cache.k, cross_cache.v, memory_mask), cross_cache.group
             return native.decoder_layer_step(
-                x,
-                self._linears,
-                self._norms,
-                (k, v, table, self_mask),
-                position,
-                cross,
-                group,
-                self._activation,
-                self._norm_first,
-                self._eps,
+                self._weights, x, (k, v, table, self_mask), position, cross, group
             )
         return super().forward(
             x,

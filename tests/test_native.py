@@ -842,6 +842,29 @@ def test_the_layer_step_in_cpp_decodes_as_the_python_route(tiny, overrides, stra
     assert calls >= longest * len(model.decoder.layers)
 
 
+@pytest.mark.parametrize("min_weights", [0, 2048], ids=["all-int8", "small-ones-plain"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_the_layer_step_in_cpp_takes_int8_weights(tiny, min_weights, strategy):
+    """Packed in int8 (every linear map; or, as pack's default does at a larger size, the
+    feed-forward and q/k/v maps, 2,048 and 3,072 weights here, with the 1,024-weight ones left
+    plain fp32): the C++ step runs PyTorch's int8 product on the same packed
+    weights, so tokens and scores equal the Python route's, and it is the route taken."""
+    from qkv.config import DecodeConfig
+    from qkv.packed import pack
+
+    model = pack(with_norms_drawn(tiny(norm_first=False, activation="gelu")), True, min_weights)
+    kinds = {type(m).__name__ for m in model.decoder.modules()}
+    assert "PackedLinear" in kinds and ("Linear" in kinds) == (min_weights > 0)
+    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(5))
+    src[2, 3:] = 0
+    lengths = (src != 0).sum(1)
+    cfg = DecodeConfig(strategy=strategy, beam=3, nbest=3 if strategy == "beam" else 1)
+    ours, theirs, calls = decode_both_ways(model, src, lengths, cfg)
+    assert [[h.tokens for h in n] for n in ours] == [[h.tokens for h in n] for n in theirs]
+    assert [[h.score for h in n] for n in ours] == [[h.score for h in n] for n in theirs]
+    assert calls >= len(ours[0][0].tokens) * len(model.decoder.layers)
+
+
 def test_the_layer_step_in_cpp_matches_the_full_forward(tiny):
     """Teacher-forced, step by step through the C++ layer step, a packed post-LN model's
     scores equal the unpacked model's full forward (causal mask, no cache) within 1e-5: an

@@ -18,6 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_available", &gemm_available, "whether MKL's packed GEMM is linked (packed_gemm.cpp)");
   m.def("pack_weight", &pack_weight, "an (N, K) weight packed for packed_linear");
   m.def("packed_linear", &packed_linear, "x W^T + b on a packed weight (packed_gemm.cpp)");
+  py::class_<DecoderLayerWeights>(m, "DecoderLayerWeights");
+  m.def("decoder_layer_weights", &decoder_layer_weights,
+        "a decoder layer's weights, gathered once for its C++ step (decoder_step.cpp)");
   m.def("decoder_layer_step", &decoder_layer_step,
         "one decoder layer's decoding step, its kernels called in turn (decoder_step.cpp)");
 }

@@ -8,14 +8,18 @@
 // views, the cache's bookkeeping, the checks of which kernel applies) cost about as much
 // again: a small model's greedy step spent over a millisecond in it (bench/README.md). Here
 // a layer is one call from Python. The kernels are the ones the Python route calls (MKL's
-// packed product, the attention kernel, add-and-norm and the activation where qkv/native.py
-// uses them, else PyTorch's ops), so both routes compute the same numbers; tests/
-// test_native.py checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this
-// where it applies (qkv/native.py says when) and runs the Python route everywhere else.
+// packed product, PyTorch's int8 product or plain F.linear, as qkv/packed.py packed each
+// linear map; the attention kernel; add-and-norm and the activation where qkv/native.py uses
+// them, else PyTorch's ops), so both routes compute the same numbers; tests/test_native.py
+// checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this where it applies
+// and runs the Python route everywhere else.
 //
 // Shapes: B rows (sentences, or sentences x beams), D d_model, H heads, Dh = D / H.
 
 #include <torch/extension.h>
+
+#include <ATen/native/quantized/PackedParams.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
 
 #include "kernels.h"
 
@@ -28,6 +32,59 @@ c10::optional<torch::Tensor> given(const torch::Tensor& t) {
   if (t.numel() == 0) return c10::nullopt;
   return t;
 }
+
+}  // namespace
+
+// y = x W^T + b for x (B, 1, K), as qkv/packed.py computes it for this map.
+torch::Tensor LinearMap::operator()(const torch::Tensor& x) const {
+  switch (kind) {
+    case Kind::kMkl:
+      return packed_linear(x, weight, bias, n);
+    case Kind::kInt8:  // the bias is inside; 7-bit activations, as qkv/packed.py asks
+      return int8->apply_dynamic(x.view({-1, x.size(-1)}), /*reduce_range=*/true)
+          .view({x.size(0), x.size(1), n});
+    case Kind::kPlain:
+      return at::linear(x, weight, given(bias));
+  }
+  TORCH_CHECK(false, "LinearMap: unknown kind");
+}
+
+// kinds[i]: "mkl" (tensors[i] packed by pack_weight), "int8" (int8s[i], a prepacked int8
+// weight, torch.ops.quantized.linear_prepack's), "plain" (tensors[i] the (n, K) weight).
+DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
+                                          const std::vector<torch::Tensor>& tensors,
+                                          const std::vector<torch::Tensor>& biases,
+                                          const std::vector<int64_t>& widths,
+                                          const std::vector<py::object>& int8s,
+                                          const std::vector<torch::Tensor>& norms,
+                                          const std::string& activation, bool norm_first,
+                                          double eps) {
+  const size_t count = kinds.size();
+  TORCH_CHECK((count == 4 || count == 6) && tensors.size() == count && biases.size() == count &&
+                  widths.size() == count && int8s.size() == count && norms.size() == count,
+              "decoder_layer_weights: 4 or 6 linear maps, and a norm's weight and bias for "
+              "each pair");
+  TORCH_CHECK(activation == "relu" || activation == "gelu" || activation == "silu",
+              "decoder_layer_weights: relu, gelu or silu, not ", activation);
+  DecoderLayerWeights w{{}, norms, activation, norm_first, eps};
+  for (size_t i = 0; i < count; ++i) {
+    LinearMap map{LinearMap::Kind::kPlain, tensors[i], biases[i], widths[i], {}};
+    if (kinds[i] == "mkl") {
+      map.kind = LinearMap::Kind::kMkl;
+    } else if (kinds[i] == "int8") {
+      map.kind = LinearMap::Kind::kInt8;
+      const auto object = py::cast<torch::jit::Object>(int8s[i]);
+      map.int8 = c10::IValue(object._ivalue()).toCustomClass<LinearPackedParamsBase>();
+    } else {
+      TORCH_CHECK(kinds[i] == "plain", "decoder_layer_weights: mkl, int8 or plain, not ",
+                  kinds[i]);
+    }
+    w.linears.push_back(std::move(map));
+  }
+  return w;
+}
+
+namespace {
 
 struct Norm {
   const torch::Tensor& weight;
@@ -50,11 +107,12 @@ torch::Tensor pre_norm(const torch::Tensor& x, const Norm& norm, bool norm_first
   return at::layer_norm(x, {x.size(-1)}, norm.weight, given(norm.bias), eps);
 }
 
-// The feed-forward's activation in place, as qkv/packed.py applies it after MKL's product.
-void activate(torch::Tensor& h, const std::string& kind, bool pointwise, int64_t activate_max) {
+// The feed-forward's activation in place, as qkv/packed.py applies it: after MKL's product
+// by qkv's kernel where `in_cpp` (else PyTorch's, the same function as F.relu, F.gelu, F.silu).
+void activate(torch::Tensor& h, const std::string& kind, bool in_cpp) {
   if (kind == "relu") {
     h.relu_();
-  } else if (pointwise && h.numel() <= activate_max) {
+  } else if (in_cpp) {
     activate_(h, kind);
   } else if (kind == "gelu") {
     at::gelu_(h);
@@ -68,12 +126,10 @@ void activate(torch::Tensor& h, const std::string& kind, bool pointwise, int64_t
 // x (B, 1, D) fp32, contiguous: the layer's input for one new position per row. Returns the
 // layer's output (B, 1, D).
 //
-// packed, biases, widths: the layer's linear maps packed for MKL's product (pack_weight), in
-//   the order self-attention's stacked q/k/v, its output, [cross-attention's query, its
-//   output,] the feed-forward's first and second; each one's bias (empty: none) and its number
-//   of outputs.
-// norms: weight and bias (empty: none) of each skip connection's layer norm, in the same
-//   order: self-attention's, [cross-attention's,] the feed-forward's.
+// weights: the layer's, from decoder_layer_weights: its linear maps in the order
+//   self-attention's stacked q/k/v, its output, [cross-attention's query, its output,] the
+//   feed-forward's first and second; and the weight and bias of each skip connection's layer
+//   norm, in the same order: self-attention's, [cross-attention's,] the feed-forward's.
 // self_attn: the KV cache's storage of keys and of values (P, H, capacity, Dh), its table of
 //   stored rows (B, capacity) long or empty, and the mask of keys each row may attend to
 //   (B or 1, 1, 1, position + 1) bool or empty. This step's keys and values are written at
@@ -81,39 +137,33 @@ void activate(torch::Tensor& h, const std::string& kind, bool pointwise, int64_t
 // cross_attn: the encoder's keys and values (n, H, S, Dh), one row per `group` rows of x (a
 //   sentence's beams), and the memory mask (n, 1, 1, S) bool or empty; or no tensors at all
 //   (a decoder-only layer).
-torch::Tensor decoder_layer_step(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
-                                 const std::vector<torch::Tensor>& biases,
-                                 const std::vector<int64_t>& widths,
-                                 const std::vector<torch::Tensor>& norms,
+// pointwise: add-and-norm and the activation by qkv's kernels (qkv/native.py's choice), the
+//   activation only after MKL's product and on at most activate_max values, as in Python.
+torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch::Tensor& x,
                                  const std::vector<torch::Tensor>& self_attn,
                                  int64_t position, const std::vector<torch::Tensor>& cross_attn,
-                                 int64_t group, const std::string& activation, bool norm_first,
-                                 double eps, bool pointwise, int64_t activate_max) {
+                                 int64_t group, bool pointwise, int64_t activate_max) {
   const bool cross = !cross_attn.empty();
-  const size_t linears = cross ? 6 : 4;
-  TORCH_CHECK(packed.size() == linears && biases.size() == linears && widths.size() == linears &&
-                  norms.size() == 2 * (linears / 2) && self_attn.size() == 4 &&
+  const auto& linears = weights.linears;
+  TORCH_CHECK(linears.size() == (cross ? 6u : 4u) && self_attn.size() == 4 &&
                   (!cross || cross_attn.size() == 3),
               "decoder_layer_step: arguments of the wrong count");
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.scalar_type() == at::kFloat,
               "decoder_layer_step: x must be (B, 1, D) fp32, contiguous");
-  TORCH_CHECK(activation == "relu" || activation == "gelu" || activation == "silu",
-              "decoder_layer_step: relu, gelu or silu, not ", activation);
   const torch::Tensor &k_store = self_attn[0], &v_store = self_attn[1];
   const int64_t B = x.size(0), D = x.size(2), H = k_store.size(1), dh = k_store.size(3);
   TORCH_CHECK(H * dh == D && v_store.sizes() == k_store.sizes() && k_store.size(0) >= B &&
                   position < k_store.size(2) && k_store.stride(3) == 1 &&
                   v_store.stride(3) == 1,
               "decoder_layer_step: the KV cache's storage does not fit x");
-  auto linear = [&](const torch::Tensor& in, size_t i) {
-    return packed_linear(in, packed[i], biases[i], widths[i]);
-  };
-  auto norm = [&](size_t i) { return Norm{norms[2 * i], norms[2 * i + 1]}; };
-  size_t next = 0;  // the next linear map, in `packed`'s order
+  const bool norm_first = weights.norm_first;
+  const double eps = weights.eps;
+  auto norm = [&](size_t i) { return Norm{weights.norms[2 * i], weights.norms[2 * i + 1]}; };
+  size_t next = 0;  // the next linear map, in their order
 
   // Masked self-attention: one matmul gives each row's query, key and value.
-  const auto qkv = linear(pre_norm(x, norm(0), norm_first, eps), next++);  // (B, 1, 3D)
+  const auto qkv = linears[next++](pre_norm(x, norm(0), norm_first, eps)).contiguous();
   {  // this position's keys and values into each row's own stored row
     const float* from = qkv.data_ptr<float>();
     float* ks = k_store.data_ptr<float>();
@@ -135,7 +185,7 @@ torch::Tensor decoder_layer_step(const torch::Tensor& x, const std::vector<torch
                                 table.numel() > 0 ? table.slice(1, 0, S) : table);
   TORCH_CHECK(mixed.defined(), "decoder_layer_step: the attention kernel declined its inputs");
   // (B, H, 1, Dh) contiguous is the heads concatenated, (B, 1, D)
-  auto h = residual(x, linear(mixed.view({B, 1, D}), next++), norm(0), norm_first, eps,
+  auto h = residual(x, linears[next++](mixed.view({B, 1, D})), norm(0), norm_first, eps,
                     pointwise);
 
   if (cross) {  // cross-attention: each row's query against its sentence's encoder output
@@ -143,18 +193,22 @@ torch::Tensor decoder_layer_step(const torch::Tensor& x, const std::vector<torch
     TORCH_CHECK(group >= 1 && B % group == 0 && k.size(0) * group == B,
                 "decoder_layer_step: cross-attention rows do not fit x");
     const int64_t n = B / group;
-    const auto cq = linear(pre_norm(h, norm(1), norm_first, eps), next++);  // (B, 1, D)
+    const auto cq = linears[next++](pre_norm(h, norm(1), norm_first, eps)).contiguous();
     // a sentence's `group` beams become `group` queries of its one row of keys
     const auto grouped = cq.as_strided({n, H, group, dh}, {group * D, dh, D, 1});
     auto out = decode_attention(grouped, k, v, cross_attn[2], torch::Tensor());
     TORCH_CHECK(out.defined(), "decoder_layer_step: the attention kernel declined its inputs");
     if (group > 1) out = out.permute({0, 2, 1, 3}).contiguous();  // (n, group, H, Dh)
-    h = residual(h, linear(out.view({B, 1, D}), next++), norm(1), norm_first, eps, pointwise);
+    h = residual(h, linears[next++](out.view({B, 1, D})), norm(1), norm_first, eps, pointwise);
   }
 
   // The feed-forward network, position by position.
   const size_t ff = cross ? 2 : 1;
-  auto hidden = linear(pre_norm(h, norm(ff), norm_first, eps), next++);
-  activate(hidden, activation, pointwise, activate_max);
-  return residual(h, linear(hidden, next++), norm(ff), norm_first, eps, pointwise);
+  const auto &first = linears[next], &second = linears[next + 1];
+  auto hidden = first(pre_norm(h, norm(ff), norm_first, eps));
+  // qkv/packed.py's PackedFeedForward: both products MKL's, the activation after the first
+  const bool in_cpp = pointwise && first.kind == LinearMap::Kind::kMkl &&
+                      second.kind == LinearMap::Kind::kMkl && hidden.numel() <= activate_max;
+  activate(hidden, weights.activation, in_cpp);
+  return residual(h, second(hidden), norm(ff), norm_first, eps, pointwise);
 }

@@ -5,6 +5,8 @@
 
 #include <torch/extension.h>
 
+#include <ATen/native/quantized/PackedParams.h>
+
 #include <string>
 #include <vector>
 
@@ -32,11 +34,33 @@ torch::Tensor pack_weight(const torch::Tensor& w);
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
                             const torch::Tensor& bias, int64_t n);
 // decoder_step.cpp
-torch::Tensor decoder_layer_step(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
-                                 const std::vector<torch::Tensor>& biases,
-                                 const std::vector<int64_t>& widths,
-                                 const std::vector<torch::Tensor>& norms,
+// One linear map of a decoder layer, as qkv/packed.py packed it.
+struct LinearMap {
+  enum class Kind { kMkl, kInt8, kPlain };  // MKL's packed fp32, PyTorch's int8, F.linear
+  Kind kind;
+  torch::Tensor weight;  // kMkl: pack_weight's buffer; kPlain: the (n, K) weight
+  torch::Tensor bias;    // (n), or empty: none (kInt8: inside its packed weight)
+  int64_t n;             // outputs
+  c10::intrusive_ptr<LinearPackedParamsBase> int8;  // kInt8: the prepacked int8 weight
+  torch::Tensor operator()(const torch::Tensor& x) const;
+};
+// A decoder layer's weights for its C++ step, gathered once (qkv/packed.py).
+struct DecoderLayerWeights {
+  std::vector<LinearMap> linears;
+  std::vector<torch::Tensor> norms;  // weight, bias (empty: none) of each skip connection's
+  std::string activation;            // relu, gelu or silu
+  bool norm_first;
+  double eps;
+};
+DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
+                                          const std::vector<torch::Tensor>& tensors,
+                                          const std::vector<torch::Tensor>& biases,
+                                          const std::vector<int64_t>& widths,
+                                          const std::vector<pybind11::object>& int8s,
+                                          const std::vector<torch::Tensor>& norms,
+                                          const std::string& activation, bool norm_first,
+                                          double eps);
+torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch::Tensor& x,
                                  const std::vector<torch::Tensor>& self_attn,
                                  int64_t position, const std::vector<torch::Tensor>& cross_attn,
-                                 int64_t group, const std::string& activation, bool norm_first,
-                                 double eps, bool pointwise, int64_t activate_max);
+                                 int64_t group, bool pointwise, int64_t activate_max);
