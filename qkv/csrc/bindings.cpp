@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecoderLayerWeights>(m, "DecoderLayerWeights");
   m.def("decoder_layer_weights", &decoder_layer_weights,
         "a decoder layer's weights, gathered once for its C++ step (decoder_step.cpp)");
+  // Python objects are converted before the call, so the step lets other threads run
   m.def("decoder_layer_step", &decoder_layer_step,
-        "one decoder layer's decoding step, its kernels called in turn (decoder_step.cpp)");
+        "one decoder layer's decoding step, its kernels called in turn (decoder_step.cpp)",
+        py::call_guard<py::gil_scoped_release>());
 }
