@@ -1,10 +1,12 @@
 """Where qkv's decoding time goes: torch.profiler over greedy and beam-5 search on the small
 random Marian model of translate_speed.py (batch 32, 20+eos source tokens, 25 forced outputs),
-packed as `qkv translate` runs it: fp32, or with `--precision bf16` bf16 weights.
+packed as `qkv translate` runs it: fp32, or with `--precision bf16` bf16 weights, or with
+`--precision int8` 8-bit ones (`qkv translate --int8`).
 
     .venv/bin/python bench/profile_decode.py
     .venv/bin/python bench/profile_decode.py --precision bf16 --threads 1
     .venv/bin/python bench/profile_decode.py --threads 1 --shapes   # each operator by its shapes
+    .venv/bin/python bench/profile_decode.py --threads 1 --precision int8
 """
 
 import tempfile
@@ -23,12 +25,12 @@ from qkv.search import beam_search, greedy, max_steps, model_step
 
 
 def main() -> None:
-    args = profiler_flags(__doc__, 10)
+    args = profiler_flags(__doc__, 10, ("fp32", "bf16", "int8"))
     keep_freed_memory()  # as the `qkv` command runs
     tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
     hf_model("small").save_pretrained(tmp / "hf")
     model = checkpoint.load(convert(tmp / "hf", tmp / "qkv"))[0]
-    model = pack(model, bf16=args.precision == "bf16")  # as qkv translate runs
+    model = pack(model, int8=args.precision == "int8", bf16=args.precision == "bf16")
     src = torch.randint(2, V - 1, (32, 21), generator=torch.Generator().manual_seed(1))
     src[:, -1] = EOS
     lengths = torch.full((32,), 21)

@@ -56,10 +56,10 @@ def ab_flags(doc: str) -> argparse.Namespace:
     return args
 
 
-def profiler_flags(doc: str, rows: int) -> argparse.Namespace:
+def profiler_flags(doc: str, rows: int, precisions=("fp32", "bf16")) -> argparse.Namespace:
     """The profile_*.py scripts' flags (--precision, --threads, --rows), with threads set."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=list(precisions), default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=rows, help="operators listed")
     ap.add_argument("--shapes", action="store_true", help="one line per operator and input shapes")

@@ -22,11 +22,12 @@ The packed copies are made once, inside `pack`, so the packed model is read-only
 number of decodes at once. oneDNN's, fbgemm's and the bf16 packed kernels cost about 50 us more
 per call (bench/linear_speed.py), more than they save below ~130k weights, so they take only
 the large layers, the small ones staying plain fp32; MKL's packed product is faster at every
-size (bench/packed_gemm.py), so where it is in use every fp32 layer packs for it (with int8 or
-bf16 the small layers stay plain: packing them for MKL measured no faster end to end, bench/
-README.md). With gradients on a packed layer computes with its live weights (F.linear); a
-packed model refuses to run in training mode, since its packed copies would not follow an
-optimizer's updates.
+size (bench/packed_gemm.py), so where it is in use every fp32 layer packs for it, and with
+int8 the small layers pack for it too (once the C++ layer step took the Python out of an int8
+decoding step, plain F.linear on the small layers was its largest cost, bench/README.md); with
+bf16 the small layers stay plain (packing them for MKL measured no faster end to end). With
+gradients on a packed layer computes with its live weights (F.linear); a packed model refuses
+to run in training mode, since its packed copies would not follow an optimizer's updates.
 
 `pack` also readies qkv's C++ kernels (qkv/native.py: compiled on first use; the attention
 kernel for decoding, add-and-norm and the activation, and MKL's product), so that a server's
@@ -297,7 +298,8 @@ class PackedFeedForward(FeedForward):
     inside oneDNN's kernel where both products run packed, fp32 or bf16: one pass over the hidden
     activations instead of two, and in bf16 no fp32 copy of them between the products (the
     activation is applied to the fp32 accumulator before its rounding to bf16, a little closer
-    to fp32 than rounding first). Elsewhere (int8, small layers, gradients) it is FeedForward."""
+    to fp32 than rounding first). After an int8 first product, the activation follows in place
+    (qkv's C++ kernel where it applies). Elsewhere (small layers, gradients) it is FeedForward."""
 
     def __init__(self, ff: FeedForward):
         nn.Module.__init__(self)
@@ -317,6 +319,17 @@ class PackedFeedForward(FeedForward):
         ):
             _refuse_training(self)
             return fc2(fc1.packed(x, self.post_op))
+        if (
+            isinstance(fc1, PackedLinear)
+            and fc1.packed.int8
+            and self.post_op is not None
+            and not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+        ):  # int8's product has no post-op: the activation follows it in place
+            _refuse_training(self)
+            hidden = fc1(x)
+            ACTIVATE_IN_PLACE[self.post_op[0]](hidden)
+            return fc2(hidden)
         return super().forward(x)
 
 
@@ -499,6 +512,7 @@ def pack(
     native.pointwise()
     fp32 = not (int8 or bf16)
     min_weights = min_weights_default(fp32) if min_weights is None else min_weights
+    small_fp32 = int8 and native.packs()  # int8's small layers: MKL's fp32 product (see above)
     # self-attention first (cross-attention never projects q/k/v together), then the linears,
     # including those inside the new PackedAttentions
     # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);
@@ -507,15 +521,20 @@ def pack(
         for name, child in list(parent.named_children()):
             if type(child) is MultiHeadAttention and name == "self_attn":
                 big = 3 * child.q_proj.weight.numel() >= min_weights
-                setattr(parent, name, PackedAttention(child, int8 and big, big, bf16 and big))
+                reorder = big or small_fp32
+                setattr(parent, name, PackedAttention(child, int8 and big, reorder, bf16 and big))
     for parent in list(model.modules()):  # their linears are packed by the loop below
         for name, child in list(parent.named_children()):
             if type(child) is FeedForward:
                 setattr(parent, name, PackedFeedForward(child))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.numel() >= min_weights:
+            if type(child) is not nn.Linear:
+                continue
+            if child.weight.numel() >= min_weights:
                 setattr(parent, name, PackedLinear(child, int8, bf16))
+            elif small_fp32:
+                setattr(parent, name, PackedLinear(child))
     # last: a decoder layer's step in C++ takes its linear maps as packed above
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

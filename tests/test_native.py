@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from qkv import native
 from qkv.attention import attention
+from qkv.packed import PackedLinear
 
 from .conftest import native_kernels
 
@@ -842,19 +843,29 @@ def test_the_layer_step_in_cpp_decodes_as_the_python_route(tiny, overrides, stra
     assert calls >= longest * len(model.decoder.layers)
 
 
-@pytest.mark.parametrize("min_weights", [0, 2048], ids=["all-int8", "small-ones-plain"])
+@pytest.mark.parametrize("small", ["int8", "mkl", "plain"])
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
-def test_the_layer_step_in_cpp_takes_int8_weights(tiny, min_weights, strategy):
-    """Packed in int8 (every linear map; or, as pack's default does at a larger size, the
-    feed-forward and q/k/v maps, 2,048 and 3,072 weights here, with the 1,024-weight ones left
-    plain fp32): the C++ step runs PyTorch's int8 product on the same packed
-    weights, so tokens and scores equal the Python route's, and it is the route taken."""
+def test_the_layer_step_in_cpp_takes_int8_weights(tiny, small, strategy):
+    """Packed in int8: every linear map, or (as pack's default does at a larger size) the
+    feed-forward and q/k/v maps, 2,048 and 3,072 weights here, with the 1,024-weight ones
+    packed for MKL's fp32 product, or plain fp32 where MKL's is not in use. The C++ step runs
+    PyTorch's int8 product on the same packed weights, so tokens and scores equal the Python
+    route's, and it is the route taken."""
     from qkv.config import DecodeConfig
     from qkv.packed import pack
 
-    model = pack(with_norms_drawn(tiny(norm_first=False, activation="gelu")), True, min_weights)
-    kinds = {type(m).__name__ for m in model.decoder.modules()}
-    assert "PackedLinear" in kinds and ("Linear" in kinds) == (min_weights > 0)
+    model = with_norms_drawn(tiny(norm_first=False, activation="gelu"))
+    min_weights = 0 if small == "int8" else 2048
+    with native_kernels("gemm") if small == "mkl" else native.off():
+        model = pack(model, True, min_weights)
+    linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    kinds = {
+        "int8" if m.packed.int8 else "mkl" if m.packed.mkl else "other"
+        for m in linears
+        if isinstance(m, PackedLinear)
+    }
+    kinds |= {"plain"} if any(type(m) is torch.nn.Linear for m in linears) else set()
+    assert kinds == ({"int8"} if small == "int8" else {"int8", small})
     src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(5))
     src[2, 3:] = 0
     lengths = (src != 0).sum(1)

@@ -132,16 +132,20 @@ def test_packed_model_is_the_same_model(tiny, int8, gemm_route):
 
 def test_with_mkls_product_every_fp32_layer_packs(tiny, gemm_route, monkeypatch):
     """MKL's packed product beats the plain one at every size, so pack's default packs all fp32
-    layers where it is in use, and only large ones elsewhere (oneDNN, int8, bf16)."""
+    layers where it is in use, int8's small layers too, and only large ones elsewhere (oneDNN;
+    bf16)."""
     monkeypatch.delenv("QKV_PACK_MIN_WEIGHTS", raising=False)
     model = pack(tiny(d_model=32, d_ff=64))
     cross = model.decoder.layers[0].cross_attn.q_proj  # 32 x 32
     assert isinstance(cross, PackedLinear) == (gemm_route == "mkl")
-    for kind in ("int8", "bf16"):  # large layers only, either way; the small ones plain
+    for kind in ("int8", "bf16"):  # large layers only in kind's format
         if kind == "int8" and not available(int8=True):
             continue
         small = pack(tiny(d_model=32, d_ff=64), **{kind: True}).decoder.layers[0]
-        assert type(small.ff.fc1) is nn.Linear and not small.self_attn.packed_qkv.reorder
+        if kind == "int8" and gemm_route == "mkl":  # the small ones in MKL's fp32 product
+            assert small.ff.fc1.packed.mkl and small.self_attn.packed_qkv.mkl
+        else:  # plain
+            assert type(small.ff.fc1) is nn.Linear and not small.self_attn.packed_qkv.reorder
 
 
 def test_small_layers_stay_plain(tiny):
@@ -216,10 +220,11 @@ def test_feed_forward_unfused_with_gradients_or_int8(case):
         torch.testing.assert_close(packed(x), ff(x))
         packed(x).sum().backward()
         assert x.grad is not None
-    else:  # fbgemm's kernel has no post-op
+        assert calls  # the activation ran on its own
+    else:  # int8's product has no post-op: the activation follows it, in place
         with torch.inference_mode():
-            packed(x)
-    assert calls  # the activation ran on its own
+            expected = packed.fc2(torch.nn.functional.gelu(packed.fc1(x)))
+            torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_int8_engine_is_one_this_pytorch_supports():

@@ -107,8 +107,8 @@ torch::Tensor pre_norm(const torch::Tensor& x, const Norm& norm, bool norm_first
   return at::layer_norm(x, {x.size(-1)}, norm.weight, given(norm.bias), eps);
 }
 
-// The feed-forward's activation in place, as qkv/packed.py applies it: after MKL's product
-// by qkv's kernel where `in_cpp` (else PyTorch's, the same function as F.relu, F.gelu, F.silu).
+// The feed-forward's activation in place: by qkv's kernel where `in_cpp`, else PyTorch's (the
+// same function as F.relu, F.gelu, F.silu).
 void activate(torch::Tensor& h, const std::string& kind, bool in_cpp) {
   if (kind == "relu") {
     h.relu_();
@@ -206,9 +206,12 @@ torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch
   const size_t ff = cross ? 2 : 1;
   const auto &first = linears[next], &second = linears[next + 1];
   auto hidden = first(pre_norm(h, norm(ff), norm_first, eps));
-  // qkv/packed.py's PackedFeedForward: both products MKL's, the activation after the first
-  const bool in_cpp = pointwise && first.kind == LinearMap::Kind::kMkl &&
-                      second.kind == LinearMap::Kind::kMkl && hidden.numel() <= activate_max;
+  // as qkv/packed.py's PackedFeedForward: in place by qkv's kernel after MKL's products or an
+  // int8 one; F.relu's, F.gelu's or F.silu's function after plain ones
+  using Kind = LinearMap::Kind;
+  const bool packed = (first.kind == Kind::kMkl && second.kind == Kind::kMkl) ||
+                      first.kind == Kind::kInt8;
+  const bool in_cpp = pointwise && packed && hidden.numel() <= activate_max;
   activate(hidden, weights.activation, in_cpp);
   return residual(h, second(hidden), norm(ff), norm_first, eps, pointwise);
 }
