@@ -1,4 +1,5 @@
-// One decoder layer's decoding step for fp32 inference, its kernels called in turn from C++:
+// One decoder layer's decoding step for inference on the CPU (fp32 activations; fp32 or int8
+// weights), its kernels called in turn from C++:
 // masked self-attention over the KV cache, cross-attention to the encoder's keys and values,
 // the feed-forward network, each inside its skip connection and layer norm (qkv/decoder.py's
 // DecoderLayer, the same arithmetic in the same order).
@@ -6,13 +7,13 @@
 // Why: at a decoding step's sizes (one new token for each of 32 sentences, say) each of these
 // kernels takes a few microseconds to tens of them, and the Python around them (module calls,
 // views, the cache's bookkeeping, the checks of which kernel applies) cost about as much
-// again: a small model's greedy step spent over a millisecond in it (bench/README.md). Here
-// a layer is one call from Python. The kernels are the ones the Python route calls (MKL's
-// packed product, PyTorch's int8 product or plain F.linear, as qkv/packed.py packed each
-// linear map; the attention kernel; add-and-norm and the activation where qkv/native.py uses
-// them, else PyTorch's ops), so both routes compute the same numbers; tests/test_native.py
-// checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this where it applies
-// and runs the Python route everywhere else.
+// again: 0.4-1.2 ms per step of a small model's greedy decode (bench/README.md). Here a layer
+// is one call from Python. The kernels are the ones the Python route calls (MKL's packed
+// product, PyTorch's int8 product or plain F.linear, as qkv/packed.py packed each linear map;
+// the attention kernel; add-and-norm and the activation where qkv/native.py uses them, else
+// PyTorch's ops), so both routes compute the same numbers; tests/test_native.py checks they
+// decode alike. qkv/packed.py's PackedDecoderLayer calls this where it applies and runs the
+// Python route everywhere else.
 //
 // Shapes: B rows (sentences, or sentences x beams), D d_model, H heads, Dh = D / H.
 
@@ -138,7 +139,8 @@ void activate(torch::Tensor& h, const std::string& kind, bool in_cpp) {
 //   sentence's beams), and the memory mask (n, 1, 1, S) bool or empty; or no tensors at all
 //   (a decoder-only layer).
 // pointwise: add-and-norm and the activation by qkv's kernels (qkv/native.py's choice), the
-//   activation only after MKL's product and on at most activate_max values, as in Python.
+//   activation only after MKL's or an int8 product and on at most activate_max values, as in
+//   Python.
 torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch::Tensor& x,
                                  const std::vector<torch::Tensor>& self_attn,
                                  int64_t position, const std::vector<torch::Tensor>& cross_attn,
