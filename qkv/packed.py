@@ -23,11 +23,11 @@ number of decodes at once. oneDNN's, fbgemm's and the bf16 packed kernels cost a
 per call (bench/linear_speed.py), more than they save below ~130k weights, so they take only
 the large layers, the small ones staying plain fp32; MKL's packed product is faster at every
 size (bench/packed_gemm.py), so where it is in use every fp32 layer packs for it, and with
-int8 the small layers pack for it too (once the C++ layer step took the Python out of an int8
-decoding step, plain F.linear on the small layers was its largest cost, bench/README.md); with
-bf16 the small layers stay plain (packing them for MKL measured no faster end to end). With
-gradients on a packed layer computes with its live weights (F.linear); a packed model refuses
-to run in training mode, since its packed copies would not follow an optimizer's updates.
+int8 or bf16 the small layers pack for it too (once the C++ layer step took the Python out of
+an int8 decoding step, plain F.linear on the small layers was its largest cost, bench/
+README.md). With gradients on a packed layer computes with its live weights (F.linear); a
+packed model refuses to run in training mode, since its packed copies would not follow an
+optimizer's updates.
 
 `pack` also readies qkv's C++ kernels (qkv/native.py: compiled on first use; the attention
 kernel for decoding, add-and-norm and the activation, and MKL's product), so that a server's
@@ -365,9 +365,9 @@ def _given(mask: Tensor | None) -> bool:
 class PackedDecoderLayer(DecoderLayer):
     """A DecoderLayer (same submodules and parameters) whose decoding step, one new position
     per row over a KV cache, is one call into C++ where the attention kernel is in use and
-    every linear map is packed for MKL's product, in int8, or plain fp32
-    (qkv/csrc/decoder_step.cpp: the same kernels as the Python route, without Python between
-    them; bench/layer_step.py measures the difference). Elsewhere (training, bf16 weights or
+    every linear map is packed for MKL's product, in int8, in bf16 for oneDNN's product, or
+    plain fp32 (qkv/csrc/decoder_step.cpp: the same kernels as the Python route, without
+    Python between them; bench/layer_step.py measures the difference). Elsewhere (training,
     oneDNN's fp32 product, a prompt's several positions, inspection's recorders and head
     masks, ablations) it is DecoderLayer."""
 
@@ -383,7 +383,8 @@ class PackedDecoderLayer(DecoderLayer):
     def _gathered(self) -> object | None:
         """The layer's weights gathered for the C++ step (native's decoder_layer_weights), or
         None where it cannot take them: the C++ kernels unbuilt, a linear map packed for
-        oneDNN's product or in bf16, an activation other than ReLU, GELU and SiLU."""
+        oneDNN's fp32 product or in bf16 without bf16 units, an activation other than ReLU,
+        GELU and SiLU."""
         module = native._built()
         names = {f: name for name, f in ACTIVATIONS.items()}
         activation = names.get(self.ff.activation)
@@ -403,9 +404,11 @@ class PackedDecoderLayer(DecoderLayer):
                 kind, tensor, bias = "int8", None, None
             elif isinstance(p, Packed) and not p.reorder and not p.bf16:
                 kind, tensor, bias = "plain", p._stacked, p._bias
+            elif isinstance(p, Packed) and p.bf16 and p._packed is not None:
+                kind, tensor, bias = "bf16", p._packed, p._bias
             elif type(p) is nn.Linear:
                 kind, tensor, bias = "plain", p.weight.detach(), p.bias
-            else:  # oneDNN's packed product or bf16, or self-attention's q/k/v not stacked
+            else:  # oneDNN's fp32 product, bf16 without bf16 units, q/k/v not stacked
                 return None
             kinds.append(kind)
             tensors.append(torch.empty(0) if tensor is None else tensor)
@@ -419,6 +422,7 @@ class PackedDecoderLayer(DecoderLayer):
             for norm in norms
             for t in (norm.weight, norm.bias)
         ]
+        post_op, algorithm = POST_OPS[self.ff.activation]
         return module.decoder_layer_weights(
             kinds,
             tensors,
@@ -429,6 +433,8 @@ class PackedDecoderLayer(DecoderLayer):
             activation,
             self.attn_residual.norm_first,
             norms[0].eps,
+            post_op,
+            algorithm,
         )
 
     def _steps_in_cpp(
@@ -512,7 +518,8 @@ def pack(
     native.pointwise()
     fp32 = not (int8 or bf16)
     min_weights = min_weights_default(fp32) if min_weights is None else min_weights
-    small_fp32 = int8 and native.packs()  # int8's small layers: MKL's fp32 product (see above)
+    # int8's and bf16's small layers: MKL's fp32 product (see above)
+    small_fp32 = (int8 or bf16) and native.packs()
     # self-attention first (cross-attention never projects q/k/v together), then the linears,
     # including those inside the new PackedAttentions
     # every self-attention gets one stacked q/k/v matrix (else each step concatenates them);

@@ -132,8 +132,8 @@ def test_packed_model_is_the_same_model(tiny, int8, gemm_route):
 
 def test_with_mkls_product_every_fp32_layer_packs(tiny, gemm_route, monkeypatch):
     """MKL's packed product beats the plain one at every size, so pack's default packs all fp32
-    layers where it is in use, int8's small layers too, and only large ones elsewhere (oneDNN;
-    bf16)."""
+    layers where it is in use, int8's and bf16's small layers too, and only large ones
+    elsewhere (oneDNN)."""
     monkeypatch.delenv("QKV_PACK_MIN_WEIGHTS", raising=False)
     model = pack(tiny(d_model=32, d_ff=64))
     cross = model.decoder.layers[0].cross_attn.q_proj  # 32 x 32
@@ -142,7 +142,7 @@ def test_with_mkls_product_every_fp32_layer_packs(tiny, gemm_route, monkeypatch)
         if kind == "int8" and not available(int8=True):
             continue
         small = pack(tiny(d_model=32, d_ff=64), **{kind: True}).decoder.layers[0]
-        if kind == "int8" and gemm_route == "mkl":  # the small ones in MKL's fp32 product
+        if gemm_route == "mkl":  # the small ones in MKL's fp32 product
             assert small.ff.fc1.packed.mkl and small.self_attn.packed_qkv.mkl
         else:  # plain
             assert type(small.ff.fc1) is nn.Linear and not small.self_attn.packed_qkv.reorder

@@ -1,5 +1,5 @@
-// One decoder layer's decoding step for inference on the CPU (fp32 activations; fp32 or int8
-// weights), its kernels called in turn from C++:
+// One decoder layer's decoding step for inference on the CPU (fp32 activations; fp32, int8 or
+// bf16 weights), its kernels called in turn from C++:
 // masked self-attention over the KV cache, cross-attention to the encoder's keys and values,
 // the feed-forward network, each inside its skip connection and layer norm (qkv/decoder.py's
 // DecoderLayer, the same arithmetic in the same order).
@@ -9,10 +9,10 @@
 // views, the cache's bookkeeping, the checks of which kernel applies) cost about as much
 // again: 0.4-1.2 ms per step of a small model's greedy decode (bench/README.md). Here a layer
 // is one call from Python. The kernels are the ones the Python route calls (MKL's packed
-// product, PyTorch's int8 product or plain F.linear, as qkv/packed.py packed each linear map;
-// the attention kernel; add-and-norm and the activation where qkv/native.py uses them, else
-// PyTorch's ops), so both routes compute the same numbers; tests/test_native.py checks they
-// decode alike. qkv/packed.py's PackedDecoderLayer calls this where it applies and runs the
+// product, PyTorch's int8 or oneDNN's bf16 product, or plain F.linear, as qkv/packed.py packed
+// each linear map; the attention kernel; add-and-norm and the activation where qkv/native.py
+// uses them, else PyTorch's ops), so both routes compute the same numbers; tests/
+// test_native.py checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this where it applies and runs the
 // Python route everywhere else.
 //
 // Shapes: B rows (sentences, or sentences x beams), D d_model, H heads, Dh = D / H.
@@ -36,6 +36,20 @@ c10::optional<torch::Tensor> given(const torch::Tensor& t) {
 
 }  // namespace
 
+// oneDNN's packed product with a post-op, PyTorch's torch.ops.mkldnn._linear_pointwise (through
+// the dispatcher: its C++ declaration is not among the headers PyTorch installs).
+torch::Tensor LinearMap::bf16(const torch::Tensor& x, std::string_view attr,
+                              std::string_view algorithm) const {
+  using Scalars = c10::List<std::optional<c10::Scalar>>;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&,
+                               const std::optional<torch::Tensor>&, std::string_view, Scalars,
+                               std::optional<std::string_view>)>();
+  return op.call(x, weight, given(bias), attr, Scalars(), algorithm);
+}
+
 // y = x W^T + b for x (B, 1, K), as qkv/packed.py computes it for this map.
 torch::Tensor LinearMap::operator()(const torch::Tensor& x) const {
   switch (kind) {
@@ -46,12 +60,17 @@ torch::Tensor LinearMap::operator()(const torch::Tensor& x) const {
           .view({x.size(0), x.size(1), n});
     case Kind::kPlain:
       return at::linear(x, weight, given(bias));
+    case Kind::kBf16:  // bf16 in, fp32 out: everything around the product stays fp32
+      return bf16(x.reshape({-1, x.size(-1)}).to(at::kBFloat16), "none", "")
+          .to(at::kFloat)
+          .view({x.size(0), x.size(1), n});
   }
   TORCH_CHECK(false, "LinearMap: unknown kind");
 }
 
 // kinds[i]: "mkl" (tensors[i] packed by pack_weight), "int8" (int8s[i], a prepacked int8
-// weight, torch.ops.quantized.linear_prepack's), "plain" (tensors[i] the (n, K) weight).
+// weight, torch.ops.quantized.linear_prepack's), "plain" (tensors[i] the (n, K) weight), "bf16"
+// (tensors[i] oneDNN's packed bf16 weight, torch.ops.mkldnn._reorder_linear_weight's).
 DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
                                           const std::vector<torch::Tensor>& tensors,
                                           const std::vector<torch::Tensor>& biases,
@@ -59,7 +78,8 @@ DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
                                           const std::vector<py::object>& int8s,
                                           const std::vector<torch::Tensor>& norms,
                                           const std::string& activation, bool norm_first,
-                                          double eps) {
+                                          double eps, const std::string& post_op,
+                                          const std::string& post_op_algorithm) {
   const size_t count = kinds.size();
   TORCH_CHECK((count == 4 || count == 6) && tensors.size() == count && biases.size() == count &&
                   widths.size() == count && int8s.size() == count && norms.size() == count,
@@ -67,7 +87,7 @@ DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
               "each pair");
   TORCH_CHECK(activation == "relu" || activation == "gelu" || activation == "silu",
               "decoder_layer_weights: relu, gelu or silu, not ", activation);
-  DecoderLayerWeights w{{}, norms, activation, norm_first, eps};
+  DecoderLayerWeights w{{}, norms, activation, norm_first, eps, post_op, post_op_algorithm};
   for (size_t i = 0; i < count; ++i) {
     LinearMap map{LinearMap::Kind::kPlain, tensors[i], biases[i], widths[i], {}};
     if (kinds[i] == "mkl") {
@@ -76,8 +96,10 @@ DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
       map.kind = LinearMap::Kind::kInt8;
       const auto object = py::cast<torch::jit::Object>(int8s[i]);
       map.int8 = c10::IValue(object._ivalue()).toCustomClass<LinearPackedParamsBase>();
+    } else if (kinds[i] == "bf16") {
+      map.kind = LinearMap::Kind::kBf16;
     } else {
-      TORCH_CHECK(kinds[i] == "plain", "decoder_layer_weights: mkl, int8 or plain, not ",
+      TORCH_CHECK(kinds[i] == "plain", "decoder_layer_weights: mkl, int8, plain or bf16, not ",
                   kinds[i]);
     }
     w.linears.push_back(std::move(map));
@@ -207,10 +229,19 @@ torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch
   // The feed-forward network, position by position.
   const size_t ff = cross ? 2 : 1;
   const auto &first = linears[next], &second = linears[next + 1];
-  auto hidden = first(pre_norm(h, norm(ff), norm_first, eps));
+  using Kind = LinearMap::Kind;
+  const auto in = pre_norm(h, norm(ff), norm_first, eps);
+  if (first.kind == Kind::kBf16 && second.kind == Kind::kBf16) {
+    // as PackedFeedForward in bf16: the activation inside oneDNN's first product, its bf16
+    // output straight into the second
+    const auto hidden = first.bf16(in.view({B, D}).to(at::kBFloat16), weights.post_op,
+                                   weights.post_op_algorithm);
+    const auto y = second.bf16(hidden, "none", "").to(at::kFloat).view({B, 1, second.n});
+    return residual(h, y, norm(ff), norm_first, eps, pointwise);
+  }
+  auto hidden = first(in);
   // as qkv/packed.py's PackedFeedForward: in place by qkv's kernel after MKL's products or an
   // int8 one; F.relu's, F.gelu's or F.silu's function after plain ones
-  using Kind = LinearMap::Kind;
   const bool packed = (first.kind == Kind::kMkl && second.kind == Kind::kMkl) ||
                       first.kind == Kind::kInt8;
   const bool in_cpp = pointwise && packed && hidden.numel() <= activate_max;

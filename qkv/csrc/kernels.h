@@ -36,13 +36,19 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 // decoder_step.cpp
 // One linear map of a decoder layer, as qkv/packed.py packed it.
 struct LinearMap {
-  enum class Kind { kMkl, kInt8, kPlain };  // MKL's packed fp32, PyTorch's int8, F.linear
+  // MKL's packed fp32, PyTorch's int8, F.linear, oneDNN's packed bf16
+  enum class Kind { kMkl, kInt8, kPlain, kBf16 };
   Kind kind;
-  torch::Tensor weight;  // kMkl: pack_weight's buffer; kPlain: the (n, K) weight
+  torch::Tensor weight;  // kMkl: pack_weight's buffer; kPlain: the (n, K) weight; kBf16:
+                         // oneDNN's packed bf16 weight
   torch::Tensor bias;    // (n), or empty: none (kInt8: inside its packed weight)
   int64_t n;             // outputs
   c10::intrusive_ptr<LinearPackedParamsBase> int8;  // kInt8: the prepacked int8 weight
+  // x (B, 1, K) fp32 -> (B, 1, n) fp32
   torch::Tensor operator()(const torch::Tensor& x) const;
+  // kBf16: x (rows, K) bf16 -> (rows, n) bf16, with oneDNN's post-op `attr` ("none": none)
+  torch::Tensor bf16(const torch::Tensor& x, std::string_view attr,
+                     std::string_view algorithm) const;
 };
 // A decoder layer's weights for its C++ step, gathered once (qkv/packed.py).
 struct DecoderLayerWeights {
@@ -51,6 +57,8 @@ struct DecoderLayerWeights {
   std::string activation;            // relu, gelu or silu
   bool norm_first;
   double eps;
+  // oneDNN's post-op for the activation (qkv/packed.py's POST_OPS): bf16's first product
+  std::string post_op, post_op_algorithm;
 };
 DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
                                           const std::vector<torch::Tensor>& tensors,
@@ -59,7 +67,8 @@ DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
                                           const std::vector<pybind11::object>& int8s,
                                           const std::vector<torch::Tensor>& norms,
                                           const std::string& activation, bool norm_first,
-                                          double eps);
+                                          double eps, const std::string& post_op,
+                                          const std::string& post_op_algorithm);
 torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch::Tensor& x,
                                  const std::vector<torch::Tensor>& self_attn,
                                  int64_t position, const std::vector<torch::Tensor>& cross_attn,
