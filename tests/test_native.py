@@ -820,6 +820,17 @@ def decode_both_ways(model, src, lengths, cfg, **kw):
     return out[True], out[False], calls
 
 
+def padded_sources_both_ways(model, strategy: str):
+    """decode_both_ways over 4 random sources of 7 tokens, one of them padded after 4 (the
+    memory mask hides the rest): greedy, or beam search with 3 beams and all 3 kept."""
+    from qkv.config import DecodeConfig
+
+    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(1))
+    src[1, 4:] = 0
+    cfg = DecodeConfig(strategy=strategy, beam=3, nbest=3 if strategy == "beam" else 1)
+    return decode_both_ways(model, src, (src != 0).sum(1), cfg)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -836,16 +847,11 @@ def test_the_layer_step_in_cpp_decodes_as_the_python_route(tiny, overrides, stra
     cache that grows (no room reserved), and beam search's reordered cache (its table) with a
     sentence's beams sharing their cross-attention rows; and it is the route taken, once per
     layer per step."""
-    from qkv.config import DecodeConfig
     from qkv.packed import pack
 
     with native_kernels("gemm"):
         model = pack(with_norms_drawn(tiny(**overrides)))
-    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(1))
-    src[1, 4:] = 0
-    lengths = (src != 0).sum(1)
-    cfg = DecodeConfig(strategy=strategy, beam=3, nbest=3 if strategy == "beam" else 1)
-    ours, theirs, calls = decode_both_ways(model, src, lengths, cfg)
+    ours, theirs, calls = padded_sources_both_ways(model, strategy)
     assert_same_hypotheses(ours, theirs)
     longest = max(len(h.tokens) for n in ours for h in n)
     assert longest > 16  # past the cache's first storage: it grew under the C++ step
@@ -862,7 +868,6 @@ def test_the_layer_step_in_cpp_takes_int8_and_bf16_weights(tiny, weights, small,
     PyTorch's int8 product or oneDNN's bf16 one (the activation inside its first product) on
     the same packed weights, so tokens and scores (within 1e-5) are the Python route's, and it
     is the route taken."""
-    from qkv.config import DecodeConfig
     from qkv.packed import pack
     from qkv.precision import bf16_units
 
@@ -880,11 +885,7 @@ def test_the_layer_step_in_cpp_takes_int8_and_bf16_weights(tiny, weights, small,
     }
     kinds |= {"plain"} if any(type(m) is torch.nn.Linear for m in linears) else set()
     assert kinds == ({weights} if small == "same" else {weights, small})
-    src = torch.randint(3, 23, (4, 7), generator=torch.Generator().manual_seed(5))
-    src[2, 3:] = 0
-    lengths = (src != 0).sum(1)
-    cfg = DecodeConfig(strategy=strategy, beam=3, nbest=3 if strategy == "beam" else 1)
-    ours, theirs, calls = decode_both_ways(model, src, lengths, cfg)
+    ours, theirs, calls = padded_sources_both_ways(model, strategy)
     assert_same_hypotheses(ours, theirs)
     assert calls >= len(ours[0][0].tokens) * len(model.decoder.layers)
 
