@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qkv import checkpoint
+from qkv import checkpoint, native
 from qkv.cli import main
 from qkv.config import ModelConfig
 from qkv.models import from_config
@@ -51,6 +51,11 @@ def models(tmp_path_factory):
     for name, data in FILES.items():
         (d / name).write_bytes(data)
     (d / "directory").mkdir()
+    # the C++ kernels' once-per-process decisions made now: a kernel found slower here says
+    # so in a line on stderr, which would otherwise land in the first test that packs a model
+    # and break its "one line" (the likely cause of one failure, with another process running)
+    for decide in (native.kernel, native.gemm, native.choose, native.pointwise):
+        decide()
     return d
 
 
