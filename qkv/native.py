@@ -22,9 +22,9 @@ Seven so far:
   connection's add and layer norm in one call, and GELU or SiLU in place after MKL's product
   (qkv/layers.py and qkv/packed.py use them; bench/pointwise_speed.py measures them).
 - A decoder layer's whole decoding step (`decoder_layer_step`): the kernels above (and PyTorch's
-  int8 product where the layer's weights are int8) called in turn from C++, so that a layer is
-  one call from Python rather than a few dozen (qkv/packed.py's PackedDecoderLayer uses it;
-  bench/layer_step.py measures it).
+  int8 or oneDNN's bf16 product where the layer's weights are int8 or bf16) called in turn from
+  C++, so that a layer is one call from Python rather than a few dozen (qkv/packed.py's
+  PackedDecoderLayer uses it; bench/layer_step.py measures it).
 - Dropout's mask for training (`dropout_mask`): drawn by a counter-based generator seeded from
   PyTorch's, in one pass, where PyTorch's route made four (qkv/dropout.py uses it;
   bench/dropout_speed.py measures it).

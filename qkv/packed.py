@@ -14,9 +14,10 @@ each input to bf16 and each output back to fp32 (qkv/precision.py says when that
 
 `pack(model)` is an explicit inference step, called by the commands that serve inference, never
 on a model that is training. It swaps each large nn.Linear for a PackedLinear, each self-attention
-for a PackedAttention (one stacked q/k/v matrix, packed when large), and each feed-forward for a
-PackedFeedForward (the activation applied with the first packed product, fp32 or bf16); all
-share the original parameters, so state dicts, checkpoints, weight tying and inspection see the
+for a PackedAttention (one stacked q/k/v matrix, packed when large), each feed-forward for a
+PackedFeedForward (the activation applied with the first packed product, fp32 or bf16), and
+each decoder layer for a PackedDecoderLayer (its decoding step one call into C++); all share
+the original parameters, so state dicts, checkpoints, weight tying and inspection see the
 same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
 number of decodes at once. oneDNN's, fbgemm's and the bf16 packed kernels cost about 50 us more
