@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Seven so far:
+Eight so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -11,6 +11,11 @@ Seven so far:
 - The packed linear layers' product (`pack_weight`, `packed_linear`): MKL's packed GEMM, the
   weight laid out once for its kernel instead of at every call, for any number of rows
   (qkv/packed.py uses it for fp32 inference; bench/packed_gemm.py measures it).
+- int8 inference's product (`int8_pack`, `int8_linear`): each weight row in 8 bits, laid out
+  once, and each input row quantized to 8 bits on the fly, multiplied on AMX's tiles where the
+  CPU has them, else on AVX-512 VNNI's dot products. PyTorch's dynamic int8 product costs about
+  50 us a call whatever the size, several times the arithmetic of a decoding step's small
+  products (qkv/packed.py uses it for int8 weights; bench/int8_gemm.py measures it).
 - Choosing from a step's scores (`log_softmax_`, `argmax`, `beam_topk`): the last position's
   log-softmax in one read of the logits, greedy's best token and beam search's best 2K
   extensions of a sentence's beams, each a scan that skips the chunks of scores that cannot
@@ -253,6 +258,31 @@ def _pointwise_faster(module: ModuleType) -> bool:
     )
 
 
+def _int8_faster(module: ModuleType) -> bool:
+    """Whether qkv's int8 product beats PyTorch's dynamic int8 one (on the engine
+    qkv.packed.int8_engine takes) here, at a greedy step's two costliest products: 32 rows by a
+    1024 x 256 feed-forward weight and by the 8k-word output layer, summed."""
+    from .packed import _quantized_engine, int8_engine, quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 256, generator=gen)
+    ours, theirs = [], []
+    for n in (1024, 8000):
+        w = torch.randn(n, 256, generator=gen)
+        q, scale = quantize_rows(w)
+        packed, sums = module.int8_pack(q)
+        ours.append(
+            lambda p=packed, s=scale, c=sums, n=n: module.int8_linear(x, p, s, c, _NO_BIAS, n)
+        )
+        qw = torch.quantize_per_channel(
+            w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8
+        )
+        with _quantized_engine(int8_engine()):
+            prepacked = torch.ops.quantized.linear_prepack(qw, None)
+        theirs.append(lambda p=prepacked: torch.ops.quantized.linear_dynamic(x, p, True))
+    return _quicker(lambda: [f() for f in ours], lambda: [f() for f in theirs])
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -348,6 +378,24 @@ def pointwise() -> ModuleType | None:
     return _speed_checked("pointwise", _pointwise_faster, "the add-and-norm kernel")
 
 
+def int8() -> ModuleType | None:
+    """The module, for its int8 product; None where it is off, fails to build, was built for a
+    CPU without AVX-512 VNNI, or is not faster than PyTorch's here."""
+
+    def check(module: ModuleType) -> str | None:
+        if not module.int8_available():
+            return "no AVX-512 VNNI here: int8 layers use PyTorch's product"
+        if not _int8_faster(module):
+            return "qkv's int8 product is slower than PyTorch's here: unused"
+        return None
+
+    import warnings
+
+    with warnings.catch_warnings():  # quantized tensors are deprecated, still served
+        warnings.simplefilter("ignore")
+        return _checked("int8", check)
+
+
 def layer_steps() -> ModuleType | None:
     """The module, for a decoder layer's step in C++; None where the attention kernel, which it
     calls, is not in use here. (It computes what the Python route computes, with the same
@@ -412,6 +460,27 @@ def pack_weight(w: Tensor) -> Tensor | None:
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
     """x (..., K) W^T + bias for W packed by `pack_weight` (n = its rows): (..., n), fp32."""
     return _built().packed_linear(x, packed, _NO_BIAS if bias is None else bias, n)
+
+
+def int8_packs() -> bool:
+    """Whether int8 weights pack for qkv's int8 product here (else PyTorch's): not where it is
+    off, unbuilt, missing or slower, nor inside `off()`."""
+    return not _off and int8() is not None
+
+
+def int8_pack(q: Tensor) -> tuple[Tensor, Tensor]:
+    """q (N, K) int8, a weight quantized by rows (qkv.packed.int8_rows), laid out for
+    `int8_linear`: (the packed weight, each column's sum of its weights)."""
+    packed, sums = _built().int8_pack(q.contiguous())
+    return packed, sums
+
+
+def int8_linear(
+    x: Tensor, packed: Tensor, scale: Tensor, sums: Tensor, bias: Tensor | None, n: int
+) -> Tensor:
+    """x (..., K) W^T + bias for W = q * scale[:, None] packed by `int8_pack` (n = its rows),
+    each row of x quantized to 8 bits on the fly: (..., n), fp32."""
+    return _built().int8_linear(x, packed, scale, sums, _NO_BIAS if bias is None else bias, n)
 
 
 def _rows(x: Tensor) -> bool:

@@ -6,9 +6,11 @@ reorders each fp32 weight once into the blocked layout of MKL's packed GEMM (qkv
 `torch.compile`'s CPU backend packs frozen fp32 weights the same way), or, where that is missing
 or slower, of oneDNN's GEMM: the same function, with float rounding differences around 1e-6.
 `int8=True` instead quantizes each weight row to 8 bits and each input row on the fly (dynamic
-quantization, on fbgemm's or oneDNN's kernel, whichever `int8_engine` measures faster here):
-about 4x fewer weight bytes and integer arithmetic, at a small accuracy cost that
-bench/README.md measures in BLEU. `bf16=True` keeps a bfloat16 copy of each weight
+quantization): about 4x fewer weight bytes and integer arithmetic, at a small accuracy cost that
+bench/README.md measures in BLEU. It runs on qkv's int8 product where the CPU has AVX-512 VNNI
+and it is faster here (qkv/native.py; each input row with its own scale), else on PyTorch's
+(fbgemm's or oneDNN's kernel, whichever `int8_engine` measures faster here; one scale for the
+whole input, 7 bits). `bf16=True` keeps a bfloat16 copy of each weight
 (packed for oneDNN's bf16 GEMM where the CPU has bf16 units, else a plain bf16 matmul) and casts
 each input to bf16 and each output back to fp32 (qkv/precision.py says when that is faster).
 
@@ -22,9 +24,10 @@ same model.
 The packed copies are made once, inside `pack`, so the packed model is read-only and serves any
 number of decodes at once. oneDNN's, fbgemm's and the bf16 packed kernels cost about 50 us more
 per call (bench/linear_speed.py), more than they save below ~130k weights, so they take only
-the large layers, the small ones staying plain fp32; MKL's packed product is faster at every
-size (bench/packed_gemm.py), so where it is in use every fp32 layer packs for it, and with
-int8 or bf16 the small layers pack for it too (once the C++ layer step took the Python out of
+the large layers, the small ones staying plain fp32; MKL's packed product and qkv's int8 one
+are faster at every size (bench/packed_gemm.py, bench/int8_gemm.py), so where they are in use
+every fp32 or int8 layer packs for them, and with PyTorch's int8 or bf16 the small layers pack
+for MKL's fp32 product (once the C++ layer step took the Python out of
 an int8 decoding step, plain F.linear on the small layers was its largest cost, bench/
 README.md). With gradients on a packed layer computes with its live weights (F.linear); a
 packed model refuses to run in training mode, since its packed copies would not follow an
@@ -72,13 +75,16 @@ ACTIVATE_IN_PLACE = {
 }
 
 
-def min_weights_default(fp32: bool = False) -> int:
+def min_weights_default(fp32: bool = False, int8: bool = False) -> int:
     """pack's min_weights unless given: $QKV_PACK_MIN_WEIGHTS, else MIN_WEIGHTS, or 0 for fp32
     weights where MKL's packed product is in use (qkv/native.py), which beats the plain product
-    at every size (bench/packed_gemm.py)."""
+    at every size (bench/packed_gemm.py), and for int8 weights where qkv's int8 product is, which
+    costs little more per call than its arithmetic (bench/int8_gemm.py)."""
     if "QKV_PACK_MIN_WEIGHTS" in os.environ:
         return int(os.environ["QKV_PACK_MIN_WEIGHTS"])
-    return 0 if fp32 and native.packs() else MIN_WEIGHTS
+    if (fp32 and native.packs()) or (int8 and native.int8_packs()):
+        return 0
+    return MIN_WEIGHTS
 
 
 def available(int8: bool = False) -> bool:
@@ -109,6 +115,9 @@ class Packed:
         self.int8, self.bf16, self.reorder = int8, bf16, reorder or int8
         self._packed = None
         self.mkl = False  # fp32 packed for MKL's product (qkv/native.py) rather than oneDNN's
+        # int8 on qkv's product (qkv/native.py; _packed: the packed weight, its rows' scales
+        # and its columns' sums) rather than PyTorch's
+        self.native_int8 = False
         with torch.no_grad():
             w, b = self._weights()
             dtype = torch.bfloat16 if bf16 else torch.float32
@@ -117,9 +126,12 @@ class Packed:
             self._stacked = w
             if not self.reorder:
                 return
-            if int8:
-                # per output row: the largest |w| maps to 127
-                scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
+            if int8 and native.int8_packs():
+                q, scale = quantize_rows(w)
+                packed, sums = native.int8_pack(q)
+                self._packed, self.native_int8 = (packed, scale, sums), True
+            elif int8:
+                scale = quantize_rows(w)[1].double()
                 zero = torch.zeros(w.shape[0], dtype=torch.long)
                 with warnings.catch_warnings():  # quantized tensors are deprecated, still served
                     warnings.simplefilter("ignore")
@@ -187,6 +199,8 @@ class Packed:
             return y.float().view(*x.shape[:-1], y.shape[-1])
         if not self.reorder:
             return F.linear(x, self._stacked, self._bias)
+        if self.native_int8:  # the shapes are handled in C++
+            return native.int8_linear(x, *self._packed, self._bias, self._stacked.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # the kernels' fast path is 2-D
         if self.int8:
             # reduce_range: 7-bit activations, so int8 products cannot saturate without VNNI
@@ -196,6 +210,14 @@ class Packed:
                 x2, self._packed, self._bias, attr, [], algorithm
             )
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) fp32 in 8 bits, row by row: (q (N, K) int8, scale (N,) fp32), w ~ q * scale
+    with each row's largest |w| at 127."""
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
 
 
 @contextmanager
@@ -401,6 +423,8 @@ class PackedDecoderLayer(DecoderLayer):
             p = m.packed if isinstance(m, PackedLinear) else m
             if isinstance(p, Packed) and p.mkl:
                 kind, tensor, bias = "mkl", p._packed, p._bias
+            elif isinstance(p, Packed) and p.native_int8:
+                kind, tensor, bias = "qkv_int8", p._packed[0], p._bias
             elif isinstance(p, Packed) and p.int8:
                 kind, tensor, bias = "int8", None, None
             elif isinstance(p, Packed) and not p.reorder and not p.bf16:
@@ -415,7 +439,9 @@ class PackedDecoderLayer(DecoderLayer):
             tensors.append(torch.empty(0) if tensor is None else tensor)
             biases.append(torch.empty(0) if bias is None else bias.detach())
             widths.append(p._stacked.shape[0] if isinstance(p, Packed) else p.out_features)
-            int8s.append(p._packed if kind == "int8" else None)
+            int8s.append(
+                p._packed if kind == "int8" else p._packed[1:] if kind == "qkv_int8" else None
+            )
         residuals = [self.attn_residual, self.cross_residual, self.ff_residual]
         norms = [r.norm for r in residuals if r is not None]
         norm_tensors = [
@@ -518,7 +544,7 @@ def pack(
     native.kernel()
     native.pointwise()
     fp32 = not (int8 or bf16)
-    min_weights = min_weights_default(fp32) if min_weights is None else min_weights
+    min_weights = min_weights_default(fp32, int8) if min_weights is None else min_weights
     # int8's and bf16's small layers: MKL's fp32 product (see above)
     small_fp32 = (int8 or bf16) and native.packs()
     # self-attention first (cross-attention never projects q/k/v together), then the linears,

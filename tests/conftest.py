@@ -101,12 +101,16 @@ def native_kernels(*names: str):
     "masks" (dropout's mask, `native.masks`), "loss" (the chunk loss, `native.losses`),
     "pointwise" (add-and-norm and the activation, `native.pointwise`), "step" (a decoder
     layer's step in C++, `native.layer_steps`; off inside unless named, so that a test of the
-    kernels above sees them called from Python). Yields the module."""
+    kernels above sees them called from Python), "int8" (qkv's int8 product, `native.int8`;
+    skipped where the CPU lacks AVX-512 VNNI; off inside unless named, so that int8 weights
+    pack for PyTorch's product). Yields the module."""
     from qkv import native
 
     module = native._compile()
     if "gemm" in names and not module.gemm_available():
         pytest.skip("no MKL packed GEMM in this PyTorch")
+    if "int8" in names and not module.int8_available():
+        pytest.skip("no AVX-512 VNNI: qkv's int8 product is not built here")
     saved = dict(native._state)
     native._state["built"] = module
     native._state.update(
@@ -119,12 +123,14 @@ def native_kernels(*names: str):
                 "loss": "loss",
                 "pointwise": "pointwise",
                 "step": "step",
+                "int8": "int8",
             }[n]: module
             for n in names
         }
     )
-    if "step" not in names:
-        native._state["step"] = None
+    for off_unless_named in ("step", "int8"):
+        if off_unless_named not in names:
+            native._state[off_unless_named] = None
     try:
         yield module
     finally:

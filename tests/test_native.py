@@ -369,6 +369,137 @@ def test_packed_product_leaves_its_bias_alone_with_one_row(mkl):
     assert torch.equal(b, kept)
 
 
+# --- qkv's int8 product (csrc/int8_gemm.cpp) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8():
+    """qkv's int8 product, in use whatever its timing says (conftest.native_kernels)."""
+    with native_kernels("int8") as module:
+        yield module
+
+
+@contextmanager
+def amx_allowed(module, allowed: bool):
+    """int8_linear on AMX where the CPU has it (allowed), or on AVX-512 VNNI alone."""
+    before = module.int8_allow_amx(allowed)
+    try:
+        yield
+    finally:
+        module.int8_allow_amx(before)
+
+
+def int8_by_definition(x, q, scale, bias):
+    """x (m, k) W^T + b as csrc/int8_gemm.cpp defines it for W = q * scale[:, None], computed
+    here in fp64 from that definition: each row of x in u8, its range [min, max] stretched to
+    take in 0, scale_x = (max - min) / 255, zero = round(-min / scale_x), x ~ (u - zero) *
+    scale_x; then exact integer dot products."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0)
+    sx = (hi - lo) * torch.tensor(1 / 255, dtype=torch.float32)
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    inv = 1 / sx
+    zero = torch.round(-lo * inv).clamp(0, 255)
+    u = (torch.round(x * inv) + zero).clamp(0, 255)
+    y = ((u - zero).double() @ q.double().T) * sx.double() * scale.double()
+    return y if bias is None else y + bias.double()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(0, 70),  # past one and two of AMX's 16-row tiles, and VNNI's 6-row ones
+    n=st.integers(1, 300),  # columns in blocks of 16 (and pairs of blocks), with a tail
+    k=st.integers(1, 300),  # inputs in tiles of 64, padded
+    bias=st.booleans(),
+    layout=st.sampled_from(["rows", "(m, 1, k)", "transposed"]),
+    amx=st.booleans(),
+    threads=THREADS,
+    seed=SEEDS,
+)
+def test_int8_product_is_its_definition(int8, m, n, k, bias, layout, amx, threads, seed):
+    """For any rows, widths and depths, x of any shape (..., k) and strides, on AMX or VNNI, in
+    any thread count: the product its definition gives, computed independently in fp64."""
+    from qkv.packed import quantize_rows
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    q, scale = quantize_rows(w)
+    packed, sums = native.int8_pack(q)
+    x = torch.randn(m, k, generator=g) * 3
+    if layout == "(m, 1, k)":  # a decoding step's (B, T, D)
+        x = x[:, None]
+    elif layout == "transposed":  # values not contiguous along k
+        x = x.t().contiguous().t()
+    with amx_allowed(int8, amx), threads_set_to(threads):
+        got = native.int8_linear(x, packed, scale, sums, b, n)
+    assert got.shape == (*x.shape[:-1], n) and got.is_contiguous()
+    if m == 0:
+        return
+    want = int8_by_definition(x.reshape(m, k), q, scale, b).view(*x.shape[:-1], n)
+    torch.testing.assert_close(got, want.float(), atol=1e-4 * k**0.5, rtol=1e-5)
+
+
+def test_int8_product_is_within_its_rounding_of_fp32(int8):
+    """Against fp32's product, an oracle that shares nothing with the definition: each error is
+    at most what rounding both factors by half a step gives, sum_k (sx / 2 |w_k| + sw / 2
+    |x_k| + sx sw / 4); and rows that are all zeros, all positive, all negative, or one large
+    value among small ones are within it too."""
+    from qkv.packed import quantize_rows
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(200, 96, generator=g)
+    x = torch.randn(8, 96, generator=g)
+    x[0] = 0
+    x[1] = x[1].abs()
+    x[2] = -x[2].abs()
+    x[3, 5] = 1000.0
+    b = torch.randn(200, generator=g)
+    q, scale = quantize_rows(w)
+    packed, sums = native.int8_pack(q)
+    for amx in (True, False):
+        with amx_allowed(int8, amx):
+            got = native.int8_linear(x, packed, scale, sums, b, 200).double()
+        want = x.double() @ w.double().T + b.double()
+        sx = ((x.amax(1).clamp(min=0) - x.amin(1).clamp(max=0)) / 255).double()[:, None]
+        sw = scale.double()[None, :]
+        bound = (sx / 2) * w.abs().double().sum(1) + (sw / 2) * x.abs().double().sum(1, True)
+        bound = bound + sx * sw / 4 * 96
+        assert ((got - want).abs() <= bound * 1.001 + 1e-5).all()
+        torch.testing.assert_close(got[0], b.double())  # a row of zeros is the bias, exactly
+
+
+def test_int8_pack_lays_out_blocks_of_16_columns_by_groups_of_4_inputs(int8):
+    """The layout int8_gemm.cpp documents (and AMX reads as its tiles): block of 16 columns,
+    then group of 4 inputs (padded to 64), then column, then the group's 4 values; zeros in the
+    padding; and each column's sum of its weights."""
+    q = torch.randint(-127, 128, (20, 70), dtype=torch.int8, generator=torch.Generator())
+    packed, sums = native.int8_pack(q)
+    padded = torch.zeros(32, 128, dtype=torch.int8)
+    padded[:20, :70] = q
+    want = padded.view(2, 16, 32, 4).permute(0, 2, 1, 3).reshape(-1)
+    assert torch.equal(packed, want)
+    assert torch.equal(sums, padded.int().sum(1))
+
+
+def test_packed_int8_layers_take_qkvs_product_where_it_is_in_use(int8):
+    """A PackedLinear in int8 runs qkv's product where it is in use (its output the
+    definition's, on the weight quantized by rows), and PyTorch's elsewhere."""
+    from qkv.packed import quantize_rows
+
+    lin = torch.nn.Linear(64, 40)
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        ours = PackedLinear(lin, int8=True)
+        assert ours.packed.native_int8
+        q, scale = quantize_rows(lin.weight)
+        want = int8_by_definition(x.reshape(15, 64), q, scale, lin.bias).view(3, 5, 40)
+        torch.testing.assert_close(ours(x), want.float(), atol=1e-4, rtol=1e-5)
+        with native.off():
+            theirs = PackedLinear(lin, int8=True)
+        assert not theirs.packed.native_int8 and theirs.packed.int8
+
+
 # --- choosing from a step's scores (csrc/choose.cpp) --------------------------------------------
 
 
@@ -858,16 +989,23 @@ def test_the_layer_step_in_cpp_decodes_as_the_python_route(tiny, overrides, stra
     assert calls >= longest * len(model.decoder.layers)
 
 
+def kind_of(packed) -> str:
+    """How a Packed multiplies (as PackedDecoderLayer names it for the C++ step)."""
+    if packed.native_int8:
+        return "qkv_int8"
+    return "int8" if packed.int8 else "bf16" if packed.bf16 else "mkl" if packed.mkl else "?"
+
+
 @pytest.mark.parametrize("small", ["same", "mkl", "plain"])
-@pytest.mark.parametrize("weights", ["int8", "bf16"])
+@pytest.mark.parametrize("weights", ["int8", "qkv_int8", "bf16"])
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_the_layer_step_in_cpp_takes_int8_and_bf16_weights(tiny, weights, small, strategy):
-    """Packed in int8 or bf16: every linear map, or (as pack's default does at a larger size)
-    the feed-forward and q/k/v maps, 2,048 and 3,072 weights here, with the 1,024-weight ones
-    in MKL's fp32 product, or plain fp32 where MKL's is not in use. The C++ step runs
-    PyTorch's int8 product or oneDNN's bf16 one (the activation inside its first product) on
-    the same packed weights, so tokens and scores (within 1e-5) are the Python route's, and it
-    is the route taken."""
+    """Packed in int8 (on PyTorch's product or on qkv's) or bf16: every linear map, or (as
+    pack's default does at a larger size with PyTorch's int8 or bf16) the feed-forward and
+    q/k/v maps, 2,048 and 3,072 weights here, with the 1,024-weight ones in MKL's fp32 product,
+    or plain fp32 where MKL's is not in use. The C++ step runs the same int8 product or oneDNN's
+    bf16 one (the activation inside its first product) on the same packed weights, so tokens
+    and scores (within 1e-5) are the Python route's, and it is the route taken."""
     from qkv.packed import pack
     from qkv.precision import bf16_units
 
@@ -875,14 +1013,13 @@ def test_the_layer_step_in_cpp_takes_int8_and_bf16_weights(tiny, weights, small,
         pytest.skip("no bf16 units: bf16 weights take the Python layers")
     model = with_norms_drawn(tiny(norm_first=False, activation="gelu"))
     min_weights = 0 if small == "same" else 2048
-    with native_kernels("gemm") if small == "mkl" else native.off():
-        model = pack(model, min_weights=min_weights, **{weights: True})
+    kernels = [*(["gemm"] if small == "mkl" else []), *(["int8"] if weights == "qkv_int8" else [])]
+    with native_kernels(*kernels) if kernels else native.off():
+        if small == "plain" and kernels:  # (native_kernels restores it)
+            native._state["gemm"] = None  # no MKL: the small maps stay plain
+        model = pack(model, min_weights=min_weights, int8="int8" in weights, bf16=weights == "bf16")
     linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
-    kinds = {
-        "int8" if m.packed.int8 else "bf16" if m.packed.bf16 else "mkl" if m.packed.mkl else "?"
-        for m in linears
-        if isinstance(m, PackedLinear)
-    }
+    kinds = {kind_of(m.packed) for m in linears if isinstance(m, PackedLinear)}
     kinds |= {"plain"} if any(type(m) is torch.nn.Linear for m in linears) else set()
     assert kinds == ({weights} if small == "same" else {weights, small})
     ours, theirs, calls = padded_sources_both_ways(model, strategy)

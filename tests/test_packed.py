@@ -44,15 +44,19 @@ ENGINES = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supp
 @pytest.mark.parametrize("engine", ENGINES)
 def test_int8_within_quantization_error_bound(engine, monkeypatch):
     """On either of PyTorch's int8 engines (qkv.packed.int8_engine picks the faster one), and
-    the process's engine setting left as it was."""
+    the process's engine setting left as it was. (qkv's int8 product: tests/test_native.py.)"""
     import qkv.packed
+    from qkv import native
 
     monkeypatch.setattr(qkv.packed, "int8_engine", lambda: engine)
     before = torch.backends.quantized.engine
     lin = _linear(d_in=64, d_out=32)
     x = torch.randn(9, 64) * 3
     with torch.inference_mode():
-        got = PackedLinear(lin, int8=True)(x)
+        with native.off():  # PyTorch's product
+            packed = PackedLinear(lin, int8=True)
+        assert not packed.packed.native_int8
+        got = packed(x)
         want = lin(x)
     assert torch.backends.quantized.engine == before
     w = lin.weight.detach()
@@ -146,6 +150,25 @@ def test_with_mkls_product_every_fp32_layer_packs(tiny, gemm_route, monkeypatch)
             assert small.ff.fc1.packed.mkl and small.self_attn.packed_qkv.mkl
         else:  # plain
             assert type(small.ff.fc1) is nn.Linear and not small.self_attn.packed_qkv.reorder
+
+
+def test_with_qkvs_int8_product_every_layer_packs_in_int8(tiny, monkeypatch):
+    """qkv's int8 product costs little more per call than its arithmetic, so where it is in
+    use pack's default puts every layer in int8, the small ones too."""
+    from qkv import native
+
+    from .conftest import native_kernels
+
+    monkeypatch.delenv("QKV_PACK_MIN_WEIGHTS", raising=False)
+    with native_kernels("int8"):
+        model = pack(tiny(d_model=32, d_ff=64), int8=True)
+    layer = model.decoder.layers[0]
+    for m in (layer.cross_attn.q_proj, layer.ff.fc1, layer.self_attn.out_proj):
+        assert isinstance(m, PackedLinear) and m.packed.native_int8
+    assert layer.self_attn.packed_qkv.native_int8
+    with native.off():  # PyTorch's int8: the small ones are not
+        model = pack(tiny(d_model=32, d_ff=64), int8=True)
+    assert type(model.decoder.layers[0].cross_attn.q_proj) is nn.Linear
 
 
 def test_small_layers_stay_plain(tiny):

@@ -18,6 +18,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_available", &gemm_available, "whether MKL's packed GEMM is linked (packed_gemm.cpp)");
   m.def("pack_weight", &pack_weight, "an (N, K) weight packed for packed_linear");
   m.def("packed_linear", &packed_linear, "x W^T + b on a packed weight (packed_gemm.cpp)");
+  m.def("int8_available", &int8_available, "whether int8_linear was built (int8_gemm.cpp)");
+  m.def("int8_allow_amx", &int8_allow_amx,
+        "whether int8_linear may use AMX where it can (tests turn it off); returns the last");
+  m.def("int8_pack", &int8_pack, "an (N, K) int8 weight laid out for int8_linear");
+  m.def("int8_linear", &int8_linear, "x W^T + b, W int8, x quantized by rows (int8_gemm.cpp)");
   py::class_<DecoderLayerWeights>(m, "DecoderLayerWeights");
   m.def("decoder_layer_weights", &decoder_layer_weights,
         "a decoder layer's weights, gathered once for its C++ step (decoder_step.cpp)");

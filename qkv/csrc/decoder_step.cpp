@@ -60,6 +60,8 @@ torch::Tensor LinearMap::operator()(const torch::Tensor& x) const {
           .view({x.size(0), x.size(1), n});
     case Kind::kPlain:
       return at::linear(x, weight, given(bias));
+    case Kind::kQkvInt8:
+      return int8_linear(x, weight, scale, sums, bias, n);
     case Kind::kBf16:  // bf16 in, fp32 out: everything around the product stays fp32
       return bf16(x.reshape({-1, x.size(-1)}).to(at::kBFloat16), "none", "")
           .to(at::kFloat)
@@ -70,7 +72,8 @@ torch::Tensor LinearMap::operator()(const torch::Tensor& x) const {
 
 // kinds[i]: "mkl" (tensors[i] packed by pack_weight), "int8" (int8s[i], a prepacked int8
 // weight, torch.ops.quantized.linear_prepack's), "plain" (tensors[i] the (n, K) weight), "bf16"
-// (tensors[i] oneDNN's packed bf16 weight, torch.ops.mkldnn._reorder_linear_weight's).
+// (tensors[i] oneDNN's packed bf16 weight, torch.ops.mkldnn._reorder_linear_weight's),
+// "qkv_int8" (tensors[i] int8_pack's weight, int8s[i] [its rows' scales, int8_pack's sums]).
 DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
                                           const std::vector<torch::Tensor>& tensors,
                                           const std::vector<torch::Tensor>& biases,
@@ -89,7 +92,7 @@ DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
               "decoder_layer_weights: relu, gelu or silu, not ", activation);
   DecoderLayerWeights w{{}, norms, activation, norm_first, eps, post_op, post_op_algorithm};
   for (size_t i = 0; i < count; ++i) {
-    LinearMap map{LinearMap::Kind::kPlain, tensors[i], biases[i], widths[i], {}};
+    LinearMap map{LinearMap::Kind::kPlain, tensors[i], biases[i], widths[i], {}, {}, {}};
     if (kinds[i] == "mkl") {
       map.kind = LinearMap::Kind::kMkl;
     } else if (kinds[i] == "int8") {
@@ -98,9 +101,15 @@ DecoderLayerWeights decoder_layer_weights(const std::vector<std::string>& kinds,
       map.int8 = c10::IValue(object._ivalue()).toCustomClass<LinearPackedParamsBase>();
     } else if (kinds[i] == "bf16") {
       map.kind = LinearMap::Kind::kBf16;
+    } else if (kinds[i] == "qkv_int8") {
+      map.kind = LinearMap::Kind::kQkvInt8;
+      const auto extra = py::cast<std::vector<torch::Tensor>>(int8s[i]);
+      TORCH_CHECK(extra.size() == 2, "decoder_layer_weights: qkv_int8 takes [scale, sums]");
+      map.scale = extra[0];
+      map.sums = extra[1];
     } else {
-      TORCH_CHECK(kinds[i] == "plain", "decoder_layer_weights: mkl, int8, plain or bf16, not ",
-                  kinds[i]);
+      TORCH_CHECK(kinds[i] == "plain",
+                  "decoder_layer_weights: mkl, int8, plain, bf16 or qkv_int8, not ", kinds[i]);
     }
     w.linears.push_back(std::move(map));
   }
@@ -243,7 +252,7 @@ torch::Tensor decoder_layer_step(const DecoderLayerWeights& weights, const torch
   // as qkv/packed.py's PackedFeedForward: in place by qkv's kernel after MKL's products or an
   // int8 one; F.relu's, F.gelu's or F.silu's function after plain ones
   const bool packed = (first.kind == Kind::kMkl && second.kind == Kind::kMkl) ||
-                      first.kind == Kind::kInt8;
+                      first.kind == Kind::kInt8 || first.kind == Kind::kQkvInt8;
   const bool in_cpp = pointwise && packed && hidden.numel() <= activate_max;
   activate(hidden, weights.activation, in_cpp);
   return residual(h, second(hidden), norm(ff), norm_first, eps, pointwise);

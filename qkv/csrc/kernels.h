@@ -33,17 +33,25 @@ bool gemm_available();
 torch::Tensor pack_weight(const torch::Tensor& w);
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
                             const torch::Tensor& bias, int64_t n);
+// int8_gemm.cpp
+bool int8_available();
+bool int8_allow_amx(bool allowed);
+std::vector<torch::Tensor> int8_pack(const torch::Tensor& q);
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                          const torch::Tensor& col_scale, const torch::Tensor& col_sum,
+                          const torch::Tensor& bias, int64_t n);
 // decoder_step.cpp
 // One linear map of a decoder layer, as qkv/packed.py packed it.
 struct LinearMap {
-  // MKL's packed fp32, PyTorch's int8, F.linear, oneDNN's packed bf16
-  enum class Kind { kMkl, kInt8, kPlain, kBf16 };
+  // MKL's packed fp32, PyTorch's int8, F.linear, oneDNN's packed bf16, qkv's int8
+  enum class Kind { kMkl, kInt8, kPlain, kBf16, kQkvInt8 };
   Kind kind;
   torch::Tensor weight;  // kMkl: pack_weight's buffer; kPlain: the (n, K) weight; kBf16:
-                         // oneDNN's packed bf16 weight
+                         // oneDNN's packed bf16 weight; kQkvInt8: int8_pack's weight
   torch::Tensor bias;    // (n), or empty: none (kInt8: inside its packed weight)
   int64_t n;             // outputs
   c10::intrusive_ptr<LinearPackedParamsBase> int8;  // kInt8: the prepacked int8 weight
+  torch::Tensor scale, sums;  // kQkvInt8: the weight's rows' scales and int8_pack's sums
   // x (B, 1, K) fp32 -> (B, 1, n) fp32
   torch::Tensor operator()(const torch::Tensor& x) const;
   // kBf16: x (rows, K) bf16 -> (rows, n) bf16, with oneDNN's post-op `attr` ("none": none)
