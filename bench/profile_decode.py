@@ -7,9 +7,18 @@ packed as `qkv translate` runs it: fp32, or with `--precision bf16` bf16 weights
     .venv/bin/python bench/profile_decode.py --precision bf16 --threads 1
     .venv/bin/python bench/profile_decode.py --threads 1 --shapes   # each operator by its shapes
     .venv/bin/python bench/profile_decode.py --threads 1 --precision int8
+
+torch.profiler sees PyTorch's operators only, not qkv's C++ kernels (MKL's product, qkv's int8
+product, a decoder layer's C++ step). For those, `--plain SECONDS` decodes greedily for that
+long with no profiler of its own, under an outside one:
+
+    perf record -g -o /tmp/perf.data .venv/bin/python bench/profile_decode.py --threads 1 \
+        --precision int8 --plain 20
+    perf report -i /tmp/perf.data --no-children --sort dso,symbol
 """
 
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +34,12 @@ from qkv.search import beam_search, greedy, max_steps, model_step
 
 
 def main() -> None:
-    args = profiler_flags(__doc__, 10, ("fp32", "bf16", "int8"))
+    args = profiler_flags(
+        __doc__,
+        10,
+        ("fp32", "bf16", "int8"),
+        lambda ap: ap.add_argument("--plain", type=float, help="seconds of greedy, no profiler"),
+    )
     keep_freed_memory()  # as the `qkv` command runs
     tmp = Path(tempfile.mkdtemp(prefix="qkv-profile-"))
     hf_model("small").save_pretrained(tmp / "hf")
@@ -45,6 +59,14 @@ def main() -> None:
             else:
                 beam_search(model_step(model), state, lengths, cfg, **kw)
 
+    if args.plain:
+        run(1)  # warm-up
+        start, decodes = time.perf_counter(), 0
+        while time.perf_counter() - start < args.plain:
+            run(1)
+            decodes += 1
+        print(f"greedy: {decodes} decodes, {(time.perf_counter() - start) / decodes * 1e3:.1f} ms")
+        return
     for beam in (1, 5):
         run(beam)  # warm-up
         with profile(record_shapes=args.shapes) as p:

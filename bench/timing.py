@@ -56,9 +56,14 @@ def ab_flags(doc: str) -> argparse.Namespace:
     return args
 
 
-def profiler_flags(doc: str, rows: int, precisions=("fp32", "bf16")) -> argparse.Namespace:
-    """The profile_*.py scripts' flags (--precision, --threads, --rows), with threads set."""
+def profiler_flags(
+    doc: str, rows: int, precisions=("fp32", "bf16"), extra=None
+) -> argparse.Namespace:
+    """The profile_*.py scripts' flags (--precision, --threads, --rows, and `extra(ap)`'s),
+    with threads set."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--precision", choices=list(precisions), default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=rows, help="operators listed")

@@ -265,8 +265,12 @@ void amx_tile(const Product& p, int64_t row, int64_t block) {
   }
 }
 
+// The tiles are configured on every call, on each thread, and released after it: oneDNN's
+// kernels use the same registers on the same threads and configure them before use (where
+// lazily, by reading the configuration back from the CPU, not from a cache of their own), so
+// neither disturbs the other.
 void amx_columns(const Product& p, int64_t first_block, int64_t end_block) {
-  amx_configure();  // per thread
+  amx_configure();
   for (int64_t block = first_block; block < end_block; block += 2) {
     const bool two_blocks = block + 1 < end_block;
     for (int64_t row = 0; row < p.m; row += 32) {
