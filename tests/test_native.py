@@ -469,6 +469,25 @@ def test_int8_product_is_within_its_rounding_of_fp32(int8):
         torch.testing.assert_close(got[0], b.double())  # a row of zeros is the bias, exactly
 
 
+def test_int8_product_of_a_row_not_finite_is_nan(int8):
+    """A row of x with a NaN or an infinity gives NaNs (8 bits cannot hold it, and a finite
+    answer would hide it), on AMX and VNNI; the other rows are as without it. (Before, the
+    rows came out finite.)"""
+    from qkv.packed import quantize_rows
+
+    g = torch.Generator().manual_seed(8)
+    w, x = torch.randn(40, 70, generator=g), torch.randn(5, 70, generator=g)
+    q, scale = quantize_rows(w)
+    packed, sums = native.int8_pack(q)
+    clean = native.int8_linear(x, packed, scale, sums, None, 40)
+    x[1, 3], x[3, 69] = float("nan"), float("-inf")
+    for amx in (True, False):
+        with amx_allowed(int8, amx):
+            got = native.int8_linear(x, packed, scale, sums, None, 40)
+        assert got[[1, 3]].isnan().all()
+        assert torch.equal(got[[0, 2, 4]], clean[[0, 2, 4]])
+
+
 def test_int8_pack_lays_out_blocks_of_16_columns_by_groups_of_4_inputs(int8):
     """The layout int8_gemm.cpp documents (and AMX reads as its tiles): block of 16 columns,
     then group of 4 inputs (padded to 64), then column, then the group's 4 values; zeros in the

@@ -12,7 +12,7 @@
 //     bits), so one row's large values cost no other row precision;
 //   - VPDPBUSD adds four u8 x s8 products into each of 16 int32 sums at a time, exactly (no
 //     saturation); then y = sx * sw * (sum - zero_x * sum_k w) + b.
-// Built only where the compiler targets AVX-512 VNNI (-march=native, qkv/native.py);
+// Built only where the compiler targets AVX-512 VNNI (and DQ; -march=native, qkv/native.py);
 // int8_available() says whether it was, and qkv/packed.py uses PyTorch's product elsewhere.
 
 #include <torch/extension.h>
@@ -25,11 +25,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "kernels.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__)
 #define QKV_INT8 1
 #include <immintrin.h>
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -93,23 +95,39 @@ namespace {
 
 // A row of x quantized to u8: q = clamp(round(x / scale) + zero, 0, 255), its range [min, max]
 // stretched to take in 0, so scale = (max - min) / 255 and zero = round(-min / scale).
-// Writes k values (the padding after them was zeroed by the caller).
+// Writes k values (the padding after them was zeroed by the caller). A row with a NaN or an
+// infinity gets scale NaN, so its outputs are NaN, as fp32's would not be finite either (8 bits
+// cannot hold it, and a finite output would hide it).
 void quantize_row(const float* x, int64_t k, uint8_t* q, float* scale_out, int32_t* zero_out) {
+  constexpr int kNotFinite = 0x01 | 0x08 | 0x10 | 0x80;  // VFPCLASS: NaNs, +inf, -inf
   __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  __mmask16 bad = 0;
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     lo = _mm512_min_ps(lo, v);
     hi = _mm512_max_ps(hi, v);
+    bad |= _mm512_fpclass_ps_mask(v, kNotFinite);
   }
   if (i < k) {  // the tail's missing lanes read as 0, inside the range already
     const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (k - i)) - 1), x + i);
     lo = _mm512_min_ps(lo, v);
     hi = _mm512_max_ps(hi, v);
+    bad |= _mm512_fpclass_ps_mask(v, kNotFinite);
+  }
+  if (bad) {
+    *scale_out = std::numeric_limits<float>::quiet_NaN();
+    *zero_out = 0;
+    return;  // q stays zeros
   }
   const float min = _mm512_reduce_min_ps(lo), max = _mm512_reduce_max_ps(hi);
-  float scale = (max - min) * (1.0f / 255.0f);  // as written: the tests repeat it
-  if (!(scale > 0.0f) || !std::isfinite(scale)) scale = 1.0f;  // all zeros, or not finite
+  // volatile: the scale as written, so that 1 / scale below is not rewritten as 255 / (max -
+  // min) (-funsafe-math-optimizations allows that), which rounds differently: the tests
+  // compute these same steps
+  volatile float written = (max - min) * (1.0f / 255.0f);
+  float scale = written;
+  if (!std::isfinite(scale)) scale = max * (1.0f / 255.0f) - min * (1.0f / 255.0f);  // near 2^128
+  if (!(scale > 0.0f)) scale = 1.0f;  // all zeros
   const float inverse = 1.0f / scale;
   const int32_t zero = std::min(255, std::max(0, static_cast<int32_t>(std::nearbyint(-min * inverse))));
   const __m512 inv = _mm512_set1_ps(inverse);
