@@ -8,11 +8,10 @@ oneDNN's engine where it is at least 1.1x faster there, else for fbgemm's.
     .venv/bin/python bench/int8_engines.py --threads 1
 """
 
-import argparse
 import warnings
 
 import torch
-from timing import best_of
+from timing import best_of, threads_flag
 
 from qkv.packed import _quantized_engine, int8_engine
 
@@ -20,11 +19,7 @@ SHAPES = [(32, 256, 768), (32, 256, 1024), (32, 1024, 256), (32, 256, 8000), (16
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, default=1)
-    torch.set_num_threads(parser.parse_args().threads)
+    threads_flag(__doc__)
     warnings.simplefilter("ignore")  # quantized tensors are deprecated, still served
     engines = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
     print(f"threads {torch.get_num_threads()}, engines {engines}, qkv picks {int8_engine()}")

@@ -9,11 +9,10 @@ each one's largest error against the fp32 product. Rows: 32 (greedy over 32 sent
     .venv/bin/python bench/int8_gemm.py --threads 2
 """
 
-import argparse
 import warnings
 
 import torch
-from timing import best_of
+from timing import best_of, threads_flag
 
 from qkv import native
 from qkv.packed import _quantized_engine, int8_engine, quantize_rows
@@ -35,11 +34,7 @@ SHAPES = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, default=1)
-    torch.set_num_threads(parser.parse_args().threads)
+    threads_flag(__doc__)
     warnings.simplefilter("ignore")  # quantized tensors are deprecated, still served
     module = native._built()
     if module is None or not module.int8_available():

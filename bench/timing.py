@@ -42,6 +42,15 @@ def tokens_per_s(step: Callable[[object], object], batches: list) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def threads_flag(doc: str) -> argparse.Namespace:
+    """The one-kernel comparisons' flag (--threads, default 1), with the threads set."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def ab_flags(doc: str) -> argparse.Namespace:
     """The with/without comparisons' flags (--threads, --repeats), with the threads set and
     freed memory kept for reuse, as the `qkv` command runs."""
