@@ -265,7 +265,8 @@ def _int8_faster(module: ModuleType) -> bool:
     products: 32 rows by a 1024 x 256 feed-forward weight and by the 8k-word output layer,
     summed. (The margin keeps the choice the same from one process to the next where the two
     are close: they round differently, so a flip would change some outputs. On the Xeon of
-    bench/README.md, with AMX, qkv's was 2-3x faster; on AVX-512 VNNI alone, 0.5-0.8x.)"""
+    bench/README.md qkv's was 1.6x and 2.9x faster at these two on AMX, and 0.36x and 0.62x
+    with AMX turned off, on AVX-512 VNNI alone: bench/int8_gemm.py.)"""
     from .packed import INT8_ENGINE_MARGIN, _quantized_engine, int8_engine, quantize_rows
 
     gen = torch.Generator().manual_seed(0)
@@ -473,7 +474,7 @@ def int8_packs() -> bool:
 
 
 def int8_pack(q: Tensor) -> tuple[Tensor, Tensor]:
-    """q (N, K) int8, a weight quantized by rows (qkv.packed.int8_rows), laid out for
+    """q (N, K) int8, a weight quantized by rows (qkv.packed.quantize_rows), laid out for
     `int8_linear`: (the packed weight, each column's sum of its weights)."""
     packed, sums = _built().int8_pack(q.contiguous())
     return packed, sums
