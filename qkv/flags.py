@@ -110,7 +110,9 @@ def add_decode_flags(p: argparse.ArgumentParser, strategy: str = "beam") -> None
     add_batch_size_flag(g)
     add_device_flag(g)
     g.add_argument(
-        "--int8", action="store_true", help="8-bit weights in the large linear layers (CPU)"
+        "--int8",
+        action="store_true",
+        help="8-bit weights in the linear layers (CPU; on PyTorch's int8 product, the large ones)",
     )
     add_precision_flag(g)
     p.set_defaults(default_strategy=strategy)
