@@ -13,7 +13,7 @@ import warnings
 import torch
 from timing import best_of, threads_flag
 
-from qkv.packed import _quantized_engine, int8_engine
+from qkv.packed import int8_engine, prepack_int8
 
 SHAPES = [(32, 256, 768), (32, 256, 1024), (32, 1024, 256), (32, 256, 8000), (160, 256, 1024)]
 
@@ -28,14 +28,9 @@ def main() -> None:
     with torch.inference_mode():
         for m, k, n in SHAPES:
             w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, k)
-            scale = (w.abs().amax(dim=1) / 127).double()
-            qw = torch.quantize_per_channel(
-                w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8
-            )
             row = f"{f'{m} x {k} x {n}':>18}"
             for engine in engines:
-                with _quantized_engine(engine):
-                    packed = torch.ops.quantized.linear_prepack(qw, b)
+                packed = prepack_int8(w, b, engine)
                 err = (torch.ops.quantized.linear_dynamic(x, packed, True) - (x @ w.T + b)).abs()
                 t = best_of(lambda p=packed, x=x: torch.ops.quantized.linear_dynamic(x, p, True))
                 row += f" {t:10.1f} {err.max().item():6.2f}"

@@ -15,7 +15,7 @@ import torch
 from timing import best_of, threads_flag
 
 from qkv import native
-from qkv.packed import _quantized_engine, int8_engine, quantize_rows
+from qkv.packed import int8_engine, prepack_int8, quantize_rows
 
 SHAPES = [
     (32, 256, 256),
@@ -53,11 +53,7 @@ def main() -> None:
             x = torch.randn(m, k, generator=g)
             want = x @ w.T + b
             q, scale = quantize_rows(w)
-            qw = torch.quantize_per_channel(
-                w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8
-            )
-            with _quantized_engine(engine):
-                prepacked = torch.ops.quantized.linear_prepack(qw, b)
+            prepacked = prepack_int8(w, b, engine)
             err = (torch.ops.quantized.linear_dynamic(x, prepacked, True) - want).abs().max()
             theirs = best_of(
                 lambda p=prepacked, x=x: torch.ops.quantized.linear_dynamic(x, p, True)

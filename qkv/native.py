@@ -52,6 +52,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -267,7 +268,7 @@ def _int8_faster(module: ModuleType) -> bool:
     are close: they round differently, so a flip would change some outputs. On the Xeon of
     bench/README.md qkv's was 1.6x and 2.9x faster at these two on AMX, and 0.36x and 0.62x
     with AMX turned off, on AVX-512 VNNI alone: bench/int8_gemm.py.)"""
-    from .packed import INT8_ENGINE_MARGIN, _quantized_engine, int8_engine, quantize_rows
+    from .packed import INT8_ENGINE_MARGIN, int8_engine, prepack_int8, quantize_rows
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 256, generator=gen)
@@ -279,13 +280,13 @@ def _int8_faster(module: ModuleType) -> bool:
         ours.append(
             lambda p=packed, s=scale, c=sums, n=n: module.int8_linear(x, p, s, c, _NO_BIAS, n)
         )
-        qw = torch.quantize_per_channel(
-            w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8
-        )
-        with _quantized_engine(int8_engine()):
-            prepacked = torch.ops.quantized.linear_prepack(qw, None)
+        prepacked = prepack_int8(w, None, int8_engine())
         theirs.append(lambda p=prepacked: torch.ops.quantized.linear_dynamic(x, p, True))
-    return _quicker(lambda: [f() for f in ours], lambda: [f() for f in theirs], INT8_ENGINE_MARGIN)
+    with warnings.catch_warnings():  # PyTorch's quantized ops are deprecated, still served
+        warnings.simplefilter("ignore")
+        return _quicker(
+            lambda: [f() for f in ours], lambda: [f() for f in theirs], INT8_ENGINE_MARGIN
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -394,11 +395,7 @@ def int8() -> ModuleType | None:
             return "qkv's int8 product is slower than PyTorch's here: unused"
         return None
 
-    import warnings
-
-    with warnings.catch_warnings():  # quantized tensors are deprecated, still served
-        warnings.simplefilter("ignore")
-        return _checked("int8", check)
+    return _checked("int8", check)
 
 
 def layer_steps() -> ModuleType | None:

@@ -131,13 +131,7 @@ class Packed:
                 packed, sums = native.int8_pack(q)
                 self._packed, self.native_int8 = (packed, scale, sums), True
             elif int8:
-                scale = quantize_rows(w)[1].double()
-                zero = torch.zeros(w.shape[0], dtype=torch.long)
-                with warnings.catch_warnings():  # quantized tensors are deprecated, still served
-                    warnings.simplefilter("ignore")
-                    qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-                    with _quantized_engine(int8_engine()):
-                        self._packed = torch.ops.quantized.linear_prepack(qw, self._bias)
+                self._packed = prepack_int8(w, self._bias, int8_engine())
             elif bf16:
                 self._packed = _bf16_packed(w, self._bias)
             elif (mkl := native.pack_weight(w)) is not None:
@@ -220,6 +214,18 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def prepack_int8(w: Tensor, bias: Tensor | None, engine: str) -> object:
+    """w (N, K) fp32 quantized by rows (`quantize_rows`' scales) and prepacked for PyTorch's
+    dynamic int8 product (torch.ops.quantized.linear_dynamic) on `engine`, bias inside."""
+    scale = quantize_rows(w)[1].double()
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated, still served
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        with _quantized_engine(engine):
+            return torch.ops.quantized.linear_prepack(qw, bias)
+
+
 @contextmanager
 def _quantized_engine(engine: str) -> Iterator[None]:
     """PyTorch's quantized engine set to `engine` inside (a process-wide setting, read when a
@@ -259,13 +265,9 @@ def int8_engine() -> str:
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
         for w in weights:
-            scale = (w.abs().amax(dim=1) / 127).double()
-            zero = torch.zeros(w.shape[0], dtype=torch.long)
-            qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
             for engine in engines:
                 try:
-                    with _quantized_engine(engine):
-                        packed = torch.ops.quantized.linear_prepack(qw, None)
+                    packed = prepack_int8(w, None, engine)
                     times[engine] += best_of(
                         lambda p=packed: torch.ops.quantized.linear_dynamic(x, p, True), 20
                     )
