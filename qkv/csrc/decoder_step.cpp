@@ -10,10 +10,10 @@
 // again: 0.4-1.2 ms per step of a small model's greedy decode (bench/README.md). Here a layer
 // is one call from Python. The kernels are the ones the Python route calls (MKL's packed
 // product, qkv's or PyTorch's int8 product, oneDNN's bf16 product, or plain F.linear, as
-// qkv/packed.py packed each linear map; the attention kernel; add-and-norm and the activation where qkv/native.py
-// uses them, else PyTorch's ops), so both routes compute the same numbers; tests/
-// test_native.py checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this where it applies and runs the
-// Python route everywhere else.
+// qkv/packed.py packed each linear map; the attention kernel; add-and-norm and the activation
+// where qkv/native.py uses them, else PyTorch's ops), so both routes compute the same numbers;
+// tests/test_native.py checks they decode alike. qkv/packed.py's PackedDecoderLayer calls this
+// where it applies and runs the Python route everywhere else.
 //
 // Shapes: B rows (sentences, or sentences x beams), D d_model, H heads, Dh = D / H.
 

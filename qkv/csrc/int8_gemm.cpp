@@ -41,6 +41,10 @@
 #endif
 #endif
 
+namespace {
+std::atomic<bool> amx_allowed{true};  // int8_allow_amx: tests run the VNNI path too
+}  // namespace
+
 bool int8_available() {
 #ifdef QKV_INT8
   return true;
@@ -129,7 +133,8 @@ void quantize_row(const float* x, int64_t k, uint8_t* q, float* scale_out, int32
   if (!std::isfinite(scale)) scale = max * (1.0f / 255.0f) - min * (1.0f / 255.0f);  // near 2^128
   if (!(scale > 0.0f)) scale = 1.0f;  // all zeros
   const float inverse = 1.0f / scale;
-  const int32_t zero = std::min(255, std::max(0, static_cast<int32_t>(std::nearbyint(-min * inverse))));
+  const int32_t zero =
+      std::min(255, std::max(0, static_cast<int32_t>(std::nearbyint(-min * inverse))));
   const __m512 inv = _mm512_set1_ps(inverse);
   const __m512i z = _mm512_set1_epi32(zero), floor = _mm512_setzero_si512();
   for (i = 0; i < k; i += 16) {
@@ -303,8 +308,6 @@ void amx_columns(const Product& p, int64_t first_block, int64_t end_block) {
 }
 #endif
 
-std::atomic<bool> amx_allowed{true};  // int8_allow_amx: tests run the VNNI path too
-
 bool use_amx() {
 #ifdef QKV_AMX
   return amx_allowed.load(std::memory_order_relaxed) && amx_granted();
@@ -316,11 +319,7 @@ bool use_amx() {
 }  // namespace
 #endif
 
-#ifdef QKV_INT8
 bool int8_allow_amx(bool allowed) { return amx_allowed.exchange(allowed); }
-#else
-bool int8_allow_amx(bool) { return false; }
-#endif
 
 // x (..., K) fp32; packed and col_sum from int8_pack of an (n, K) weight; col_scale (n) fp32,
 // each weight row's scale; bias (n) or empty. Returns (..., n) fp32, contiguous.
