@@ -471,8 +471,7 @@ def test_int8_product_is_within_its_rounding_of_fp32(int8):
 
 def test_int8_product_of_a_row_not_finite_is_nan(int8):
     """A row of x with a NaN or an infinity gives NaNs (8 bits cannot hold it, and a finite
-    answer would hide it), on AMX and VNNI; the other rows are as without it. (Before, the
-    rows came out finite.)"""
+    answer would hide it), on AMX and VNNI; the other rows are as without it."""
     from qkv.packed import quantize_rows
 
     g = torch.Generator().manual_seed(8)
