@@ -13,8 +13,8 @@ Eight so far:
   (qkv/packed.py uses it for fp32 inference; bench/packed_gemm.py measures it).
 - int8 inference's product (`int8_pack`, `int8_linear`): each weight row in 8 bits, laid out
   once, and each input row quantized to 8 bits on the fly, multiplied on AMX's tiles where the
-  CPU has them, else on AVX-512 VNNI's dot products. PyTorch's dynamic int8 product costs about
-  50 us a call whatever the size, several times the arithmetic of a decoding step's small
+  CPU has them, else on AVX-512 VNNI's dot products. PyTorch's dynamic int8 product costs 40 us
+  or more a call whatever the size, several times the arithmetic of a decoding step's small
   products (qkv/packed.py uses it for int8 weights; bench/int8_gemm.py measures it).
 - Choosing from a step's scores (`log_softmax_`, `argmax`, `beam_topk`): the last position's
   log-softmax in one read of the logits, greedy's best token and beam search's best 2K

@@ -1,7 +1,7 @@
 // y = x W^T + b with W in 8 bits and x quantized row by row on the fly: int8 inference's
-// product (qkv/packed.py), on AVX-512 VNNI's u8 x s8 dot products.
+// product (qkv/packed.py), on AMX's int8 tiles or AVX-512 VNNI's u8 x s8 dot products.
 //
-// Why: PyTorch's dynamic int8 product (fbgemm's or oneDNN's) costs about 50 us a call on the
+// Why: PyTorch's dynamic int8 product (fbgemm's or oneDNN's) costs 40 us or more a call on the
 // Xeon of bench/README.md whatever the size, where a decoding step's small products need under
 // 10 us of arithmetic: a small model's int8 greedy step was slower than CTranslate2's (bench/
 // int8_gemm.py measures both). This is the same arithmetic with little around it:
@@ -10,8 +10,9 @@
 //   - each input row is quantized to u8 with its own scale and zero point, its range stretched
 //     to take in 0 (PyTorch's dynamic product quantizes the whole input with one scale, to 7
 //     bits), so one row's large values cost no other row precision;
-//   - VPDPBUSD adds four u8 x s8 products into each of 16 int32 sums at a time, exactly (no
-//     saturation); then y = sx * sw * (sum - zero_x * sum_k w) + b.
+//   - AMX's TDPBUSD adds a 16 x 16 tile of 64-input u8 x s8 dot products at a time, VNNI's
+//     VPDPBUSD four products into each of 16 int32 sums, both exactly (no saturation); then
+//     y = sx * sw * (sum - zero_x * sum_k w) + b.
 // Built only where the compiler targets AVX-512 VNNI (and DQ; -march=native, qkv/native.py);
 // int8_available() says whether it was, and qkv/packed.py uses PyTorch's product elsewhere.
 
