@@ -55,6 +55,10 @@ def attention(
             raise ValueError("is_causal with T != S is ambiguous; pass an explicit causal_mask")
         mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
         is_causal = False
+    if dropout > 0.0 and not need_weights and table is None:  # training: qkv's C++ kernel
+        out = native.train_attention(q, k, v, mask, is_causal, dropout)
+        if out is not None:
+            return out, None
     if not need_weights and dropout == 0.0 and not is_causal:
         out = native.decode_attention(q, k, v, mask, table)
         if out is not None:

@@ -34,6 +34,66 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     return x * (mask if mask is not None else torch_mask(x, cut, scale))
 
 
+class _ReluDropout(torch.autograd.Function):
+    """relu(x) * mask in one pass (csrc/dropout_fused.cpp); backward from the output alone."""
+
+    @staticmethod
+    def forward(ctx, x, cut, scale, seed):
+        y = native.fused_dropouts().relu_dropout(x, cut, scale, seed)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        dx = native.fused_dropouts().relu_dropout_backward(dy.contiguous(), y, ctx.scale)
+        return dx, None, None, None
+
+
+class _AddDropout(torch.autograd.Function):
+    """x + y * mask in one pass (csrc/dropout_fused.cpp); the mask made again for y's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y, cut, scale, seed):
+        ctx.args, ctx.dtype = (cut, scale, seed), y.dtype
+        return native.fused_dropouts().add_dropout(x, y, cut, scale, seed)
+
+    @staticmethod
+    def backward(ctx, dout):
+        module = native.fused_dropouts()
+        dy = module.add_dropout_backward(dout.contiguous(), *ctx.args, ctx.dtype)
+        return dout, dy, None, None, None
+
+
+def _fused(*tensors: Tensor) -> bool:
+    """Whether the fused kernels take these: contiguous, on the CPU, fp32 or bf16, kernels on."""
+    if not all(x.is_contiguous() for x in tensors) or native.fused_dropouts() is None:
+        return False
+    return native.training_kernels_take(*tensors)
+
+
+def relu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """dropout(relu(x), p): the feed-forward's hidden units. One pass each way on the CPU
+    (where the kernels apply), with the mask `dropout` would draw and the same result."""
+    if not training or p == 0.0 or not _fused(x):
+        return dropout(F.relu(x), p, training)
+    cut, scale = cut_and_scale(p, x.dtype)
+    return _ReluDropout.apply(x, cut, scale, native.seed())
+
+
+def add_dropout(x: Tensor, y: Tensor, p: float, training: bool = True) -> Tensor:
+    """x + dropout(y, p): a skip connection's sum. One pass each way on the CPU where x is fp32
+    (the residual stream) and y fp32 or bf16 (a sublayer's output under autocast), with the mask
+    `dropout` would draw and the same result."""
+    if not training or p == 0.0 or x.dtype != torch.float32 or x.shape != y.shape:
+        return x + dropout(y, p, training)
+    if not _fused(x, y):
+        return x + dropout(y, p, training)
+    cut, scale = cut_and_scale(p, y.dtype)
+    return _AddDropout.apply(x, y, cut, scale, native.seed())
+
+
 def torch_mask(
     x: Tensor, cut: int, scale: float, generator: torch.Generator | None = None
 ) -> Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .dropout import Dropout
+from .dropout import Dropout, add_dropout, relu_dropout
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -42,6 +42,8 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activation is F.relu:  # one pass for both, in training on the CPU
+            return self.fc2(relu_dropout(self.fc1(x), self.dropout.p, self.training))
         return self.fc2(self.dropout(self.activation(self.fc1(x))))
 
 
@@ -73,9 +75,13 @@ class Residual(nn.Module):
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         if self.bypass:
             return x
+        if self.norm_first:  # under bf16 autocast the norm writes bf16, where it can
+            h = native.layer_norm_bf16(x, self.norm) if self.training else None
+            y = sublayer(self.norm(x) if h is None else h)
+            if not self.skip:
+                return self.dropout(y)
+            return add_dropout(x, y, self.dropout.p, self.training)  # one pass in training
         skip = x if self.skip else 0.0
-        if self.norm_first:
-            return skip + self.dropout(sublayer(self.norm(x)))
         y = self.dropout(sublayer(x))
         if self.skip:  # inference on the CPU: add and norm in one C++ call, where it applies
             fused = native.add_layer_norm(x, y, self.norm)

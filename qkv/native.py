@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import shutil
 import sys
@@ -232,6 +233,30 @@ def _masks_faster(module: ModuleType) -> bool:
     )
 
 
+def _train_attention_faster(module: ModuleType) -> bool:
+    """Whether the training attention kernel, forward and backward, beats the explicit route it
+    replaces (qkv/attention.py) here, at a training batch's shape: 64 sentences of 16 tokens,
+    8 heads of 32, dropout 0.1, fp32."""
+    from .dropout import cut_and_scale, torch_mask
+    from .precision import best_of
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(64, 8, 16, 32, generator=gen) for _ in range(4))
+    cut, scale = cut_and_scale(0.1, torch.float32)
+
+    def ours() -> None:
+        out, lse = module.train_attention_forward(q, k, v, _NO_MASK, False, cut, scale, 1)
+        module.train_attention_backward(g, q, k, v, _NO_MASK, False, cut, scale, 1, lse)
+
+    def explicit() -> None:
+        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+        weights = (qkv[0] @ qkv[1].transpose(-2, -1) / math.sqrt(32)).softmax(-1)
+        out = (weights * torch_mask(weights, cut, scale, gen)) @ qkv[2]
+        torch.autograd.grad(out, qkv, g)
+
+    return best_of(ours, 20) < best_of(explicit, 20)
+
+
 def _loss_faster(module: ModuleType) -> bool:
     """Whether the chunk loss beats PyTorch's ops (qkv/loss.py) here, at a chunk of the fused
     loss: 131 rows of an 8,000-token vocabulary, fp32, with its gradient."""
@@ -370,6 +395,14 @@ def losses() -> ModuleType | None:
     """The module, for the chunk loss; None where it is off, fails to build, or is not faster
     here."""
     return _speed_checked("loss", _loss_faster, "the loss kernel")
+
+
+def train_attentions() -> ModuleType | None:
+    """The module, for attention with dropout in training; None where it is off, fails to build,
+    or is not faster here."""
+    return _speed_checked(
+        "train_attention", _train_attention_faster, "the training attention kernel"
+    )
 
 
 def masks() -> ModuleType | None:
@@ -530,6 +563,17 @@ def _training(*tensors: Tensor) -> bool:
     return all(x.is_cpu and x.dtype in _TRAIN_DTYPES for x in tensors)
 
 
+def training_kernels_take(*tensors: Tensor) -> bool:
+    """Whether the training kernels take these tensors (`_training`)."""
+    return _training(*tensors)
+
+
+def seed() -> int:
+    """A kernel's random seed, drawn from PyTorch's generator (so torch.manual_seed and a saved
+    generator state reproduce its masks)."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (1,)))
+
+
 def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
     """A mask like x (fp32 or bf16, on the CPU): `scale` where kept, 0 where dropped (probability
     cut / 65536), its seed drawn from PyTorch's generator (so torch.manual_seed and a saved
@@ -537,8 +581,94 @@ def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
     module = masks() if _training(x) else None
     if module is None:
         return None
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (1,)))
-    return module.dropout_mask(x, cut, scale, seed)
+    return module.dropout_mask(x, cut, scale, seed())
+
+
+def fused_dropouts() -> ModuleType | None:
+    """The module, for dropout fused with relu or with a skip connection's sum (qkv/dropout.py);
+    None where dropout's mask kernel is not in use here (they draw their masks as it does)."""
+    return masks()
+
+
+class _LayerNormBf16(torch.autograd.Function):
+    """layer_norm_bf16 and its backward (csrc/layer_norm.cpp)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _built().layer_norm_bf16(x, weight, _NO_BIAS if bias is None else bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = dy.to(torch.bfloat16).contiguous()
+        dx, dw, db = _built().layer_norm_bf16_backward(dy, x, mean, rstd, weight, ctx.has_bias)
+        return dx, dw, db if ctx.has_bias else None, None
+
+
+def layer_norm_bf16(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor | None:
+    """norm(x) rounded to bf16, in one pass each way (csrc/layer_norm.cpp), where bf16 autocast
+    is on and the next product would cast it anyway: x fp32 contiguous on the CPU, the norm's
+    weight fp32 over the last dimension. None where it does not apply."""
+    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
+    if x.dtype != torch.float32 or not x.is_contiguous() or not _training(x):
+        return None
+    w, b = norm.weight, norm.bias
+    if w is None or w.dtype != torch.float32 or norm.normalized_shape != (x.shape[-1],):
+        return None
+    if masks() is None:  # built, on, and the training kernels in use here
+        return None
+    return _LayerNormBf16.apply(x, w, b, norm.eps)
+
+
+class _TrainAttention(torch.autograd.Function):
+    """train_attention_forward and its backward: q, k, v's gradients, the weights and the
+    dropout mask recomputed rather than stored."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, causal, cut, scale, seed):
+        out, lse = train_attentions().train_attention_forward(
+            q, k, v, keep, causal, cut, scale, seed
+        )
+        ctx.save_for_backward(q, k, v, keep, lse)
+        ctx.args = (causal, cut, scale, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, keep, lse = ctx.saved_tensors
+        if grad.dtype != q.dtype or grad.stride(-1) != 1:
+            grad = grad.to(q.dtype).contiguous()
+        module = train_attentions()
+        dq, dk, dv = module.train_attention_backward(grad, q, k, v, keep, *ctx.args, lse)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def train_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, p: float
+) -> Tensor | None:
+    """softmax(q k^T / sqrt(Dh)) with dropout p on the weights, times v, by the C++ kernel with
+    its own backward (csrc/train_attention.cpp): q (B, H, T, Dh), k and v (B, H, S, Dh), fp32
+    or bf16; mask bool broadcastable to (B, H, T, S), True = may attend; is_causal: also hide
+    later keys (top-left aligned). The mask's seed comes from PyTorch's generator. None where
+    the kernel does not apply."""
+    module = train_attentions() if _training(q, k, v) else None
+    if module is None or not q.dtype == k.dtype == v.dtype:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    keep = _NO_MASK
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            return None
+        keep = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    from .dropout import cut_and_scale
+
+    cut, scale = cut_and_scale(p, torch.float32)  # applied in fp32 inside, whatever q's dtype
+    return _TrainAttention.apply(q, k, v, keep, is_causal, cut, scale, seed())
 
 
 def smoothed_cross_entropy_rows(

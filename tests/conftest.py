@@ -98,7 +98,9 @@ def native_kernels(*names: str):
     the quick measurements in qkv/native.py would choose, so tests do not depend on timings:
     "attention" (`native.kernel`), "gemm" (MKL's packed product, `native.gemm`; skipped where
     this PyTorch lacks it), "choose" (the log-softmax and scans of search, `native.choose`),
-    "masks" (dropout's mask, `native.masks`), "loss" (the chunk loss, `native.losses`),
+    "masks" (dropout's mask, and dropout fused with relu or a skip connection's sum, and the
+    bf16 layer norm, which go with it: `native.masks`), "train_attention" (attention with
+    dropout in training, `native.train_attentions`), "loss" (the chunk loss, `native.losses`),
     "pointwise" (add-and-norm and the activation, `native.pointwise`), "step" (a decoder
     layer's step in C++, `native.layer_steps`; off inside unless named, so that a test of the
     kernels above sees them called from Python), "int8" (qkv's int8 product, `native.int8`;
@@ -120,6 +122,7 @@ def native_kernels(*names: str):
                 "gemm": "gemm",
                 "choose": "choose",
                 "masks": "masks",
+                "train_attention": "train_attention",
                 "loss": "loss",
                 "pointwise": "pointwise",
                 "step": "step",

@@ -152,3 +152,135 @@ def test_dropout_rounds_its_scale_as_torch_does(small, large):
 
     for x, dtype in ((small, torch.float16), (small, torch.bfloat16), (large, torch.bfloat16)):
         assert _rounded(x, dtype) == torch.tensor(x).to(dtype).item()
+
+
+# --- dropout fused with relu or a skip connection's sum, and layer norm to bf16 ---------------
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """The fused training kernels in use (conftest.native_kernels), whatever their timings."""
+    from .conftest import native_kernels
+
+    with native_kernels("masks") as module:
+        yield module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 33), (1000,), (2, 300, 17)])
+def test_relu_and_skip_dropout_equal_the_unfused_route(fused, dtype, shape):
+    """One pass each way, the same mask (the same seed from PyTorch's generator) and the same
+    roundings as relu, dropout and + as separate ops: identical outputs and gradients."""
+    import torch.nn.functional as F
+
+    from qkv.dropout import add_dropout, dropout, relu_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype).requires_grad_()
+    r = torch.randn(shape, requires_grad=True)  # the fp32 residual stream
+    g, gr = torch.randn(shape).to(dtype), torch.randn(shape)
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        y = relu_dropout(x, 0.1)
+        assert type(y.grad_fn).__name__ == "_ReluDropoutBackward"
+        got = (y, *torch.autograd.grad(y, x, g))
+        torch.manual_seed(seed)
+        y = dropout(F.relu(x), 0.1)
+        want = (y, *torch.autograd.grad(y, x, g))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+        torch.manual_seed(seed)
+        out = add_dropout(r, x, 0.1)
+        assert type(out.grad_fn).__name__ == "_AddDropoutBackward" and out.dtype == torch.float32
+        got = (out, *torch.autograd.grad(out, (r, x), gr))
+        torch.manual_seed(seed)
+        out = r + dropout(x, 0.1)
+        want = (out, *torch.autograd.grad(out, (r, x), gr))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_fused_dropouts_are_the_identity_at_eval(fused):
+    from qkv.dropout import add_dropout, relu_dropout
+
+    x, r = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.equal(relu_dropout(x, 0.3, training=False), torch.relu(x))
+    assert torch.equal(add_dropout(r, x, 0.3, training=False), r + x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_to_bf16_is_the_norm_then_the_cast(fused, bias):
+    """Under bf16 autocast a pre-LN norm writes bf16: within one bf16 step of F.layer_norm's
+    output cast to bf16 (the statistics summed in another order), gradients of x, the weight and
+    the bias within fp32's rounding of autograd's through the norm and the cast."""
+    from qkv import native
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(256, bias=bias)
+    with torch.no_grad():
+        norm.weight.normal_()
+        if bias:
+            norm.bias.normal_()
+    x = (torch.randn(5, 9, 256) * 3 + 1).requires_grad_()
+    g = torch.randn(5, 9, 256).bfloat16()
+    assert native.layer_norm_bf16(x, norm) is None  # autocast off: the plain norm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = native.layer_norm_bf16(x, norm)
+    assert y.dtype == torch.bfloat16
+    want = norm(x).bfloat16()
+    step = want.float().abs() * 2**-7 + 1e-30  # one bf16 step (8 significant bits)
+    assert ((y.float() - want.float()).abs() <= step).all()
+    assert (y != want).float().mean() < 0.01
+    params = [x, norm.weight] + ([norm.bias] if bias else [])
+    for a, b in zip(
+        torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+
+
+def test_pre_ln_layer_in_bf16_training_matches_the_unfused_route(fused):
+    """A pre-LN encoder layer's training step under bf16 autocast with the fused kernels (norm
+    to bf16, relu and skip dropouts) against PyTorch's ops with the same masks: outputs and
+    gradients within bf16's rounding. (Attention takes the explicit route in both: the
+    training kernel draws its mask in fp32, the explicit route in bf16, test_native.py.)"""
+    from qkv import native
+    from qkv.encoder import EncoderLayer
+
+    torch.manual_seed(0)
+    layer = EncoderLayer(32, 4, 64, dropout=0.1).train()
+    x = torch.randn(3, 11, 32, requires_grad=True)
+    results = []
+    for fused_on in (True, False):
+        torch.manual_seed(1)
+        with unfused(native, attention_only=fused_on):
+            out = run_layer(layer, x)
+        grads = torch.autograd.grad(out.float().sum(), [x, *layer.parameters()])
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.02)
+    for u, w in zip(ga, gb, strict=True):
+        torch.testing.assert_close(u, w, atol=0.05 * w.abs().max().item(), rtol=0.05)
+
+
+def run_layer(layer, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return layer(x)
+
+
+class unfused:
+    """qkv.native's fused training kernels off inside, or only the attention kernel
+    (dropout's mask kernel stays on, so both routes draw the same masks)."""
+
+    def __init__(self, native, attention_only: bool = False):
+        self.native, self.attention_only = native, attention_only
+
+    def __enter__(self):
+        n = self.native
+        self.saved = (n.fused_dropouts, n.layer_norm_bf16, n.train_attention)
+        n.train_attention = lambda *a: None
+        if not self.attention_only:
+            n.fused_dropouts = lambda: None
+            n.layer_norm_bf16 = lambda *a: None
+
+    def __exit__(self, *exc):
+        n = self.native
+        n.fused_dropouts, n.layer_norm_bf16, n.train_attention = self.saved

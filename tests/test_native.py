@@ -1118,3 +1118,130 @@ def test_inspection_and_ablations_take_the_python_route(tiny):
         assert calls == every_layer // 2, attr
         assert [h[0].tokens for h in ours] == [h[0].tokens for h in theirs]
     assert seen
+
+
+# --- dropout's draws, as csrc/dropout_bits.h lays them out ---------------------------------------
+
+
+def splitmix_draws(seed: int, n: int) -> list[int]:
+    """Element e's 16-bit draw, computed here from the layout's definition: SplitMix64's word
+    w = mix(seed + (w + 1) * golden gamma), element e taking lane (e % 256) // 64 of word
+    (e // 256) * 64 + e % 64."""
+    m = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    out = []
+    for e in range(n):
+        w = (e // 256) * 64 + e % 64
+        word = mix((seed + (w + 1) * 0x9E3779B97F4A7C15) & m)
+        out.append((word >> (16 * ((e % 256) // 64))) & 0xFFFF)
+    return out
+
+
+def test_dropout_mask_follows_its_definition(masks):
+    """The C++ mask against the draws computed in Python: kept where the draw is >= the cut."""
+    seed, n, cut = 12345, 1000, 30000
+    draws = torch.tensor(splitmix_draws(seed, n))
+    mask = masks.dropout_mask(torch.empty(n), cut, 2.0, seed)
+    assert torch.equal(mask, torch.where(draws >= cut, 2.0, 0.0))
+
+
+# --- attention with dropout for training (csrc/train_attention.cpp) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def train_kernels():
+    """The training attention kernel and dropout's mask, in use whatever their timings say."""
+    with native_kernels("train_attention", "masks") as module:
+        yield module
+
+
+def explicit_attention(q, k, v, keep, causal, p, seed):
+    """softmax(q k^T / sqrt(Dh)) -> dropout with the mask dropout_mask makes for `seed` over
+    (B, H, T, S) -> times v, in fp64 (rows that see no key: zeros)."""
+    from qkv.dropout import cut_and_scale
+
+    q, k, v = (x.double() for x in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    t, s = scores.shape[-2:]
+    hidden = torch.zeros(t, s, dtype=torch.bool)
+    if causal:
+        hidden = ~torch.ones(t, s, dtype=torch.bool).tril()
+    if keep is not None:
+        hidden = hidden | ~keep
+    weights = scores.masked_fill(hidden, float("-inf")).softmax(-1).nan_to_num(0.0)
+    if p > 0:
+        cut, scale = cut_and_scale(p, torch.float32)
+        mask = native.masks().dropout_mask(torch.empty(weights.shape), cut, scale, seed)
+        weights = weights * mask.double()
+    return weights @ v
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 3),
+    t=st.integers(1, 20),
+    s=st.integers(1, 40),
+    dh=st.sampled_from([8, 32, 40, 64]),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    p=st.sampled_from([0.0, 0.1, 0.5]),
+    bf16=st.booleans(),
+    threads=THREADS,
+    seed=SEEDS,
+)
+def test_train_attention_against_its_definition(
+    train_kernels, b, h, t, s, dh, causal, masked, p, bf16, threads, seed
+):
+    """Output and the gradients of q, k and v against the explicit math in fp64 on the same
+    inputs and the same dropout mask: key padding (some rows seeing no key), causal, any head
+    dimension, fp32 or bf16, 1 or 2 threads."""
+    from qkv.dropout import cut_and_scale
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    q, k, v = (torch.randn(b, h, n, dh, generator=gen).to(dtype) for n in (t, s, s))
+    g = torch.randn(b, h, t, dh, generator=gen).to(dtype)
+    keep = torch.rand(b, 1, 1, s, generator=gen) > 0.3 if masked else None
+    cut, scale = cut_and_scale(p, torch.float32)
+    expanded = keep.expand(b, h, t, s) if keep is not None else torch.empty(0, dtype=torch.bool)
+    with threads_set_to(threads):
+        out, lse = train_kernels.train_attention_forward(q, k, v, expanded, causal, cut, scale, 9)
+        grads = train_kernels.train_attention_backward(
+            g, q, k, v, expanded, causal, cut, scale, 9, lse
+        )
+    inputs = [x.double().requires_grad_() for x in (q, k, v)]
+    want = explicit_attention(*inputs, keep, causal, p, 9)
+    wanted = torch.autograd.grad(want, inputs, g.double())
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for got, ref in zip([out, *grads], [want, *wanted], strict=True):
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert (got.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+
+
+def test_attention_in_training_takes_the_kernel_and_its_seed(train_kernels):
+    """qkv.attention with dropout goes through the kernel, its seed drawn from PyTorch's
+    generator (torch.manual_seed reproduces it), gradients through autograd; the explicit
+    route with the same seed agrees to fp32's rounding."""
+    from qkv.attention import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, n, 16, requires_grad=True) for n in (7, 9, 9))
+    mask = torch.rand(4, 1, 1, 9) > 0.2
+    torch.manual_seed(3)
+    out, _ = attention(q, k, v, mask, dropout=0.2)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_TrainAttentionBackward"
+    out.sum().backward()
+    torch.manual_seed(3)
+    seed = native.seed()
+    want = explicit_attention(q.detach(), k.detach(), v.detach(), mask, False, 0.2, seed)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    qq, kk, vv = (x.detach().double().requires_grad_() for x in (q, k, v))
+    explicit_attention(qq, kk, vv, mask, False, 0.2, seed).sum().backward()
+    for got, ref in ((q, qq), (k, kk), (v, vv)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "each row's first largest score's position (choose.cpp)");
   m.def("beam_topk", &beam_topk, "each sentence's best extensions of its K beams (choose.cpp)");
   m.def("dropout_mask", &dropout_mask, "dropout's scaled mask, counter-based (dropout_mask.cpp)");
+  m.def("relu_dropout", &relu_dropout, "relu(x) * dropout's mask (dropout_fused.cpp)");
+  m.def("relu_dropout_backward", &relu_dropout_backward, "relu_dropout's backward, from its output");
+  m.def("add_dropout", &add_dropout, "x + y * dropout's mask (dropout_fused.cpp)");
+  m.def("add_dropout_backward", &add_dropout_backward, "add_dropout's gradient for y");
+  m.def("layer_norm_bf16", &layer_norm_bf16,
+        "layer norm of fp32 rows to bf16, with each row's mean and 1/std (layer_norm.cpp)");
+  m.def("layer_norm_bf16_backward", &layer_norm_bf16_backward,
+        "layer_norm_bf16's gradients of x, the weight and the bias (layer_norm.cpp)");
+  m.def("train_attention_forward", &train_attention_forward,
+        "attention with dropout for training: the output and each query's log-sum-exp "
+        "(train_attention.cpp)");
+  m.def("train_attention_backward", &train_attention_backward,
+        "train_attention_forward's gradients of q, k and v (train_attention.cpp)");
   m.def("smoothed_cross_entropy_rows", &smoothed_cross_entropy_rows,
         "a chunk's label-smoothed cross-entropy and its gradient (cross_entropy.cpp)");
   m.def("activate_", &activate_, "GELU or SiLU in place (pointwise.cpp)");

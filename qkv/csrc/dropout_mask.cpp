@@ -4,15 +4,9 @@
 //
 // PyTorch's route drew 64-bit integers with its Mersenne Twister (`random_`), compared their
 // 16-bit pieces with the cut (`ge`), converted and scaled the result: four passes, the first a
-// serial generator. Here the bits come from SplitMix64 (Steele, Lea and Flood 2014, the
-// generator of Java's SplittableRandom) used as a counter-based generator: the 64-bit word at
-// position w is mix(seed + (w + 1) * golden gamma), a function of the seed and the position
-// alone, so any thread can make any part of the mask and the mask does not depend on how the
-// work was split. The seed is drawn from PyTorch's generator by the caller, so torch.manual_seed
-// and a checkpoint's saved generator state reproduce the masks.
-//
-// Each block of kWords words makes 4 * kWords mask elements: element lane * kWords + j takes the
-// lane-th 16 bits of word j, so every store is contiguous and the loops vectorize.
+// serial generator. Here the bits come from a counter-based generator (dropout_bits.h), so the
+// mask does not depend on how the work was split. The seed is drawn from PyTorch's generator by
+// the caller, so torch.manual_seed and a checkpoint's saved generator state reproduce the masks.
 
 #include <torch/extension.h>
 
@@ -22,26 +16,21 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dropout_bits.h"
+
 namespace {
 
-constexpr int64_t kWords = 64;
-constexpr int64_t kBlock = 4 * kWords;  // mask elements per block
-constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
-
-inline uint64_t mix(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+using qkv::kBlock;
+using qkv::kWords;
 
 // One block's elements: out[lane * kWords + j] = keep ? on : 0 for the lane-th 16 bits of word
 // block * kWords + j. T is float or uint16_t (bf16's bits).
 template <typename T>
 inline void block(uint64_t seed, int64_t b, uint32_t cut, T on, T* out) {
   uint64_t words[kWords];
-  const uint64_t first = static_cast<uint64_t>(b) * kWords + 1;
+  const uint64_t first = static_cast<uint64_t>(b) * kWords;
 #pragma omp simd
-  for (int64_t j = 0; j < kWords; ++j) words[j] = mix(seed + (first + j) * kGamma);
+  for (int64_t j = 0; j < kWords; ++j) words[j] = qkv::word(seed, first + j);
   for (int lane = 0; lane < 4; ++lane) {
     T* o = out + lane * kWords;
 #pragma omp simd

@@ -21,6 +21,29 @@ std::vector<torch::Tensor> beam_topk(const torch::Tensor& log_probs, const torch
                                      int64_t k, int64_t want);
 // dropout_mask.cpp
 torch::Tensor dropout_mask(const torch::Tensor& like, int64_t cut, double scale, int64_t seed);
+// dropout_fused.cpp
+torch::Tensor relu_dropout(const torch::Tensor& x, int64_t cut, double scale, int64_t seed);
+torch::Tensor relu_dropout_backward(const torch::Tensor& dy, const torch::Tensor& y, double scale);
+torch::Tensor add_dropout(const torch::Tensor& x, const torch::Tensor& y, int64_t cut,
+                          double scale, int64_t seed);
+torch::Tensor add_dropout_backward(const torch::Tensor& dout, int64_t cut, double scale,
+                                   int64_t seed, at::ScalarType dtype);
+// layer_norm.cpp
+std::vector<torch::Tensor> layer_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
+                                           const torch::Tensor& bias, double eps);
+std::vector<torch::Tensor> layer_norm_bf16_backward(const torch::Tensor& dy, const torch::Tensor& x,
+                                                    const torch::Tensor& mean,
+                                                    const torch::Tensor& rstd,
+                                                    const torch::Tensor& weight, bool has_bias);
+// train_attention.cpp
+std::vector<torch::Tensor> train_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
+                                                   const torch::Tensor& v,
+                                                   const torch::Tensor& keep, bool causal,
+                                                   int64_t cut, double scale, int64_t seed);
+std::vector<torch::Tensor> train_attention_backward(
+    const torch::Tensor& grad_out, const torch::Tensor& q, const torch::Tensor& k,
+    const torch::Tensor& v, const torch::Tensor& keep, bool causal, int64_t cut, double scale,
+    int64_t seed, const torch::Tensor& lse);
 // cross_entropy.cpp
 double smoothed_cross_entropy_rows(const torch::Tensor& scores, const torch::Tensor& target,
                                    double eps, const torch::Tensor& grad);
