@@ -656,8 +656,10 @@ def train_attention(
     later keys (top-left aligned). The mask's seed comes from PyTorch's generator. None where
     the kernel does not apply."""
     module = train_attentions() if _training(q, k, v) else None
-    if module is None or not q.dtype == k.dtype == v.dtype:
+    if module is None or not q.dtype == k.dtype == v.dtype or q.dim() != 4:
         return None
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or not q.shape[-1] == k.shape[-1] <= 256:
+        return None  # the kernel's shapes: one head dimension, no broadcasting
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
     keep = _NO_MASK
