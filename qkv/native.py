@@ -1,6 +1,6 @@
 """Kernels qkv writes in C++ (qkv/csrc/), compiled on first use for the CPU at hand.
 
-Eight so far:
+Eleven so far:
 - Attention while decoding (`decode_attention`), each row's few new queries against its cached
   keys and values. PyTorch's fused CPU kernel calls a small matrix product per (row, head) and,
   with one query over a few dozen keys, spends most of its time in those calls
@@ -33,6 +33,17 @@ Eight so far:
 - Dropout's mask for training (`dropout_mask`): drawn by a counter-based generator seeded from
   PyTorch's, in one pass, where PyTorch's route made four (qkv/dropout.py uses it;
   bench/dropout_speed.py measures it).
+- Attention with dropout for training (`train_attention`): each (row, head) in fp32 buffers,
+  forward and backward, the weights and the dropout mask made again in the backward pass from
+  each query's log-sum-exp and the mask's seed. The explicit route was ten operators over
+  (B, H, T, S) and the heads, one of them PyTorch's softmax, slow for rows under 16 keys
+  (qkv/attention.py uses it; bench/train_kernels.py measures it).
+- Dropout fused with what is next to it in training (`relu_dropout`, `add_dropout`): the
+  feed-forward's relu and the skip connection's sum, one pass each way, the same masks and
+  roundings as the separate ops (qkv/dropout.py; bench/train_kernels.py).
+- The pre-LN norm under bf16 autocast (`layer_norm_bf16`): fp32 in, bf16 out, so that the next
+  product's cast and its backward's are not two more passes (qkv/layers.py;
+  bench/train_kernels.py).
 
 The first use compiles the files (torch.utils.cpp_extension: a C++ compiler and ninja; about half
 a minute) with -march=native into the qkv cache (~/.cache/qkv/native, or $QKV_CACHE/native),
