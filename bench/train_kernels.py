@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import time
 
 import torch
-from train_speed import PAD, SIZES, build, loss_of, real, synthetic
+from train_speed import PAD, SIZES, build, real, synthetic, timed_steps
 
 from qkv import native
 from qkv.allocator import keep_freed_memory
@@ -63,17 +62,7 @@ def main() -> None:
         def run(precision: str, on: bool, data=data) -> float:
             model, opt = models[precision]
             with kernels(on):
-                t0 = time.perf_counter()
-                for src, tgt_in, tgt_out in data:
-                    n = int((tgt_out != PAD).sum())
-                    bf16 = precision == "bf16"
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        loss = loss_of("qkv", model, src, tgt_in, tgt_out)
-                    (loss / n).backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                return time.perf_counter() - t0
+                return timed_steps("qkv", model, opt, data, precision == "bf16")
 
         for c in configs:
             run(*c)  # warm-up

@@ -159,6 +159,21 @@ def matmul_flops(model: nn.Module, src, tgt_in, d: int, layers: int, ffn: int) -
     return 2 * 3 * (enc + dec + head)
 
 
+def timed_steps(system: str, model: nn.Module, opt, data, bf16: bool) -> float:
+    """Seconds for one training step per batch of `data`: forward and loss (in bf16 autocast
+    where `bf16`), backward, clipping, the optimizer's step."""
+    t0 = time.perf_counter()
+    for src, tgt_in, tgt_out in data:
+        n = int((tgt_out != PAD).sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(system, model, src, tgt_in, tgt_out)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="small")
@@ -196,18 +211,10 @@ def main() -> None:
         tokens = sum(int((o != PAD).sum()) for _, _, o in data)
 
         def run(system: str, data=data) -> float:
-            model, opt = models[system], opts[system]
-            t0 = time.perf_counter()
-            for src, tgt_in, tgt_out in data:
-                n = int((tgt_out != PAD).sum())
-                on = bf16 and system != "qkv-fp32"
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
-                    loss = loss_of(system.removesuffix("-fp32"), model, src, tgt_in, tgt_out)
-                (loss / n).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0
+            bf16_here = bf16 and system != "qkv-fp32"
+            return timed_steps(
+                system.removesuffix("-fp32"), models[system], opts[system], data, bf16_here
+            )
 
         for s in systems:
             run(s)  # warm-up

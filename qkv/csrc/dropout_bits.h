@@ -35,4 +35,22 @@ inline uint32_t draw(uint64_t seed, uint64_t e) {
   return static_cast<uint32_t>(word(seed, w) >> (16 * lane)) & 0xFFFFu;
 }
 
+// Block b's kBlock mask elements: out[lane * kWords + j] = `on` where the lane-th 16 bits of
+// word b * kWords + j are >= cut, else 0 (T float, or uint16_t for bf16's bits).
+template <typename T>
+inline void block_draws(uint64_t seed, int64_t b, uint32_t cut, T on, T* out) {
+  uint64_t words[kWords];
+  const uint64_t first = static_cast<uint64_t>(b) * kWords;
+#pragma omp simd
+  for (int64_t j = 0; j < kWords; ++j) words[j] = word(seed, first + j);
+  for (int lane = 0; lane < 4; ++lane) {
+    T* o = out + lane * kWords;
+#pragma omp simd
+    for (int64_t j = 0; j < kWords; ++j) {
+      const uint32_t bits = static_cast<uint32_t>(words[j] >> (16 * lane)) & 0xFFFFu;
+      o[j] = bits >= cut ? on : T(0);
+    }
+  }
+}
+
 }  // namespace qkv

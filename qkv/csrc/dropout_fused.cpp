@@ -17,6 +17,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
 #include "dropout_bits.h"
 
 #include <algorithm>
@@ -26,7 +27,6 @@
 namespace {
 
 using qkv::kBlock;
-using qkv::kWords;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -43,27 +43,7 @@ inline float round_to<float>(float x) {
 
 template <>
 inline c10::BFloat16 round_to<c10::BFloat16>(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint16_t bits =
-      (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-  return c10::BFloat16(bits, c10::BFloat16::from_bits());
-}
-
-// Block b's kBlock mask factors (scale or 0), laid out as dropout_mask lays them.
-inline void block_mask(uint64_t seed, int64_t b, uint32_t cut, float scale, float* m) {
-  uint64_t words[kWords];
-  const uint64_t first = static_cast<uint64_t>(b) * kWords;
-#pragma omp simd
-  for (int64_t j = 0; j < kWords; ++j) words[j] = qkv::word(seed, first + j);
-  for (int lane = 0; lane < 4; ++lane) {
-#pragma omp simd
-    for (int64_t j = 0; j < kWords; ++j) {
-      const uint32_t draw = static_cast<uint32_t>(words[j] >> (16 * lane)) & 0xFFFFu;
-      m[lane * kWords + j] = draw >= cut ? scale : 0.f;
-    }
-  }
+  return c10::BFloat16(qkv::bf16_bits(x), c10::BFloat16::from_bits());
 }
 
 // f(start, count, mask) over n elements, a block of kBlock at a time, blocks across threads.
@@ -73,7 +53,7 @@ void by_blocks(int64_t n, uint64_t seed, uint32_t cut, float scale, const F& f) 
   at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
     float m[kBlock];
     for (int64_t b = begin; b < end; ++b) {
-      block_mask(seed, b, cut, scale, m);
+      qkv::block_draws(seed, b, cut, static_cast<float>(scale), m);
       f(b * kBlock, std::min(kBlock, n - b * kBlock), m);
     }
   });

@@ -21,25 +21,6 @@
 namespace {
 
 using qkv::kBlock;
-using qkv::kWords;
-
-// One block's elements: out[lane * kWords + j] = keep ? on : 0 for the lane-th 16 bits of word
-// block * kWords + j. T is float or uint16_t (bf16's bits).
-template <typename T>
-inline void block(uint64_t seed, int64_t b, uint32_t cut, T on, T* out) {
-  uint64_t words[kWords];
-  const uint64_t first = static_cast<uint64_t>(b) * kWords;
-#pragma omp simd
-  for (int64_t j = 0; j < kWords; ++j) words[j] = qkv::word(seed, first + j);
-  for (int lane = 0; lane < 4; ++lane) {
-    T* o = out + lane * kWords;
-#pragma omp simd
-    for (int64_t j = 0; j < kWords; ++j) {
-      const uint32_t draw = static_cast<uint32_t>(words[j] >> (16 * lane)) & 0xFFFFu;
-      o[j] = draw >= cut ? on : T(0);
-    }
-  }
-}
 
 template <typename T>
 void fill(T* out, int64_t n, uint64_t seed, uint32_t cut, T on) {
@@ -48,10 +29,10 @@ void fill(T* out, int64_t n, uint64_t seed, uint32_t cut, T on) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t start = b * kBlock;
       if (start + kBlock <= n) {
-        block(seed, b, cut, on, out + start);
+        qkv::block_draws(seed, b, cut, on, out + start);
       } else {  // the last, partial block: made whole, then the part needed copied
         T tail[kBlock];
-        block(seed, b, cut, on, tail);
+        qkv::block_draws(seed, b, cut, on, tail);
         std::memcpy(out + start, tail, sizeof(T) * (n - start));
       }
     }

@@ -13,6 +13,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,20 +23,8 @@
 
 namespace {
 
-// x rounded to bf16's bits (to nearest, ties to even; NaN stays NaN), branch-free.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
-
-inline float bf16_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
+using qkv::bf16_bits;
+using qkv::bf16_float;
 
 constexpr int64_t kGrainRows = 16;
 

@@ -23,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
 #include "dropout_bits.h"
 #include "fast_exp.h"
 
@@ -57,15 +58,6 @@ void load(const T* p, int64_t step, int64_t N, int64_t D, float* out) {
   }
 }
 
-// x rounded to bf16 (to nearest, ties to even; NaN stays NaN), as c10::BFloat16 rounds it but
-// without its branch, so the loops that call it vectorize.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
-
 inline void store(const float* in, int64_t N, int64_t D, float* p, int64_t step) {
   for (int64_t n = 0; n < N; ++n, p += step, in += D) std::copy(in, in + D, p);
 }
@@ -74,7 +66,7 @@ inline void store(const float* in, int64_t N, int64_t D, c10::BFloat16* out, int
   uint16_t* p = reinterpret_cast<uint16_t*>(out);
   for (int64_t n = 0; n < N; ++n, p += step, in += D) {
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) p[d] = bf16_bits(in[d]);
+    for (int64_t d = 0; d < D; ++d) p[d] = qkv::bf16_bits(in[d]);
   }
 }
 
