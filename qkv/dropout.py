@@ -86,9 +86,8 @@ def add_dropout(x: Tensor, y: Tensor, p: float, training: bool = True) -> Tensor
     """x + dropout(y, p): a skip connection's sum. One pass each way on the CPU where x is fp32
     (the residual stream) and y fp32 or bf16 (a sublayer's output under autocast), with the mask
     `dropout` would draw and the same result."""
-    if not training or p == 0.0 or x.dtype != torch.float32 or x.shape != y.shape:
-        return x + dropout(y, p, training)
-    if not _fused(x, y):
+    unfused = not training or p == 0.0 or x.dtype != torch.float32 or x.shape != y.shape
+    if unfused or not _fused(x, y):
         return x + dropout(y, p, training)
     cut, scale = cut_and_scale(p, y.dtype)
     return _AddDropout.apply(x, y, cut, scale, native.seed())
