@@ -59,16 +59,6 @@ void by_blocks(int64_t n, uint64_t seed, uint32_t cut, float scale, const F& f) 
   });
 }
 
-template <typename F>
-void by_dtype(at::ScalarType type, const F& f) {
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "dropout: fp32 or bf16");
-  if (type == at::kFloat) {
-    f(float{});
-  } else {
-    f(c10::BFloat16{});
-  }
-}
-
 void check(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), name, ": contiguous CPU tensors");
 }
@@ -79,7 +69,7 @@ void check(const torch::Tensor& x, const char* name) {
 torch::Tensor relu_dropout(const torch::Tensor& x, int64_t cut, double scale, int64_t seed) {
   check(x, "relu_dropout");
   auto y = torch::empty_like(x);
-  by_dtype(x.scalar_type(), [&](auto type) {
+  qkv::by_dtype(x.scalar_type(), [&](auto type) {
     using T = decltype(type);
     const T* in = x.data_ptr<T>();
     T* out = y.data_ptr<T>();
@@ -92,7 +82,7 @@ torch::Tensor relu_dropout(const torch::Tensor& x, int64_t cut, double scale, in
         o[i] = round_to<T>((v < 0.f ? 0.f : v) * m[i]);
       }
     });
-  });
+  }, "relu_dropout");
   return y;
 }
 
@@ -103,7 +93,7 @@ torch::Tensor relu_dropout_backward(const torch::Tensor& dy, const torch::Tensor
   TORCH_CHECK(dy.scalar_type() == y.scalar_type() && dy.numel() == y.numel(),
               "relu_dropout_backward: dy like y");
   auto dx = torch::empty_like(y);
-  by_dtype(y.scalar_type(), [&](auto type) {
+  qkv::by_dtype(y.scalar_type(), [&](auto type) {
     using T = decltype(type);
     const T* g = dy.data_ptr<T>();
     const T* out = y.data_ptr<T>();
@@ -121,7 +111,7 @@ torch::Tensor relu_dropout_backward(const torch::Tensor& dy, const torch::Tensor
         di[i] = round_to<T>(to_float(gi[i]) * factor);
       }
     });
-  });
+  }, "relu_dropout_backward");
   return dx;
 }
 
@@ -133,7 +123,7 @@ torch::Tensor add_dropout(const torch::Tensor& x, const torch::Tensor& y, int64_
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.sizes() == y.sizes(),
               "add_dropout: x fp32, y of x's shape");
   auto out = torch::empty_like(x);
-  by_dtype(y.scalar_type(), [&](auto type) {
+  qkv::by_dtype(y.scalar_type(), [&](auto type) {
     using T = decltype(type);
     const float* a = x.data_ptr<float>();
     const T* b = y.data_ptr<T>();
@@ -148,7 +138,7 @@ torch::Tensor add_dropout(const torch::Tensor& x, const torch::Tensor& y, int64_
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) os[i] = xs[i] + dropped[i];
     });
-  });
+  }, "add_dropout");
   return out;
 }
 
@@ -158,7 +148,7 @@ torch::Tensor add_dropout_backward(const torch::Tensor& dout, int64_t cut, doubl
   check(dout, "add_dropout_backward");
   TORCH_CHECK(dout.scalar_type() == at::kFloat, "add_dropout_backward: dout fp32");
   auto dy = torch::empty(dout.sizes(), dout.options().dtype(dtype));
-  by_dtype(dtype, [&](auto type) {
+  qkv::by_dtype(dtype, [&](auto type) {
     using T = decltype(type);
     const float* g = dout.data_ptr<float>();
     T* d = dy.data_ptr<T>();
@@ -168,6 +158,6 @@ torch::Tensor add_dropout_backward(const torch::Tensor& dout, int64_t cut, doubl
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) ds[i] = round_to<T>(to_float(round_to<T>(gs[i])) * m[i]);
     });
-  });
+  }, "add_dropout_backward");
   return dy;
 }

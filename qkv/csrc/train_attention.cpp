@@ -305,16 +305,6 @@ void backward_one(const Problem& p, int64_t b, int64_t h, const Heads<T>& go, co
   store(dV, S, D, dv + (b * S * p.H + h) * D, step);
 }
 
-// Calls f(x) with x a float or a c10::BFloat16, q's dtype (problem() allows no other).
-template <typename F>
-void by_dtype(at::ScalarType type, F&& f) {
-  if (type == at::kFloat) {
-    f(float{});
-  } else {
-    f(c10::BFloat16{});
-  }
-}
-
 // Calls f(std::integral_constant<int, DC>) with DC the head dimension where it is 32 or 64,
 // else 0.
 template <typename F>
@@ -372,7 +362,7 @@ std::vector<torch::Tensor> train_attention_forward(const torch::Tensor& q, const
   const Problem p = problem(q, k, v, keep, causal, cut, scale, seed);
   auto out = heads_like(q, p.T);
   auto lse = torch::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
-  by_dtype(q.scalar_type(), [&](auto type) {
+  qkv::by_dtype(q.scalar_type(), [&](auto type) {
     using scalar_t = decltype(type);
     const Heads<scalar_t> hq(q), hk(k), hv(v);
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -385,7 +375,7 @@ std::vector<torch::Tensor> train_attention_forward(const torch::Tensor& q, const
           forward_one<DC>(p, i / p.H, i % p.H, hq, hk, hv, o, l, buffer.data());
       });
     });
-  });
+  }, "train_attention_forward");
   return {out, lse};
 }
 
@@ -400,7 +390,7 @@ std::vector<torch::Tensor> train_attention_backward(
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == p.B * p.H * p.T,
               "train_attention_backward: the forward pass's lse");
   auto dq = heads_like(q, p.T), dk = heads_like(k, p.S), dv = heads_like(v, p.S);
-  by_dtype(q.scalar_type(), [&](auto type) {
+  qkv::by_dtype(q.scalar_type(), [&](auto type) {
     using scalar_t = decltype(type);
     const Heads<scalar_t> hg(grad_out), hq(q), hk(k), hv(v);
     scalar_t* pq = dq.data_ptr<scalar_t>();
@@ -415,6 +405,6 @@ std::vector<torch::Tensor> train_attention_backward(
           backward_one<DC>(p, i / p.H, i % p.H, hg, hq, hk, hv, l, pq, pk, pv, buffer.data());
       });
     });
-  });
+  }, "train_attention_backward");
   return {dq, dk, dv};
 }
