@@ -7,10 +7,9 @@ set -euo pipefail
 exec "$(dirname "$0")/../.venv/bin/python" -c "
 import sys
 import qkv.native as native
-native.train_attention = lambda *a: None
-native.fused_dropouts = lambda: None
-native.layer_norm_bf16 = lambda *a: None
 from qkv.cli import main
 sys.argv[0] = 'qkv'
-sys.exit(main())
+with native.off(*native.TRAINING_KERNELS):
+    code = main()
+sys.exit(code)
 " "$@"

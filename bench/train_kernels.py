@@ -22,18 +22,9 @@ from qkv import native
 from qkv.allocator import keep_freed_memory
 
 
-@contextlib.contextmanager
 def kernels(on: bool):
     """The training kernels in use (as qkv/native.py decided) or replaced by PyTorch's ops."""
-    saved = (native.train_attention, native.fused_dropouts, native.layer_norm_bf16)
-    if not on:
-        native.train_attention = lambda *a: None
-        native.fused_dropouts = lambda: None
-        native.layer_norm_bf16 = lambda *a: None
-    try:
-        yield
-    finally:
-        native.train_attention, native.fused_dropouts, native.layer_norm_bf16 = saved
+    return contextlib.nullcontext() if on else native.off(*native.TRAINING_KERNELS)
 
 
 def main() -> None:

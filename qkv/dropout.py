@@ -38,59 +38,53 @@ class _ReluDropout(torch.autograd.Function):
     """relu(x) * mask in one pass (csrc/dropout_fused.cpp); backward from the output alone."""
 
     @staticmethod
-    def forward(ctx, x, cut, scale, seed):
-        y = native.fused_dropouts().relu_dropout(x, cut, scale, seed)
+    def forward(ctx, module, x, cut, scale, seed):
+        y = module.relu_dropout(x, cut, scale, seed)
         ctx.save_for_backward(y)
-        ctx.scale = scale
+        ctx.module, ctx.scale = module, scale
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        dx = native.fused_dropouts().relu_dropout_backward(dy.contiguous(), y, ctx.scale)
-        return dx, None, None, None
+        dx = ctx.module.relu_dropout_backward(dy.contiguous(), y, ctx.scale)
+        return None, dx, None, None, None
 
 
 class _AddDropout(torch.autograd.Function):
     """x + y * mask in one pass (csrc/dropout_fused.cpp); the mask made again for y's gradient."""
 
     @staticmethod
-    def forward(ctx, x, y, cut, scale, seed):
-        ctx.args, ctx.dtype = (cut, scale, seed), y.dtype
-        return native.fused_dropouts().add_dropout(x, y, cut, scale, seed)
+    def forward(ctx, module, x, y, cut, scale, seed):
+        ctx.module, ctx.args, ctx.dtype = module, (cut, scale, seed), y.dtype
+        return module.add_dropout(x, y, cut, scale, seed)
 
     @staticmethod
     def backward(ctx, dout):
-        module = native.fused_dropouts()
-        dy = module.add_dropout_backward(dout.contiguous(), *ctx.args, ctx.dtype)
-        return dout, dy, None, None, None
-
-
-def _fused(*tensors: Tensor) -> bool:
-    """Whether the fused kernels take these: contiguous, on the CPU, fp32 or bf16, kernels on."""
-    if not all(x.is_contiguous() for x in tensors) or native.fused_dropouts() is None:
-        return False
-    return native.training_kernels_take(*tensors)
+        dy = ctx.module.add_dropout_backward(dout.contiguous(), *ctx.args, ctx.dtype)
+        return None, dout, dy, None, None, None
 
 
 def relu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """dropout(relu(x), p): the feed-forward's hidden units. One pass each way on the CPU
     (where the kernels apply), with the mask `dropout` would draw and the same result."""
-    if not training or p == 0.0 or not _fused(x):
+    module = native.fused_dropouts(x) if training and p > 0.0 else None
+    if module is None:
         return dropout(F.relu(x), p, training)
     cut, scale = cut_and_scale(p, x.dtype)
-    return _ReluDropout.apply(x, cut, scale, native.seed())
+    return _ReluDropout.apply(module, x, cut, scale, native.seed())
 
 
 def add_dropout(x: Tensor, y: Tensor, p: float, training: bool = True) -> Tensor:
     """x + dropout(y, p): a skip connection's sum. One pass each way on the CPU where x is fp32
     (the residual stream) and y fp32 or bf16 (a sublayer's output under autocast), with the mask
     `dropout` would draw and the same result."""
-    unfused = not training or p == 0.0 or x.dtype != torch.float32 or x.shape != y.shape
-    if unfused or not _fused(x, y):
+    takes = training and p > 0.0 and x.dtype == torch.float32 and x.shape == y.shape
+    module = native.fused_dropouts(x, y) if takes else None
+    if module is None:
         return x + dropout(y, p, training)
     cut, scale = cut_and_scale(p, y.dtype)
-    return _AddDropout.apply(x, y, cut, scale, native.seed())
+    return _AddDropout.apply(module, x, y, cut, scale, native.seed())
 
 
 def torch_mask(

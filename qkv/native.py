@@ -107,16 +107,28 @@ _NO_BIAS = torch.empty(0)
 _TRAIN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+# The training kernels `off` can turn off one by one (their wrappers below return None inside).
+TRAINING_KERNELS = ("train_attention", "fused_dropouts", "layer_norm_bf16")
+_off_kernels: set[str] = set()
+
+
 @contextmanager
-def off() -> Iterator[None]:
-    """PyTorch's kernel everywhere inside (tests and benchmarks compare the two; not for use
-    while other threads decode)."""
+def off(*kernels: str) -> Iterator[None]:
+    """PyTorch's kernel everywhere inside, or only in place of the named training kernels
+    (TRAINING_KERNELS), the rest as usual (tests and benchmarks compare the two; not for use
+    while other threads decode or train)."""
     global _off
-    before, _off = _off, True
+    if unknown := set(kernels) - set(TRAINING_KERNELS):
+        raise ValueError(f"native.off: no training kernel {sorted(unknown)}")
+    before = _off, set(_off_kernels)
+    _off = _off or not kernels
+    _off_kernels.update(kernels)
     try:
         yield
     finally:
-        _off = before
+        _off = before[0]
+        _off_kernels.clear()
+        _off_kernels.update(before[1])
 
 
 def enabled() -> bool:
@@ -574,11 +586,6 @@ def _training(*tensors: Tensor) -> bool:
     return all(x.is_cpu and x.dtype in _TRAIN_DTYPES for x in tensors)
 
 
-def training_kernels_take(*tensors: Tensor) -> bool:
-    """Whether the training kernels take these tensors (`_training`)."""
-    return _training(*tensors)
-
-
 def seed() -> int:
     """A kernel's random seed, drawn from PyTorch's generator (so torch.manual_seed and a saved
     generator state reproduce its masks)."""
@@ -595,10 +602,13 @@ def dropout_mask(x: Tensor, cut: int, scale: float) -> Tensor | None:
     return module.dropout_mask(x, cut, scale, seed())
 
 
-def fused_dropouts() -> ModuleType | None:
-    """The module, for dropout fused with relu or with a skip connection's sum (qkv/dropout.py);
-    None where dropout's mask kernel is not in use here (they draw their masks as it does)."""
-    return masks()
+def fused_dropouts(*tensors: Tensor) -> ModuleType | None:
+    """The module, for dropout fused with relu or with a skip connection's sum (qkv/dropout.py),
+    where it takes `tensors` (contiguous, on the CPU, fp32 or bf16); None where it does not, or
+    where dropout's mask kernel is not in use here (they draw their masks as it does)."""
+    if "fused_dropouts" in _off_kernels or not _training(*tensors):
+        return None
+    return masks() if all(x.is_contiguous() for x in tensors) else None
 
 
 class _LayerNormBf16(torch.autograd.Function):
@@ -623,7 +633,9 @@ def layer_norm_bf16(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor | None:
     """norm(x) rounded to bf16, in one pass each way (csrc/layer_norm.cpp), where bf16 autocast
     is on and the next product would cast it anyway: x fp32 contiguous on the CPU, the norm's
     weight fp32 over the last dimension. None where it does not apply."""
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    if "layer_norm_bf16" in _off_kernels or not torch.is_autocast_enabled("cpu"):
+        return None
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return None
     if x.dtype != torch.float32 or not x.is_contiguous() or not _training(x):
         return None
@@ -666,7 +678,9 @@ def train_attention(
     or bf16; mask bool broadcastable to (B, H, T, S), True = may attend; is_causal: also hide
     later keys (top-left aligned). The mask's seed comes from PyTorch's generator. None where
     the kernel does not apply."""
-    module = train_attentions() if _training(q, k, v) else None
+    if "train_attention" in _off_kernels or not _training(q, k, v):
+        return None
+    module = train_attentions()
     if module is None or not q.dtype == k.dtype == v.dtype or q.dim() != 4:
         return None
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or not q.shape[-1] == k.shape[-1] <= 256:

@@ -251,7 +251,8 @@ def test_pre_ln_layer_in_bf16_training_matches_the_unfused_route(fused):
     results = []
     for fused_on in (True, False):
         torch.manual_seed(1)
-        with unfused(native, attention_only=fused_on):
+        off = ("train_attention",) if fused_on else native.TRAINING_KERNELS
+        with native.off(*off):
             out = run_layer(layer, x)
         grads = torch.autograd.grad(out.float().sum(), [x, *layer.parameters()])
         results.append((out, grads))
@@ -264,23 +265,3 @@ def test_pre_ln_layer_in_bf16_training_matches_the_unfused_route(fused):
 def run_layer(layer, x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return layer(x)
-
-
-class unfused:
-    """qkv.native's fused training kernels off inside, or only the attention kernel
-    (dropout's mask kernel stays on, so both routes draw the same masks)."""
-
-    def __init__(self, native, attention_only: bool = False):
-        self.native, self.attention_only = native, attention_only
-
-    def __enter__(self):
-        n = self.native
-        self.saved = (n.fused_dropouts, n.layer_norm_bf16, n.train_attention)
-        n.train_attention = lambda *a: None
-        if not self.attention_only:
-            n.fused_dropouts = lambda: None
-            n.layer_norm_bf16 = lambda *a: None
-
-    def __exit__(self, *exc):
-        n = self.native
-        n.fused_dropouts, n.layer_norm_bf16, n.train_attention = self.saved

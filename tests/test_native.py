@@ -1245,3 +1245,20 @@ def test_attention_in_training_takes_the_kernel_and_its_seed(train_kernels):
     explicit_attention(qq, kk, vv, mask, False, 0.2, seed).sum().backward()
     for got, ref in ((q, qq), (k, kk), (v, vv)):
         torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_off_turns_off_only_the_named_training_kernels(train_kernels):
+    """native.off("train_attention"): attention takes the explicit route inside, the fused
+    dropouts stay; unknown names are refused; outside, the kernel is back."""
+    from qkv.attention import attention
+    from qkv.dropout import relu_dropout
+
+    q = torch.randn(2, 2, 5, 8, requires_grad=True)
+    with native.off("train_attention"):
+        out, _ = attention(q, q, q, dropout=0.1)
+        assert type(out.grad_fn).__name__ != "_TrainAttentionBackward"
+        assert type(relu_dropout(q, 0.1).grad_fn).__name__ == "_ReluDropoutBackward"
+    out, _ = attention(q, q, q, dropout=0.1)
+    assert type(out.grad_fn).__name__ == "_TrainAttentionBackward"
+    with pytest.raises(ValueError, match="no training kernel"), native.off("attention"):
+        pass
